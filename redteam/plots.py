@@ -1,0 +1,32 @@
+"""Accuracy-perturbation curves as PNG (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def plot_curves(curve: pd.DataFrame, path: Path) -> None:
+    """One line per cell; ℓ∞ and ℓ2 curves go on separate panels (their eps axes differ)."""
+    norms = sorted(curve["norm"].unique())
+    figure, axes = plt.subplots(1, len(norms), figsize=(6.4 * len(norms), 4.4), squeeze=False)
+    for axis, norm in zip(axes[0], norms):
+        for _, line in curve[curve["norm"] == norm].groupby("cell", sort=False):
+            first = line.iloc[0]
+            label = f"{first.target} / {first.defense} / {first.attack} / {first.threat}"
+            axis.plot(line["eps"], line["accuracy"], marker="o", label=label)
+        axis.set_xlabel("ε (ℓ∞, /255)" if norm == "linf" else "ε (ℓ2, image units)")
+        axis.set_ylabel("accuracy of the face system")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        axis.set_title(f"accuracy-perturbation curve ({norm})")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,122 @@
+"""The per-probe results store (SQLite) and the accuracy-perturbation curves computed from it.
+
+One row per (cell, eps, probe), where a cell is one target x defense x attack x threat x norm x dataset x seed x
+settings combination. Rows are committed a batch at a time, so an interrupted run loses at most the batch in
+flight and a re-run skips everything already stored.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+RESULT_COLUMNS: dict[str, str] = {
+    "cell": "TEXT",
+    "target": "TEXT",
+    "defense": "TEXT",
+    "attack": "TEXT",
+    "threat": "TEXT",
+    "norm": "TEXT",
+    "dataset": "TEXT",
+    "eps": "REAL",  # image units: pixels in [0, 1]
+    "probe": "TEXT",
+    "image": "INTEGER",
+    "reference": "INTEGER",
+    "identity": "TEXT",
+    "correct": "INTEGER",  # the face system still decides correctly
+    "score": "REAL",  # similarity the decision was made on
+    "linf": "REAL",  # size of the perturbation actually used
+    "l2": "REAL",
+    "steps": "INTEGER",
+    "inherited": "INTEGER",  # broken at a smaller eps already, so broken here too
+}
+
+CURVE_KEYS = ["target", "defense", "attack", "threat", "norm", "dataset"]
+
+
+def display_eps(eps: float, norm: str) -> float:
+    """ℓ∞ budgets are shown in grey levels (/255); ℓ2 budgets in image units."""
+    return round(eps * 255, 6) if norm == "linf" else eps
+
+
+@dataclass
+class ResultStore:
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            columns = ", ".join(f"{name} {kind}" for name, kind in RESULT_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns}, PRIMARY KEY (cell, eps, probe))")
+            db.execute("CREATE TABLE IF NOT EXISTS cells (cell TEXT PRIMARY KEY, config TEXT)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=60)
+
+    def register_cell(self, cell: str, config: dict) -> None:
+        with self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO cells VALUES (?, ?)", (cell, json.dumps(config, sort_keys=True)))
+
+    def cells(self) -> dict[str, dict]:
+        with self._connect() as db:
+            return {cell: json.loads(config) for cell, config in db.execute("SELECT cell, config FROM cells")}
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        names = list(RESULT_COLUMNS)
+        values = [tuple(_plain(row[n]) for n in names) for row in rows]
+        with self._connect() as db:  # one transaction: the batch is stored whole or not at all
+            db.executemany(f"INSERT OR REPLACE INTO results VALUES ({', '.join('?' * len(names))})", values)
+
+    def frame(self, cell: str | None = None, eps: float | None = None) -> pd.DataFrame:
+        query, params = "SELECT * FROM results", []
+        conditions = []
+        if cell is not None:
+            conditions.append("cell = ?")
+            params.append(cell)
+        if eps is not None:
+            conditions.append("eps = ?")
+            params.append(eps)
+        if conditions:
+            query += " WHERE " + " AND ".join(conditions)
+        with self._connect() as db:
+            frame = pd.read_sql_query(query, db, params=params)
+        for flag in ("correct", "inherited"):
+            frame[flag] = frame[flag].astype(bool)
+        return frame
+
+
+def _plain(value):
+    """numpy scalars and bools -> the Python types sqlite3 binds."""
+    value = value.item() if hasattr(value, "item") else value
+    return int(value) if isinstance(value, bool) else value
+
+
+def accuracy_curve(results: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy of the face system against perturbation size: one row per cell and budget.
+
+    ``accuracy`` is the fraction of probes still decided correctly; ``eps`` is in /255 for ℓ∞.
+    """
+    if results.empty:
+        return pd.DataFrame(columns=[*CURVE_KEYS, "eps", "accuracy", "n"])
+    curve = (
+        results.groupby(["cell", *CURVE_KEYS, "eps"], as_index=False)
+        .agg(accuracy=("correct", "mean"), n=("correct", "size"))
+        .sort_values(["cell", "eps"])
+    )
+    curve["eps"] = [display_eps(e, n) for e, n in zip(curve["eps"], curve["norm"])]
+    return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]].reset_index(drop=True)
+
+
+def curve_area(curve: pd.DataFrame) -> float:
+    """Normalised area under one accuracy-perturbation curve (trapezoid over its eps range; 1 = never fooled)."""
+    eps, accuracy = curve["eps"].to_numpy(float), curve["accuracy"].to_numpy(float)
+    if len(eps) < 2 or eps[-1] == eps[0]:
+        return float(accuracy.mean()) if len(accuracy) else float("nan")
+    widths = eps[1:] - eps[:-1]
+    return float(((accuracy[1:] + accuracy[:-1]) / 2 * widths).sum() / (eps[-1] - eps[0]))

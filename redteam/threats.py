@@ -1,0 +1,225 @@
+"""Face threat models: which probes are attacked, what the face system decides, and what the adversary maximises.
+
+- ``dodging``: a probe of A must stop matching A's enrolment (verification).
+- ``impersonation``: a probe of A must match B's enrolment (verification).
+- ``identification``: a probe of A must not be ranked top-1 as A in a closed-set gallery of enrolled identities.
+
+Probes and references are drawn deterministically from the dataset with a seed, or from its LFW pairs file.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from redteam.datasets import FaceDataset
+from redteam.errors import DataError
+from redteam.registry import Registry
+
+THREATS: Registry[type[ThreatModel]] = Registry("threat model")
+
+Embedder = Callable[[Tensor], Tensor]
+Similarity = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One attacked image. ``reference`` is the enrolment image compared against (-1 for identification)."""
+
+    image: int
+    reference: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.image}:{self.reference}"
+
+
+@dataclass
+class Evaluation:
+    """Per-sample result of an objective: ``loss`` (the adversary maximises it), ``success`` (the face system
+    decided wrongly) and ``score`` (the similarity the decision was made on), each ``[B]``."""
+
+    loss: Tensor
+    success: Tensor
+    score: Tensor
+
+
+class Objective(ABC):
+    """A differentiable threat objective for a batch of probes; ``select`` narrows it to a subset of them."""
+
+    def __init__(self, embed: Embedder, **per_sample: Tensor):
+        self.embed = embed
+        self.per_sample = per_sample
+
+    def select(self, index: Tensor) -> Objective:
+        narrowed = object.__new__(type(self))
+        narrowed.__dict__.update(self.__dict__)
+        narrowed.per_sample = {k: v[index] for k, v in self.per_sample.items()}
+        return narrowed
+
+    @abstractmethod
+    def __call__(self, images: Tensor) -> Evaluation: ...
+
+
+class VerificationObjective(Objective):
+    """Similarity to a per-probe reference embedding against a threshold; ``impersonate`` flips the goal."""
+
+    def __init__(self, embed: Embedder, similarity: Similarity, threshold: float, impersonate: bool, reference: Tensor):
+        super().__init__(embed, reference=reference)
+        self.similarity, self.threshold, self.impersonate = similarity, threshold, impersonate
+
+    def __call__(self, images: Tensor) -> Evaluation:
+        score = self.similarity(self.embed(images), self.per_sample["reference"])
+        margin = score - self.threshold
+        if self.impersonate:  # the adversary wants a match
+            return Evaluation(loss=margin, success=margin >= 0, score=score)
+        return Evaluation(loss=-margin, success=margin < 0, score=score)
+
+
+class IdentificationObjective(Objective):
+    """Top-1 over a gallery; the loss is the best wrong identity's similarity minus the true one's (CW margin)."""
+
+    def __init__(self, embed: Embedder, similarity_matrix: Similarity, gallery: Tensor, label: Tensor):
+        super().__init__(embed, label=label)
+        self.similarity_matrix, self.gallery = similarity_matrix, gallery
+
+    def __call__(self, images: Tensor) -> Evaluation:
+        scores = self.similarity_matrix(self.embed(images), self.gallery)
+        label = self.per_sample["label"]
+        true = scores.gather(1, label[:, None]).squeeze(1)
+        wrong = scores.scatter(1, label[:, None], float("-inf")).amax(dim=1)
+        return Evaluation(loss=wrong - true, success=wrong > true, score=true)
+
+
+class ThreatModel(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, dataset: FaceDataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+        self.enrolled: dict[int, Tensor] = {}
+
+    @abstractmethod
+    def probes(self, limit: int | None = None) -> list[Probe]:
+        """The attacked probes, in a fixed order for this dataset and seed."""
+
+    @abstractmethod
+    def objective(self, embed: Embedder, target, probes: list[Probe]) -> Objective:
+        """The adversary's objective for a batch of ``probes`` (after :meth:`enrol`)."""
+
+    def reference_images(self, probes: list[Probe]) -> list[int]:
+        """Dataset indices of the enrolment images the probes are compared with."""
+        return sorted({p.reference for p in probes})
+
+    def enrol(self, encode: Callable[[list[int]], Tensor], probes: list[Probe]) -> None:
+        """Embed the enrolment images once; ``encode`` maps dataset indices to embeddings (no gradient)."""
+        indices = self.reference_images(probes)
+        self.enrolled = dict(zip(indices, encode(indices)))
+
+    def _rng(self) -> random.Random:
+        return random.Random(f"{self.name}:{self.seed}")
+
+    def _round_robin(self, candidates: dict[str, list[Probe]], limit: int | None) -> list[Probe]:
+        """Interleave identities (shuffled) so any prefix of the probe list spreads over many people."""
+        rng = self._rng()
+        queues = [list(v) for _, v in sorted(candidates.items())]
+        rng.shuffle(queues)
+        for queue in queues:
+            rng.shuffle(queue)
+        ordered: list[Probe] = []
+        while any(queues):
+            for queue in queues:
+                if queue:
+                    ordered.append(queue.pop())
+        return ordered[:limit] if limit else ordered
+
+
+def _need_identities(dataset: FaceDataset, minimum: int, what: str) -> None:
+    if len(dataset.by_identity) < minimum:
+        raise DataError(f"{what} needs at least {minimum} identities; {dataset.name} has {len(dataset.by_identity)}.")
+
+
+@THREATS.register("dodging", "probe of A must stop matching A's enrolment (verification)")
+class Dodging(ThreatModel):
+    name = "dodging"
+    impersonate = False
+
+    def probes(self, limit: int | None = None) -> list[Probe]:
+        if self.dataset.pairs is not None:
+            pairs = [Probe(p.second, p.first) for p in self.dataset.pairs if p.same]
+            return pairs[:limit] if limit else pairs
+        rng = self._rng()
+        candidates: dict[str, list[Probe]] = {}
+        for identity, indices in self.dataset.by_identity.items():
+            if len(indices) >= 2:
+                candidates[identity] = [Probe(i, rng.choice([j for j in indices if j != i])) for i in indices]
+        if not candidates:
+            raise DataError(f"dodging needs identities with two or more images; {self.dataset.name} has none.")
+        return self._round_robin(candidates, limit)
+
+    def objective(self, embed: Embedder, target, probes: list[Probe]) -> Objective:
+        references = torch.stack([self.enrolled[p.reference] for p in probes])
+        return VerificationObjective(embed, target.similarity, target.threshold, self.impersonate, references)
+
+
+@THREATS.register("impersonation", "probe of A must match B's enrolment (verification)")
+class Impersonation(Dodging):
+    name = "impersonation"
+    impersonate = True
+
+    def probes(self, limit: int | None = None) -> list[Probe]:
+        if self.dataset.pairs is not None:
+            pairs = [Probe(p.first, p.second) for p in self.dataset.pairs if not p.same]
+            return pairs[:limit] if limit else pairs
+        _need_identities(self.dataset, 2, "impersonation")
+        rng = self._rng()
+        identities = sorted(self.dataset.by_identity)
+        candidates = {}
+        for identity in identities:
+            others = [other for other in identities if other != identity]
+            candidates[identity] = [
+                Probe(i, rng.choice(self.dataset.by_identity[rng.choice(others)]))
+                for i in self.dataset.by_identity[identity]
+            ]
+        return self._round_robin(candidates, limit)
+
+
+@THREATS.register("identification", "probe of A must not be ranked top-1 as A in a closed-set gallery")
+class Identification(ThreatModel):
+    """The gallery enrols one image per identity with two or more images; the others are probes."""
+
+    name = "identification"
+
+    def _gallery(self) -> dict[str, int]:
+        rng = self._rng()
+        return {
+            identity: rng.choice(indices)
+            for identity, indices in sorted(self.dataset.by_identity.items())
+            if len(indices) >= 2
+        }
+
+    def probes(self, limit: int | None = None) -> list[Probe]:
+        gallery = self._gallery()
+        if len(gallery) < 2:
+            raise DataError("identification needs at least 2 identities with two or more images each.")
+        candidates = {
+            identity: [Probe(i, -1) for i in self.dataset.by_identity[identity] if i != enrolled]
+            for identity, enrolled in gallery.items()
+        }
+        return self._round_robin(candidates, limit)
+
+    def reference_images(self, probes: list[Probe]) -> list[int]:
+        return list(self._gallery().values())
+
+    def objective(self, embed: Embedder, target, probes: list[Probe]) -> Objective:
+        gallery = self._gallery()
+        embeddings = torch.stack([self.enrolled[index] for index in gallery.values()])
+        position = {identity: k for k, identity in enumerate(gallery)}
+        labels = [position[self.dataset.records[p.image].identity] for p in probes]
+        label = torch.tensor(labels, device=embeddings.device)
+        return IdentificationObjective(embed, target.similarity_matrix, embeddings, label)

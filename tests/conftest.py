@@ -1,0 +1,56 @@
+"""Shared fixtures. Real faces come from ../shared/data (CI has it; elsewhere those tests skip, saying why)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+torch.set_flush_denormal(True)
+
+
+def shared_path(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not here (it ships with the project's CI machines, not with the package)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def faces_root() -> Path:
+    return shared_path("data", "faces")
+
+
+@pytest.fixture(scope="session")
+def facenet():
+    from redteam.engine import load_target
+
+    return load_target("facenet", torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def faces(faces_root):
+    """LFW evaluation faces as identity folders (images load lazily)."""
+    from redteam.datasets import ImageFolderDataset
+
+    return ImageFolderDataset(faces_root)
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """Run the real ``redteam`` entry point in-process: ``cli("run", "--limit", 3)`` -> exit code."""
+    from redteam.cli import main
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["redteam", *map(str, args)])
+        try:
+            main()
+        except SystemExit as done:
+            return int(done.code or 0)
+        return 0
+
+    return run

@@ -1,0 +1,154 @@
+"""`redteam run` end to end on real faces, resuming, and one clear line for every kind of bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from redteam.results import ResultStore
+
+RUN = (
+    "run",
+    "--target",
+    "facenet",
+    "--attack",
+    "pgd",
+    "--limit",
+    "6",
+    "--eps",
+    "0,1,8",
+    "--steps",
+    "3",
+    "--batch-size",
+    "2",
+)
+
+
+def test_run_writes_a_monotone_curve_on_real_faces(cli, faces_root, tmp_path):
+    out = tmp_path / "run"
+    assert cli(*RUN, "--data", faces_root, "--out", out) == 0
+    curve = pd.read_csv(out / "curve.csv")
+    assert {"target", "defense", "attack", "threat", "norm", "eps", "accuracy", "n"} <= set(curve.columns)
+    assert curve["eps"].tolist() == [0, 1, 8] and (curve["n"] == 6).all()
+    assert curve["accuracy"].is_monotonic_decreasing
+    assert curve["accuracy"].iloc[0] >= 4 / 6 and curve["accuracy"].iloc[-1] == 0  # 8/255 breaks FaceNet
+    assert (out / "curve.png").stat().st_size > 10_000
+    results = ResultStore(out / "results.sqlite").frame()
+    assert len(results) == 18
+    attacked = results[(results["eps"] > 0) & ~results["inherited"]]
+    assert (attacked["linf"] <= attacked["eps"] + 1e-6).all()
+
+
+def test_rerun_recomputes_nothing_and_resume_equals_uninterrupted(cli, monkeypatch, faces_root, tmp_path):
+    from redteam.attacks.pgd import PGD
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert cli(*RUN, "--data", faces_root, "--out", whole) == 0
+
+    original, calls = PGD.__call__, []
+
+    def interrupt_on_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PGD, "__call__", interrupt_on_second_batch)
+    assert cli(*RUN, "--data", faces_root, "--out", resumed) == 130
+    partial = ResultStore(resumed / "results.sqlite").frame()
+    assert 0 < len(partial) < 18
+    monkeypatch.setattr(PGD, "__call__", original)
+    assert cli(*RUN, "--data", faces_root, "--out", resumed) == 0
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a finished run was attacked again")
+
+    monkeypatch.setattr(PGD, "__call__", refuse)
+    assert cli(*RUN, "--data", faces_root, "--out", resumed) == 0
+
+    columns = ["eps", "probe", "correct", "score", "linf", "l2", "steps", "inherited"]
+    a, b = (
+        ResultStore(p / "results.sqlite").frame().sort_values(["eps", "probe"])[columns].reset_index(drop=True)
+        for p in (whole, resumed)
+    )
+    pd.testing.assert_frame_equal(a, b)
+
+
+def _identity_folders(root: Path, faces_root: Path, identities: int = 2) -> Path:
+    for identity in sorted(p for p in faces_root.iterdir())[:identities]:
+        (root / identity.name).mkdir(parents=True)
+        for image in sorted(identity.iterdir())[:2]:
+            (root / identity.name / image.name).write_bytes(image.read_bytes())
+    return root
+
+
+def _write(path: Path, image: Image.Image | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(image, bytes):
+        path.write_bytes(image)
+    else:
+        image.save(path)
+
+
+BAD_DATA = {
+    "corrupt": (
+        lambda root: _write(root / "Aaron_Peirsol" / "broken.jpg", b"\xff\xd8 not a jpeg"),
+        "cannot read image",
+    ),
+    "empty file": (lambda root: _write(root / "Aaron_Peirsol" / "empty.jpg", b""), "cannot read image"),
+    "grayscale": (
+        lambda root: _write(root / "Aaron_Peirsol" / "gray.png", Image.new("L", (250, 250), 128)),
+        "grayscale",
+    ),
+    "tiny": (lambda root: _write(root / "Aaron_Peirsol" / "tiny.png", Image.new("RGB", (12, 12))), "at least 32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_images_give_one_line(cli, capsys, faces_root, tmp_path, case):
+    root = _identity_folders(tmp_path / "data", faces_root)
+    damage, message = BAD_DATA[case]
+    damage(root)
+    code = cli("run", "--data", root, "--out", tmp_path / "out", "--eps", "0", "--batch-size", "8")
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2  # one message (rich may wrap it)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("--target", "facenett"), "Did you mean 'facenet'"),
+        (("--attack", "pgdd"), "Did you mean 'pgd'"),
+        (("--threat", "dodge"), "unknown threat model"),
+        (("--eps", "1,x"), "comma-separated numbers"),
+        (("--eps", "0,-2"), "negative"),
+        (("--eps", "300"), "exceeds"),
+        (("--norm", "l1"), "linf or l2"),
+        (("--option", "stepz=3"), "no setting stepz"),
+        (("--data", "/nonexistent/faces"), "no dataset"),
+    ],
+)
+def test_bad_arguments_give_one_line(cli, capsys, tmp_path, args, message):
+    code = cli("run", "--out", tmp_path / "out", *args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_dataset_shapes_that_cannot_work(cli, capsys, faces_root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli("run", "--data", empty, "--out", tmp_path / "o1") == 2
+    assert "no face images" in capsys.readouterr().err
+    one = _identity_folders(tmp_path / "one", faces_root, identities=1)
+    assert cli("run", "--data", one, "--threat", "impersonation", "--out", tmp_path / "o2") == 2
+    assert "at least 2 identities" in capsys.readouterr().err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert cli("run", "--out", a_file) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert cli("run", "--data", a_file, "--out", tmp_path / "o3") == 2
+    assert "is a file" in capsys.readouterr().err
