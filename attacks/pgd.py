@@ -1,13 +1,13 @@
-"""Projected gradient descent (Madry et al. 2018) in ℓ∞ or ℓ2, with random start, restarts and per-sample stop."""
+"""Projected gradient ascent (Madry et al. 2018) and its momentum variant MIM (Dong et al. 2018), ℓ∞ or ℓ2."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from redteam.attacks.base import ATTACKS, Attack, AttackResult, Budget
 from torch import Tensor
 
+from redteam.attacks.base import ATTACKS, Attack, AttackResult, Budget, objective_gradient
 from redteam.threats import Objective
 
 
@@ -19,6 +19,9 @@ class PGD(Attack):
     step_size: float = 2.5  # per step, in units of eps / steps (Madry et al.'s 2.5 eps / steps)
     random_start: bool = True
     restarts: int = 1
+    momentum: float = 0.0  # MIM's decay factor; 0 is plain PGD
+    eot: int = 1  # gradient samples per step, for randomised targets and defenses
+    early_stop: bool = True  # stop each sample once it fools the system (off for transfer attacks)
 
     def __call__(
         self, objective: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None = None
@@ -35,30 +38,36 @@ class PGD(Attack):
             goal, origin = objective.select(active), images[active]
             delta = budget.sample(origin, generator) if self.random_start else torch.zeros_like(origin)
             x = (origin + delta).clamp(0, 1)
+            velocity = torch.zeros_like(x)
             for _ in range(self.steps):
-                x.requires_grad_(True)
-                evaluation = goal(x)
-                (gradient,) = torch.autograd.grad(evaluation.loss.sum(), x)
-                x = x.detach()
-                won = evaluation.success.detach()
+                evaluation, gradient = objective_gradient(goal, x, self.eot)
                 adversarial[active] = x  # the latest iterate; samples that won stop here
-                success[active] = won
+                success[active] = evaluation.success
                 steps_used[active] += 1
+                won = evaluation.success if self.early_stop else torch.zeros_like(evaluation.success)
                 if won.all():
                     active = active[:0]
                     break
                 if won.any():  # drop the samples already won: later steps only pay for the rest
                     keep = torch.nonzero(~won).squeeze(1)
-                    active, goal, origin, x, gradient = (
-                        active[keep],
-                        goal.select(keep),
-                        origin[keep],
-                        x[keep],
-                        gradient[keep],
-                    )
+                    active, goal = active[keep], goal.select(keep)
+                    origin, x, gradient, velocity = origin[keep], x[keep], gradient[keep], velocity[keep]
+                if self.momentum:
+                    l1 = gradient.flatten(1).abs().sum(1).clamp_min(1e-12)
+                    velocity = self.momentum * velocity + gradient / l1.view(-1, *([1] * (gradient.dim() - 1)))
+                    gradient = velocity
                 x = (origin + budget.project(x + budget.ascent(gradient, step) - origin)).clamp(0, 1)
             if len(active):
                 with torch.no_grad():  # judge the final iterate of the samples still running
                     adversarial[active] = x
                     success[active] = goal(x).success
         return AttackResult(adversarial, success, steps_used)
+
+
+@ATTACKS.register("mim", "momentum iterative method: PGD whose steps follow an accumulated, L1-normalised gradient")
+@dataclass
+class MIM(PGD):
+    name = "mim"
+    momentum: float = 1.0
+    random_start: bool = False
+    step_size: float = 1.0  # eps / steps per step, as in Dong et al.

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -77,27 +79,33 @@ def run(
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<target>-<attack>-<threat>).")] = None,
     limit: Annotated[int | None, typer.Option(help="Attack at most this many probes.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for probe selection and random starts.")] = 0,
-    steps: Annotated[int, typer.Option(help="Gradient steps per budget.")] = 10,
+    steps: Annotated[int | None, typer.Option(help="Gradient steps (default: the attack's own).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Extra attack setting key=value (repeatable).")] = None,
+    surrogate: Annotated[str | None, typer.Option(help="Craft on this target, judge on --target (transfer).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Decide at this similarity instead of the card's.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="Your checkpoint, for targets that load one.")] = None,
     align: Annotated[
         bool, typer.Option(help="Detect and align faces (MTCNN) instead of assuming LFW-framed crops.")
     ] = False,
+    checks: Annotated[bool, typer.Option(help="Run the sanity checks (a few seconds).")] = True,
     batch_size: Annotated[int, typer.Option(help="Probes per batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
 ) -> None:
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
+    from redteam.checks import run_checks
     from redteam.engine import Evaluation, EvaluationConfig
-    from redteam.plots import plot_curves
-    from redteam.results import ResultStore, accuracy_curve
+    from redteam.results import ResultStore, write_outputs
 
     if norm not in ("linf", "l2"):
         raise RedteamError(f"--norm must be linf or l2, not {norm!r}.")
     if limit is not None and limit < 1:
         raise RedteamError("--limit must be at least 1.")
-    out = out or Path("runs") / f"{target}-{attack}-{threat}"
+    out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{threat}"
     if out.exists() and not out.is_dir():
         raise RedteamError(f"--out {out} is a file; give a folder.")
+    options = _parse_options(option or [])
+    if steps is not None:
+        options["steps"] = steps
     config = EvaluationConfig(
         target=target,
         attack=attack,
@@ -107,18 +115,22 @@ def run(
         eps=_parse_budgets(eps),
         limit=limit,
         seed=seed,
-        attack_options={"steps": steps, **_parse_options(option or [])},
+        attack_options=options,
         threshold=threshold,
+        weights=str(weights) if weights else None,
+        surrogate=surrogate,
         align=align,
         batch_size=batch_size,
         device=device,
+        checks=checks,
     )
     started = time.perf_counter()
     with console.status("loading target and data"):
         evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
+    crafted = f" · crafted on {surrogate}" if surrogate else ""
     console.print(
-        f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat} · {len(evaluation.probes)} probes from "
-        f"{evaluation.dataset.description} · threshold {evaluation.target.threshold:.4f}"
+        f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat}{crafted} · {len(evaluation.probes)} probes "
+        f"from {evaluation.dataset.description} · threshold {evaluation.target.threshold:.4f}"
     )
     with _progress() as progress:
         task = progress.add_task("attacking", total=evaluation.total_work())
@@ -126,27 +138,42 @@ def run(
             evaluation.run(lambda n: progress.advance(task, n))
         except KeyboardInterrupt:
             raise Interrupted() from None
+    with console.status("sanity checks"):
+        outcome = run_checks(evaluation) if checks else []
     curve = evaluation.curve()
-    everything = accuracy_curve(evaluation.store.frame())
-    everything.drop(columns="cell").to_csv(out / "curve.csv", index=False)
-    plot_curves(everything, out / "curve.png")
+    write_outputs(evaluation.store, out)
     elapsed = time.perf_counter() - started
     summary = {
-        "config": {**config.__dict__, "eps": list(config.eps)},
+        "config": {**asdict(config), "eps": list(config.eps)},
         "cell": evaluation.cell,
         "threshold": evaluation.target.threshold,
         "curve": curve.drop(columns="cell").to_dict(orient="records"),
+        "checks": [asdict(c) for c in outcome],
         "seconds": round(elapsed, 1),
     }
-    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
-    table = Table(title=f"accuracy of {target} under {attack} ({threat}, {norm})")
-    table.add_column("ε" + (" (/255)" if norm == "linf" else ""), justify="right")
+    unit = "/255" if norm == "linf" else ""
+    table = Table(title=f"accuracy of {target} under {attack} ({threat}, {norm}{crafted})")
+    table.add_column(f"ε ({unit or 'image units'})", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("probes", justify="right")
     for row in curve.itertuples():
         table.add_row(f"{row.eps:g}", f"{row.accuracy:.1%}", str(row.n))
     console.print(table)
-    console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite) · {elapsed:.0f} s")
+    if evaluation.minimal:
+        sizes = evaluation.minimal_sizes()
+        scale = 255 if norm == "linf" else 1
+        median = float(sizes.median()) * scale if len(sizes) else float("nan")
+        summary["median_minimal_perturbation"] = median
+        found = int(np.isfinite(sizes).sum())
+        console.print(
+            f"median minimal {norm} perturbation: [bold]{median:.3g}{unit}[/] over {len(sizes)} attacked probes "
+            f"({found} fooled)"
+        )
+    for check in outcome:
+        mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"
+        console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
 
 
 @app.command(name="list")
@@ -209,9 +236,9 @@ def list_(
 def calibrate(
     target: Annotated[str, typer.Option(help="Target name.")],
     data: Annotated[str, typer.Option(help="Identity folders disjoint from your evaluation identities.")],
+    weights: Annotated[Path | None, typer.Option(help="Your checkpoint, for targets that load one.")] = None,
     impostors: Annotated[int, typer.Option(help="Random impostor pairs (ignored with a pairs file).")] = 100_000,
     far: Annotated[float, typer.Option(help="False accept rate for the strict threshold.")] = 1e-3,
-    limit: Annotated[int | None, typer.Option(help="Use at most this many images.")] = None,
     seed: int = 0,
     batch_size: int = 32,
     device: str = "auto",
@@ -222,39 +249,20 @@ def calibrate(
 
     from redteam.datasets import open_dataset
     from redteam.engine import load_target, resolve_device
-    from redteam.metrics import calibration_pairs, pair_scores, verification_report
+    from redteam.metrics import calibrate as measure
 
     torch.set_flush_denormal(True)
     dataset = open_dataset(data)
-    model = load_target(target, resolve_device(device))
-    genuine, impostor = calibration_pairs(dataset, impostors, seed)
-    if limit is not None:
-        genuine = [p for p in genuine if max(p) < limit]
-        impostor = [p for p in impostor if max(p) < limit]
-    if not genuine or not impostor:
-        raise RedteamError(f"{data} gives no genuine or no impostor pairs to calibrate on.")
-    needed = sorted({i for pair in genuine + impostor for i in pair})
-    embeddings = {}
-    with _progress() as progress, torch.no_grad():
-        task = progress.add_task("embedding", total=len(needed))
-        for start in range(0, len(needed), batch_size):
-            chunk = needed[start : start + batch_size]
-            for index, vector in zip(chunk, model.embed(dataset.load(chunk).to(model.device)).cpu()):
-                embeddings[index] = vector
-            progress.advance(task, len(chunk))
-    position = {index: k for k, index in enumerate(needed)}
-    matrix = torch.stack([embeddings[i] for i in needed])
-    remap = lambda pairs: [(position[a], position[b]) for a, b in pairs]  # noqa: E731
-    report = verification_report(
-        pair_scores(matrix, remap(genuine), model.similarity),
-        pair_scores(matrix, remap(impostor), model.similarity),
-        far,
-    )
+    model = load_target(target, resolve_device(device), weights=weights)
+    with _progress() as progress:
+        task = progress.add_task("embedding", total=None)
+        report = measure(model, dataset, impostors, far, seed, batch_size, lambda n: progress.advance(task, n))
     table = Table(title=f"{target} on {dataset.description}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report.to_dict().items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        if value is not None:
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps({"target": target, "data": str(data), **report.to_dict()}, indent=2))

@@ -1,17 +1,22 @@
-"""Run an evaluation: one target, attack and threat model over a ladder of budgets, stored per probe.
+"""Run an evaluation: one target, attack and threat model, stored per probe, giving an accuracy-perturbation curve.
 
-Budgets are visited in increasing order and only the probes still decided correctly are attacked again (as
-AutoAttack does): an adversarial example found within a smaller ball lies inside every larger one, so those probes
-count as broken at the larger budgets too (``inherited``). The curve is monotone by construction and the
-work shrinks with every budget.
+Fixed-budget attacks (PGD, MIM) visit the budgets in increasing order and attack only the probes still decided
+correctly, as AutoAttack does: an adversarial example found within a smaller ball lies inside every larger one, so
+those probes count as broken at the larger budgets too (``inherited``). The curve is monotone by construction and
+the work shrinks with every budget. Minimal-perturbation attacks (C&W, minnorm) run once per probe; the curve at
+any budget is the fraction of probes whose smallest fooling perturbation is larger than it.
+
+With a ``surrogate``, adversarial examples are crafted on the surrogate and judged on the target (transfer).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -20,18 +25,19 @@ from torch import Tensor
 
 from redteam import attacks as _attacks  # noqa: F401  (registers the attacks)
 from redteam import targets as _targets  # noqa: F401  (registers the targets)
-from redteam.attacks.base import ATTACKS, Budget, Norm, perturbation_size
+from redteam.attacks.base import ATTACKS, Attack, Budget, MinimalAttack, Norm, perturbation_size
 from redteam.datasets import FaceDataset, open_dataset
 from redteam.errors import RedteamError
 from redteam.results import ResultStore, accuracy_curve
 from redteam.targets.base import TARGETS, FaceRecognizer
-from redteam.threats import THREATS, Probe, ThreatModel
+from redteam.threats import THREATS, Objective, Probe, ThreatModel
 
 
 @dataclass
 class EvaluationConfig:
-    """Everything that determines the per-probe results of one cell (``out`` and ``limit`` only choose where and how
-    many; ``eps`` lists the budgets to visit, in /255 for ℓ∞)."""
+    """Everything that determines the per-probe results of one cell. ``eps`` lists the budgets to visit (/255 for
+    ℓ∞); it, ``limit``, ``batch_size``, ``device`` and ``checks`` choose what and how much is computed, not what a
+    given probe's result is, so they stay out of the cell key."""
 
     target: str
     attack: str
@@ -43,10 +49,13 @@ class EvaluationConfig:
     seed: int = 0
     attack_options: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None
+    weights: str | None = None
+    surrogate: str | None = None
     align: bool = False
     batch_size: int = 16
     device: str = "auto"
     defense: str = "none"
+    checks: bool = True
 
     def budgets(self) -> list[float]:
         """Budgets in image units, ascending, always starting with the clean point 0."""
@@ -59,8 +68,9 @@ class EvaluationConfig:
         return sorted({0.0, *(float(e) * scale for e in self.eps)})
 
     def cell(self) -> str:
-        """Key of the results this config produces (independent of ``eps``, ``limit``, batch size and device)."""
-        settings = {k: v for k, v in asdict(self).items() if k not in ("eps", "limit", "batch_size", "device")}
+        """Key of the results this config produces."""
+        ignored = ("eps", "limit", "batch_size", "device", "checks")
+        settings = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -72,8 +82,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_target(name: str, device: torch.device, threshold: float | None = None) -> FaceRecognizer:
-    target = TARGETS.get(name)().eval().to(device)
+def load_target(
+    name: str, device: torch.device, threshold: float | None = None, weights: Path | None = None
+) -> FaceRecognizer:
+    """Build a registered target in eval mode with frozen parameters; ``weights`` loads a user's checkpoint
+    into targets that take one (their ``__init__`` has a ``weights`` argument)."""
+    target_class = TARGETS.get(name)
+    if weights is None:
+        target = target_class()
+    elif "weights" in inspect.signature(target_class.__init__).parameters:
+        if not Path(weights).is_file():
+            raise RedteamError(f"--weights {weights} is not a file.")
+        target = target_class(weights=Path(weights))
+    else:
+        raise RedteamError(f"{name} has fixed weights; --weights is for targets that load user checkpoints.")
+    target = target.eval().to(device)
     for parameter in target.parameters():
         parameter.requires_grad_(False)  # attacks need gradients for inputs only
     if threshold is not None:
@@ -81,9 +104,40 @@ def load_target(name: str, device: torch.device, threshold: float | None = None)
     return target
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack:
+    """The configured attack, with its settings checked; minimal attacks work in the run's norm."""
+    attack_class = ATTACKS.get(config.attack)
+    settings = {f.name for f in fields(attack_class)}
+    options = dict(config.attack_options)
+    if issubclass(attack_class, MinimalAttack):
+        options.setdefault("norm", config.norm)
+        if config.surrogate:
+            raise RedteamError(f"{config.attack} finds minimal perturbations; transfer needs a fixed-budget attack.")
+    unknown = sorted(set(options) - settings)
+    if unknown:
+        raise RedteamError(
+            f"{config.attack} has no setting {', '.join(unknown)}; it takes {', '.join(sorted(settings))}."
+        )
+    if config.surrogate and "early_stop" in settings:
+        options.setdefault("early_stop", False)  # stopping when the surrogate is fooled would weaken transfer
+    try:
+        attack = attack_class(**options)
+    except ValueError as error:
+        raise RedteamError(f"{config.attack}: {error}") from None
+    if isinstance(attack, MinimalAttack) and attack.norm != config.norm:
+        raise RedteamError(f"{config.attack} is an {attack.norm} attack; run it with --norm {attack.norm}.")
+    return attack
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    """A generator seeded from the run seed and the batch's place in the run, so resumed runs redraw the same."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()
+    return torch.Generator(device).manual_seed(int(digest[:15], 16))
 
 
 @dataclass
@@ -93,6 +147,7 @@ class Evaluation:
     config: EvaluationConfig
     store: ResultStore
     target: FaceRecognizer = field(init=False)
+    surrogate: FaceRecognizer = field(init=False)
     dataset: FaceDataset = field(init=False)
     threat: ThreatModel = field(init=False)
     probes: list[Probe] = field(init=False)
@@ -104,99 +159,156 @@ class Evaluation:
         config = self.config
         self.device = resolve_device(config.device)
         self.budgets = config.budgets()
-        attack_class = ATTACKS.get(config.attack)
-        settings = {f.name for f in fields(attack_class)}
-        unknown = sorted(set(config.attack_options) - settings)
-        if unknown:
-            raise RedteamError(
-                f"{config.attack} has no setting {', '.join(unknown)}; it takes {', '.join(sorted(settings))}."
-            )
-        self.attack = attack_class(**config.attack_options)
+        self.attack = build_attack(config)
         threat_class = THREATS.get(config.threat)
         self.dataset = open_dataset(config.data, align=config.align)
         self.threat = threat_class(self.dataset, seed=config.seed)
         self.probes = self.threat.probes(config.limit)
-        self.target = load_target(config.target, self.device, config.threshold)
+        weights = Path(config.weights) if config.weights else None
+        self.target = load_target(config.target, self.device, config.threshold, weights)
+        self.surrogate, self.crafting_threat = self.target, self.threat
+        if config.surrogate:
+            self.surrogate = load_target(config.surrogate, self.device)
+            self.crafting_threat = threat_class(self.dataset, seed=config.seed)
         self.cell = config.cell()
         self.store.register_cell(self.cell, {**asdict(config), "cell": self.cell})
+        self.computed = 0  # batches attacked or judged by this process (0 on a re-run of a finished evaluation)
 
-    def embed(self, images: Tensor) -> Tensor:
-        return self.target.embed(images)
+    @property
+    def minimal(self) -> bool:
+        return isinstance(self.attack, MinimalAttack)
 
-    def _encode(self, indices: list[int]) -> Tensor:
-        with torch.no_grad():
-            parts = [
-                self.embed(self.dataset.load(chunk).to(self.device))
-                for chunk in _chunks(indices, self.config.batch_size)
-            ]
-        return torch.cat(parts)
+    def objectives(self, batch: list[Probe]) -> tuple[Objective, Objective]:
+        """(what the attack maximises, what judges the result): the same unless attacking through a surrogate."""
+        verdict = self.threat.objective(self.target.embed, self.target, batch)
+        if self.surrogate is self.target:
+            return verdict, verdict
+        return self.crafting_threat.objective(self.surrogate.embed, self.surrogate, batch), verdict
+
+    def _encoder(self, model: FaceRecognizer) -> Callable[[list[int]], Tensor]:
+        def encode(indices: list[int]) -> Tensor:
+            with torch.no_grad():
+                batches = chunks(indices, self.config.batch_size)
+                return torch.cat([model.embed(self.dataset.load(c).to(self.device)) for c in batches])
+
+        return encode
 
     def total_work(self) -> int:
-        return len(self.probes) * len(self.budgets)
+        return len(self.probes) * (2 if self.minimal else len(self.budgets))
 
     def run(self, advance: Callable[[int], None] = lambda n: None) -> None:
         """Evaluate every budget, skipping what the store already holds; ``advance(n)`` reports progress."""
-        self.threat.enrol(self._encode, self.probes)
+        self.threat.enrol(self._encoder(self.target), self.probes)
+        if self.surrogate is not self.target:
+            self.crafting_threat.enrol(self._encoder(self.surrogate), self.probes)
+        if self.minimal:
+            self._run_minimal(advance)
+        else:
+            self._run_ladder(advance)
+
+    def _current(self, eps: float) -> pd.DataFrame:
+        stored = self.store.frame(self.cell, eps)
+        return stored[stored["probe"].isin({p.key for p in self.probes})]
+
+    def _run_level(self, eps: float, level: int, attacked: list[Probe], advance: Callable[[int], None]) -> None:
+        done = set(self.store.frame(self.cell, eps)["probe"])
+        # Fixed batches over all probes attacked at this budget: a resumed run forms exactly the same ones.
+        for batch_number, batch in enumerate(chunks(attacked, self.config.batch_size)):
+            if all(p.key in done for p in batch):
+                continue
+            self.store.append(self._evaluate_batch(batch, eps, level, batch_number))
+            self.computed += 1
+            advance(len(batch))
+
+    def _run_ladder(self, advance: Callable[[int], None]) -> None:
         previous: pd.DataFrame | None = None
         for level, eps in enumerate(self.budgets):
-            stored = self.store.frame(self.cell, eps)
-            done = set(stored["probe"])
+            done = set(self.store.frame(self.cell, eps)["probe"])
             advance(sum(p.key in done for p in self.probes))
-            if previous is None:
-                attacked, broken = self.probes, []
-            else:
+            attacked = self.probes
+            if previous is not None:
                 still_correct = set(previous.loc[previous["correct"], "probe"])
                 attacked = [p for p in self.probes if p.key in still_correct]
-                broken = [p for p in self.probes if p.key not in still_correct and p.key not in done]
-                self.store.append(
-                    [
-                        self._inherited_row(row, eps)
-                        for _, row in previous[previous["probe"].isin({p.key for p in broken})].iterrows()
-                    ]
-                )
+                broken = previous[~previous["probe"].isin(still_correct | done)]
+                self.store.append([self._inherited_row(row, eps) for _, row in broken.iterrows()])
                 advance(len(broken))
-            # Fixed batches over all probes attacked at this budget: a resumed run forms exactly the same ones.
-            for batch_number, batch in enumerate(_chunks(attacked, self.config.batch_size)):
-                if all(p.key in done for p in batch):
-                    continue
-                self.store.append(self._evaluate_batch(batch, eps, level, batch_number))
-                advance(len(batch))
-            previous = self.store.frame(self.cell, eps)
-            previous = previous[previous["probe"].isin({p.key for p in self.probes})]
+            self._run_level(eps, level, attacked, advance)
+            previous = self._current(eps)
 
     def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> list[dict]:
         images = self.dataset.load([p.image for p in batch]).to(self.device)
-        objective = self.threat.objective(self.embed, self.target, batch)
+        crafting, verdict = self.objectives(batch)
         if eps == 0:
             adversarial, steps = images, torch.zeros(len(batch), dtype=torch.long)
         else:
-            generator = torch.Generator(self.device).manual_seed(
-                int(hashlib.sha256(f"{self.config.seed}:{level}:{batch_number}".encode()).hexdigest()[:15], 16)
-            )
-            result = self.attack(objective, images, Budget(self.config.norm, eps), generator)
+            generator = seeded_generator(self.device, self.config.seed, level, batch_number)
+            result = self.attack(crafting, images, Budget(self.config.norm, eps), generator)
             adversarial, steps = result.images, result.steps
-        with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images
-            verdict = objective(adversarial)
+        with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
+            judged = verdict(adversarial)
         delta = adversarial - images
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         return [
-            self._row(
-                probe,
-                eps,
-                not bool(verdict.success[k]),
-                float(verdict.score[k]),
-                float(linf[k]),
-                float(l2[k]),
-                int(steps[k]),
-            )
+            self._row(probe, eps, not bool(judged.success[k]), judged.score[k], linf[k], l2[k], steps[k])
             for k, probe in enumerate(batch)
         ]
 
-    def _row(self, probe: Probe, eps: float, correct: bool, score: float, linf: float, l2: float, steps: int) -> dict:
+    def _run_minimal(self, advance: Callable[[int], None]) -> None:
+        """Clean verdicts, then one minimal-perturbation attack per clean-correct probe; every budget's rows follow."""
+        self._run_level(0.0, 0, self.probes, advance)
+        clean = self._current(0.0).set_index("probe")
+        correct = [p for p in self.probes if clean.loc[p.key, "correct"]]
+        done = set(self.store.minimal(self.cell)["probe"])
+        advance(len(self.probes) - len(correct) + sum(p.key in done for p in correct))
+        for batch_number, batch in enumerate(chunks(correct, self.config.batch_size)):
+            if all(p.key in done for p in batch):
+                continue
+            images = self.dataset.load([p.image for p in batch]).to(self.device)
+            objective, _ = self.objectives(batch)
+            result = self.attack(
+                objective, images, seeded_generator(self.device, self.config.seed, "min", batch_number)
+            )
+            with torch.no_grad():
+                judged = objective(result.images)
+            delta = result.images - images
+            size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
+            linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
+            self.store.append_minimal(
+                [
+                    {
+                        "cell": self.cell,
+                        "probe": p.key,
+                        "size": float(size[k]),
+                        "score": float(judged.score[k]),
+                        "linf": float(linf[k]),
+                        "l2": float(l2[k]),
+                        "steps": int(result.steps[k]),
+                    }  # fmt: skip
+                    for k, p in enumerate(batch)
+                ]
+            )
+            self.computed += 1
+            advance(len(batch))
+        found = self.store.minimal(self.cell).set_index("probe")
+        rows = []
+        for eps in self.budgets[1:]:
+            for probe in self.probes:
+                if probe.key in found.index:
+                    hit = found.loc[probe.key]
+                    fooled = hit["size"] <= eps
+                    rows.append(self._row(probe, eps, not fooled, hit["score"], hit["linf"], hit["l2"], hit["steps"]))
+                else:  # wrong already without an attack
+                    row = clean.loc[probe.key]
+                    rows.append(self._row(probe, eps, False, row["score"], 0.0, 0.0, 0))
+                    rows[-1]["inherited"] = 1
+        self.store.append(rows)
+
+    def _row(self, probe: Probe, eps: float, correct: bool, score, linf, l2, steps) -> dict:
         config = self.config
         return {
             "cell": self.cell,
             "target": config.target,
+            "surrogate": config.surrogate or config.target,
             "defense": config.defense,
             "attack": config.attack,
             "threat": config.threat,
@@ -208,10 +320,10 @@ class Evaluation:
             "reference": probe.reference,
             "identity": self.dataset.records[probe.image].identity,
             "correct": int(correct),
-            "score": score,
-            "linf": linf,
-            "l2": l2,
-            "steps": steps,
+            "score": float(score),
+            "linf": float(linf),
+            "l2": float(l2),
+            "steps": int(steps),
             "inherited": 0,
         }
 
@@ -222,3 +334,8 @@ class Evaluation:
         results = self.store.frame(self.cell)
         results = results[results["probe"].isin({p.key for p in self.probes}) & results["eps"].isin(self.budgets)]
         return accuracy_curve(results)
+
+    def minimal_sizes(self) -> pd.Series:
+        """Smallest fooling perturbation per attacked probe (``inf`` where the attack failed), minimal attacks only."""
+        found = self.store.minimal(self.cell)
+        return found[found["probe"].isin({p.key for p in self.probes})]["size"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from redteam.datasets import FaceDataset
+from redteam.errors import RedteamError
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,18 @@ class VerificationReport:
     threshold_far: float  # smallest threshold whose false accept rate is at most ``far``
     tar_at_far: float
     auc: float
+    operating_threshold: float | None = None  # a given threshold (e.g. the card's) and how it fares here
+    operating_accuracy: float | None = None
+    operating_tar: float | None = None
+    operating_far: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def verification_report(genuine: np.ndarray, impostor: np.ndarray, far: float = 1e-3) -> VerificationReport:
+def verification_report(
+    genuine: np.ndarray, impostor: np.ndarray, far: float = 1e-3, operating_threshold: float | None = None
+) -> VerificationReport:
     """Scores are similarities (larger = more alike); a pair matches when ``score >= threshold``."""
     genuine, impostor = np.sort(np.asarray(genuine, float)), np.sort(np.asarray(impostor, float))
     candidates = np.unique(np.concatenate([genuine, impostor, [np.inf]]))
@@ -40,7 +48,17 @@ def verification_report(genuine: np.ndarray, impostor: np.ndarray, far: float = 
     below = np.searchsorted(impostor, genuine, side="left")
     ties = np.searchsorted(impostor, genuine, side="right") - below
     auc = float((below + ties / 2).sum() / (len(genuine) * len(impostor)))
+    operating = {}
+    if operating_threshold is not None:
+        tar, false_accepts = (genuine >= operating_threshold).mean(), (impostor >= operating_threshold).mean()
+        operating = {
+            "operating_threshold": float(operating_threshold),
+            "operating_accuracy": float((tar + 1 - false_accepts) / 2),
+            "operating_tar": float(tar),
+            "operating_far": float(false_accepts),
+        }
     return VerificationReport(
+        **operating,
         genuine_pairs=len(genuine),
         impostor_pairs=len(impostor),
         threshold=float(candidates[best]),
@@ -76,8 +94,33 @@ def calibration_pairs(
     return genuine, sorted(impostor)
 
 
-def pair_scores(embeddings: torch.Tensor, pairs: list[tuple[int, int]], similarity) -> np.ndarray:
-    if not pairs:
-        return np.zeros(0)
-    first, second = zip(*pairs)
-    return similarity(embeddings[list(first)], embeddings[list(second)]).cpu().numpy()
+def calibrate(
+    model,
+    dataset: FaceDataset,
+    impostors: int = 100_000,
+    far: float = 1e-3,
+    seed: int = 0,
+    batch_size: int = 32,
+    advance: Callable[[int], None] = lambda n: None,
+) -> VerificationReport:
+    """Embed every image in the calibration pairs once and report thresholds and accuracy; the model's current
+    threshold (if it has one) is evaluated as the operating point."""
+    genuine, impostor = calibration_pairs(dataset, impostors, seed)
+    if not genuine or not impostor:
+        raise RedteamError(f"{dataset.name} gives no genuine or no impostor pairs to calibrate on.")
+    needed = sorted({i for pair in genuine + impostor for i in pair})
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(needed), batch_size):
+            chunk = needed[start : start + batch_size]
+            parts.append(model.embed(dataset.load(chunk).to(model.device)).cpu())
+            advance(len(chunk))
+    embeddings, position = torch.cat(parts), {index: k for k, index in enumerate(needed)}
+
+    def scores(pairs: list[tuple[int, int]]) -> np.ndarray:
+        first = [position[a] for a, _ in pairs]
+        second = [position[b] for _, b in pairs]
+        return model.similarity(embeddings[first], embeddings[second]).numpy()
+
+    current = model.card.threshold if model.threshold_override is None else model.threshold_override
+    return verification_report(scores(genuine), scores(impostor), far, current)

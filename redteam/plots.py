@@ -18,7 +18,8 @@ def plot_curves(curve: pd.DataFrame, path: Path) -> None:
     for axis, norm in zip(axes[0], norms):
         for _, line in curve[curve["norm"] == norm].groupby("cell", sort=False):
             first = line.iloc[0]
-            label = f"{first.target} / {first.defense} / {first.attack} / {first.threat}"
+            model = first.target if first.surrogate == first.target else f"{first.surrogate}→{first.target}"
+            label = f"{model} / {first.defense} / {first.attack} / {first.threat}"
             axis.plot(line["eps"], line["accuracy"], marker="o", label=label)
         axis.set_xlabel("ε (ℓ∞, /255)" if norm == "linf" else "ε (ℓ2, image units)")
         axis.set_ylabel("accuracy of the face system")

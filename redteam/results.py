@@ -17,6 +17,7 @@ import pandas as pd
 RESULT_COLUMNS: dict[str, str] = {
     "cell": "TEXT",
     "target": "TEXT",
+    "surrogate": "TEXT",  # the model the attack was crafted on (the target itself for white-box attacks)
     "defense": "TEXT",
     "attack": "TEXT",
     "threat": "TEXT",
@@ -35,7 +36,10 @@ RESULT_COLUMNS: dict[str, str] = {
     "inherited": "INTEGER",  # broken at a smaller eps already, so broken here too
 }
 
-CURVE_KEYS = ["target", "defense", "attack", "threat", "norm", "dataset"]
+CURVE_KEYS = ["target", "surrogate", "defense", "attack", "threat", "norm", "dataset"]
+MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "REAL", "linf": "REAL", "l2": "REAL",
+                   "steps": "INTEGER"}  # fmt: skip
+CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
 
 
 def display_eps(eps: float, norm: str) -> float:
@@ -53,6 +57,10 @@ class ResultStore:
             columns = ", ".join(f"{name} {kind}" for name, kind in RESULT_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns}, PRIMARY KEY (cell, eps, probe))")
             db.execute("CREATE TABLE IF NOT EXISTS cells (cell TEXT PRIMARY KEY, config TEXT)")
+            minimal = ", ".join(f"{name} {kind}" for name, kind in MINIMAL_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS minimal ({minimal}, PRIMARY KEY (cell, probe))")
+            checks = ", ".join(f"{name} {kind}" for name, kind in CHECK_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS checks ({checks}, PRIMARY KEY (cell, name))")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -65,13 +73,37 @@ class ResultStore:
         with self._connect() as db:
             return {cell: json.loads(config) for cell, config in db.execute("SELECT cell, config FROM cells")}
 
-    def append(self, rows: list[dict]) -> None:
+    def _insert(self, table: str, columns: dict[str, str], rows: list[dict]) -> None:
         if not rows:
             return
-        names = list(RESULT_COLUMNS)
+        names = list(columns)
         values = [tuple(_plain(row[n]) for n in names) for row in rows]
         with self._connect() as db:  # one transaction: the batch is stored whole or not at all
-            db.executemany(f"INSERT OR REPLACE INTO results VALUES ({', '.join('?' * len(names))})", values)
+            db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(names))})", values)
+
+    def append(self, rows: list[dict]) -> None:
+        self._insert("results", RESULT_COLUMNS, rows)
+
+    def append_minimal(self, rows: list[dict]) -> None:
+        """Smallest fooling perturbation per probe, from a minimal-perturbation attack."""
+        self._insert("minimal", MINIMAL_COLUMNS, rows)
+
+    def record_checks(self, rows: list[dict]) -> None:
+        self._insert("checks", CHECK_COLUMNS, rows)
+
+    def _table(self, table: str, cell: str | None) -> pd.DataFrame:
+        with self._connect() as db:
+            if cell is None:
+                return pd.read_sql_query(f"SELECT * FROM {table}", db)
+            return pd.read_sql_query(f"SELECT * FROM {table} WHERE cell = ?", db, params=[cell])
+
+    def minimal(self, cell: str | None = None) -> pd.DataFrame:
+        return self._table("minimal", cell)
+
+    def checks(self, cell: str | None = None) -> pd.DataFrame:
+        frame = self._table("checks", cell)
+        frame["passed"] = frame["passed"].astype(bool)
+        return frame
 
     def frame(self, cell: str | None = None, eps: float | None = None) -> pd.DataFrame:
         query, params = "SELECT * FROM results", []
@@ -120,3 +152,23 @@ def curve_area(curve: pd.DataFrame) -> float:
         return float(accuracy.mean()) if len(accuracy) else float("nan")
     widths = eps[1:] - eps[:-1]
     return float(((accuracy[1:] + accuracy[:-1]) / 2 * widths).sum() / (eps[-1] - eps[0]))
+
+
+def transfer_matrix(results: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy of each target on examples crafted on each surrogate (the diagonal is white-box), per budget."""
+    keys = ["threat", "attack", "norm", "defense", "dataset", "eps", "surrogate", "target"]
+    matrix = results.groupby(keys, as_index=False).agg(accuracy=("correct", "mean"), n=("correct", "size"))
+    matrix["eps"] = [display_eps(e, n) for e, n in zip(matrix["eps"], matrix["norm"])]
+    return matrix
+
+
+def write_outputs(store: ResultStore, out: Path) -> None:
+    """``curve.csv`` and ``curve.png`` for every cell in the store; ``transfer.csv`` once it holds a transfer run."""
+    from redteam.plots import plot_curves
+
+    results = store.frame()
+    curve = accuracy_curve(results)
+    curve.drop(columns="cell").to_csv(out / "curve.csv", index=False)
+    plot_curves(curve, out / "curve.png")
+    if (results["surrogate"] != results["target"]).any():
+        transfer_matrix(results).to_csv(out / "transfer.csv", index=False)

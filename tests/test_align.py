@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import torch
-from redteam.targets.mtcnn import MTCNN
 
 from redteam.align import CANONICAL_LANDMARKS, align_faces, similarity_transform
+from redteam.targets.mtcnn import MTCNN
 
 
 def test_similarity_transform_recovers_a_known_one():

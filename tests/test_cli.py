@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -152,3 +153,26 @@ def test_dataset_shapes_that_cannot_work(cli, capsys, faces_root, tmp_path):
     assert "is a file" in capsys.readouterr().err
     assert cli("run", "--data", a_file, "--out", tmp_path / "o3") == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_minimal_attack_gives_the_whole_curve_in_one_pass(cli, capsys, faces_root, tmp_path):
+    out = tmp_path / "minnorm"
+    args = ("run", "--attack", "minnorm", "--steps", 8, "--limit", 4, "--eps", "0,1,4", "--batch-size", 4)
+    assert cli(*args, "--data", faces_root, "--out", out) == 0
+    printed = capsys.readouterr().out
+    assert "median minimal linf perturbation" in printed
+    summary = json.loads((out / "run.json").read_text())
+    assert 0 < summary["median_minimal_perturbation"] < 4  # /255: FaceNet falls well inside 4/255
+    assert [c["name"] for c in summary["checks"]] == ["monotone", "gradients", "unbounded", "beats noise"]
+    assert all(c["passed"] for c in summary["checks"])
+    curve = pd.read_csv(out / "curve.csv")
+    assert curve["accuracy"].is_monotonic_decreasing and len(curve) == 3
+
+
+def test_identification_run(cli, small_faces, tmp_path):
+    out = tmp_path / "identification"
+    args = ("run", "--threat", "identification", "--limit", 4, "--eps", "0,4", "--steps", 5, "--no-checks")
+    assert cli(*args, "--data", small_faces.root, "--out", out) == 0
+    curve = pd.read_csv(out / "curve.csv")
+    assert curve["threat"].unique().tolist() == ["identification"]
+    assert curve["accuracy"].iloc[0] >= 0.75 and curve["accuracy"].iloc[-1] == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from redteam.targets.facenet import GRAPH
 
 from redteam.metrics import verification_report
+from redteam.targets.facenet import GRAPH
 
 
 def test_matches_cv2_dnn_on_real_faces(facenet, faces):

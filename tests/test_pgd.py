@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from redteam.attacks.base import Budget, perturbation_size
 from redteam.attacks.pgd import PGD
-
 from redteam.threats import Dodging
 
 

@@ -1,0 +1,137 @@
+"""How fast is our PGD? Against torchattacks, ART, and the forward+backward passes it cannot avoid.
+
+    python bench/attacks.py [--target facenet] [--batch 16] [--steps 10] [--eps 1] [--reps 5]
+
+Everything runs in one process on the same target, inputs, threat objective and budget. Contenders are timed in
+alternating order, ``--reps`` times, and the median is reported. The "fwd+bwd limit" is ``steps`` forward and
+backward passes of the objective on the whole batch: the work PGD needs when no sample stops early (our PGD runs
+with early stopping off for that comparison, as torchattacks and ART have none). A second table times whole
+accuracy-perturbation curves through the engine: six budgets against one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from redteam.attacks.base import Budget
+from redteam.attacks.external import ArtPGD, TorchattacksPGD
+from redteam.attacks.pgd import PGD
+from redteam.datasets import open_dataset
+from redteam.engine import Evaluation, EvaluationConfig, load_target
+from redteam.results import ResultStore
+from redteam.threats import Dodging
+
+SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
+
+
+def timed(work: Callable[[], object]) -> float:
+    """Seconds ``work`` takes; a contender that times itself (to leave out its set-up) returns its own figure."""
+    started = time.perf_counter()
+    result = work()
+    return result if isinstance(result, float) else time.perf_counter() - started
+
+
+def alternate(contenders: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each contender over ``reps`` rounds, the order rotating every round."""
+    names = list(contenders)
+    for name in names:  # warm-up: first calls pay for allocation and lazy initialisation
+        contenders[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_number in range(reps):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(timed(contenders[name]))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="facenet")
+    parser.add_argument("--data", default=str(SHARED_FACES) if SHARED_FACES.exists() else "default")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--eps", type=float, default=1.0, help="ℓ∞ budget in /255")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--curve-probes", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+
+    device = torch.device("cpu")
+    target = load_target(args.target, device)
+    dataset = open_dataset(args.data)
+    threat = Dodging(dataset, seed=0)
+    probes = threat.probes(args.batch)
+    threat.enrol(lambda idx: target.embed(dataset.load(idx)).detach(), probes)
+    images = dataset.load([p.image for p in probes])
+    objective = threat.objective(target.embed, target, probes)
+    budget = Budget("linf", args.eps / 255)
+
+    def limit() -> None:
+        x = images.clone()
+        for _ in range(args.steps):
+            x.requires_grad_(True)
+            (gradient,) = torch.autograd.grad(objective(x).loss.sum(), x)
+            x = x.detach() + 0 * gradient
+
+    contenders = {
+        "fwd+bwd limit": limit,
+        "ours (no early stop)": lambda: PGD(steps=args.steps, early_stop=False)(objective, images, budget),
+        "torchattacks": lambda: TorchattacksPGD(steps=args.steps)(objective, images, budget),
+        "ART": lambda: ArtPGD(steps=args.steps)(objective, images, budget),
+        "ours (early stop)": lambda: PGD(steps=args.steps)(objective, images, budget),
+    }
+    print(
+        f"{args.target}, {len(probes)} dodging probes from {dataset.description}, PGD-{args.steps} at "
+        f"ℓ∞ {args.eps:g}/255, {torch.get_num_threads()} threads, median of {args.reps} alternating rounds"
+    )
+    seconds = alternate(contenders, args.reps)
+    base = seconds["fwd+bwd limit"]
+    for name, value in seconds.items():
+        print(f"  {name:22s} {value:7.2f} s   {value / base:5.2f}x the limit")
+    ours = seconds["ours (no early stop)"]
+    print(
+        f"  ours is {seconds['torchattacks'] / ours:.2f}x as fast as torchattacks and "
+        f"{seconds['ART'] / ours:.2f}x as fast as ART"
+    )
+
+    with tempfile.TemporaryDirectory() as scratch:
+        counter = iter(range(10**6))
+
+        def curve(budgets: tuple[float, ...], attack: str = "pgd", options: dict | None = None) -> Callable[[], None]:
+            def work() -> float:
+                config = EvaluationConfig(
+                    target=args.target, attack=attack, data=args.data, eps=budgets, limit=args.curve_probes,
+                    attack_options=options or {"steps": args.steps}, batch_size=args.batch, checks=False,
+                )  # fmt: skip
+                store = ResultStore(Path(scratch) / f"{next(counter)}.sqlite")  # fresh store: nothing resumed
+                evaluation = Evaluation(config, store)  # loading the model and data is not timed
+                return timed(evaluation.run)
+
+            return work
+
+        ladder = (0.5, 1, 2, 4, 8, 16)
+        curves = {
+            f"one budget ({args.eps:g}/255)": curve((args.eps,)),
+            "six budgets, PGD ladder": curve(ladder),
+            "six budgets, minnorm one pass": curve(ladder, "minnorm", {"steps": args.steps}),
+        }
+        print(
+            f"\nwhole curves through the engine, {args.curve_probes} probes, median of {max(args.reps // 2, 1)} rounds"
+        )
+        seconds = alternate(curves, max(args.reps // 2, 1))
+        base = seconds[f"one budget ({args.eps:g}/255)"]
+        for name, value in seconds.items():
+            print(f"  {name:32s} {value:7.2f} s   {value / base:5.2f}x one budget")
+
+
+if __name__ == "__main__":
+    main()

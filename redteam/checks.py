@@ -1,0 +1,121 @@
+"""Sanity checks that run with every evaluation and are stored with its results (in the spirit of AutoAttack's).
+
+A failed check does not stop the run: it is a warning that the robustness numbers may be wrong (gradient masking,
+a broken attack, a mislabelled run) and it travels with the results into reports and the regression gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pandas as pd
+import torch
+
+from redteam.attacks.base import Budget, Norm, objective_gradient
+from redteam.attacks.pgd import PGD
+from redteam.engine import Evaluation, seeded_generator
+from redteam.threats import Objective
+
+SAMPLE = 8  # clean-correct probes the checks attack (they cost a few seconds per model on a CPU)
+UNBOUNDED = {"linf": 64 / 255, "l2": 32.0}  # far beyond any meaningful face perturbation
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def run_checks(evaluation: Evaluation) -> list[Check]:
+    """Run every check on up to ``SAMPLE`` clean-correct probes, store the outcome and return it. A re-run that
+    computed nothing new returns the stored outcome instead."""
+    if evaluation.computed == 0:
+        stored = evaluation.store.checks(evaluation.cell)
+        if not stored.empty:
+            return [Check(row.name, bool(row.passed), row.detail) for row in stored.itertuples()]
+    clean = evaluation.store.frame(evaluation.cell, 0.0).set_index("probe")
+    sample = [p for p in evaluation.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
+    curve = evaluation.curve()
+    checks = [_monotone(curve)]
+    if sample:
+        images = evaluation.dataset.load([p.image for p in sample]).to(evaluation.device)
+        crafting, verdict = evaluation.objectives(sample)
+        norm = evaluation.config.norm
+        checks += [
+            gradient_check(crafting, images),
+            unbounded_check(crafting, images, norm, seeded_generator(evaluation.device, "unbounded")),
+            _beats_noise(evaluation, verdict, images, sample),
+        ]
+    checks += _transfer_consistency(evaluation)
+    evaluation.store.record_checks([{"cell": evaluation.cell, **asdict(check)} for check in checks])
+    return checks
+
+
+def _monotone(curve: pd.DataFrame) -> Check:
+    rises = (curve["accuracy"].diff() > 1e-12).sum()
+    return Check("monotone", rises == 0, "accuracy never rises with ε" if rises == 0 else f"{rises} rises with ε")
+
+
+def gradient_check(objective: Objective, images: torch.Tensor) -> Check:
+    """Gradients of the objective must be finite and non-zero for every probe (zero or NaN means masking)."""
+    _, gradient = objective_gradient(objective, images)
+    norms = gradient.flatten(1).norm(dim=1)
+    finite, nonzero = bool(torch.isfinite(gradient).all()), bool((norms > 0).all())
+    detail = (
+        f"finite: {finite}, non-zero for {int((norms > 0).sum())}/{len(norms)} probes, median ‖∇‖₂ {norms.median():.3g}"
+    )
+    return Check("gradients", finite and nonzero, detail)
+
+
+def unbounded_check(
+    objective: Objective, images: torch.Tensor, norm: Norm, generator: torch.Generator | None = None
+) -> Check:
+    """PGD with a huge budget against the model the attack differentiates must fool it on every probe."""
+    result = PGD(steps=20)(objective, images, Budget(norm, UNBOUNDED[norm]), generator)
+    accuracy = 1 - result.success.float().mean().item()
+    return Check("unbounded", accuracy <= 0.1, f"accuracy {accuracy:.0%} under an unbounded PGD-20 (expect ~0%)")
+
+
+def _beats_noise(evaluation: Evaluation, verdict, images: torch.Tensor, sample) -> Check:
+    """At the largest budget the attack must do at least as well as random noise of that size."""
+    eps = evaluation.budgets[-1]
+    if eps == 0:
+        return Check("beats noise", True, "no budget above 0")
+    noise = Budget(evaluation.config.norm, eps).sample(images, seeded_generator(evaluation.device, "noise"))
+    with torch.no_grad():
+        noise_accuracy = 1 - verdict((images + noise).clamp(0, 1)).success.float().mean().item()
+    stored = evaluation.store.frame(evaluation.cell, eps).set_index("probe")
+    attack_accuracy = stored.loc[[p.key for p in sample], "correct"].mean()
+    passed = attack_accuracy <= noise_accuracy
+    return Check("beats noise", passed, f"at the largest ε: attack {attack_accuracy:.0%}, noise {noise_accuracy:.0%}")
+
+
+def _transfer_consistency(evaluation: Evaluation) -> list[Check]:
+    """White-box accuracy must not exceed transfer accuracy into the same target (when both are stored)."""
+    results = evaluation.store.frame()
+    if results.empty:
+        return []
+    own = results[results["cell"] == evaluation.cell]
+    first = own.iloc[0]
+    same = results[
+        (results["target"] == first["target"])
+        & (results["threat"] == first["threat"])
+        & (results["norm"] == first["norm"])
+        & (results["dataset"] == first["dataset"])
+        & (results["defense"] == first["defense"])
+    ]
+    curves = same.groupby(["surrogate", "attack", "eps"])["correct"].mean()
+    white = (
+        curves.xs(first["target"], level="surrogate") if first["target"] in curves.index.get_level_values(0) else None
+    )
+    if white is None or len(curves.index.get_level_values(0).unique()) < 2:
+        return []
+    checks = []
+    for surrogate in sorted(set(curves.index.get_level_values(0)) - {first["target"]}):
+        transfer = curves.xs(surrogate, level="surrogate")
+        shared = white.index.intersection(transfer.index)
+        worse = [(a, e) for a, e in shared if e > 0 and white[(a, e)] > transfer[(a, e)] + 1e-9]
+        detail = "white-box ≤ transfer at every shared budget" if not worse else f"white-box above transfer at {worse}"
+        checks.append(Check(f"white-box beats transfer from {surrogate}", not worse, detail))
+    return checks
