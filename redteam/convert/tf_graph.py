@@ -449,6 +449,31 @@ def _reshape(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     return CompiledOp(reshape, [source], Layout.PLAIN)
 
 
+@register_op("Squeeze")
+def _squeeze(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    source = _data_inputs(node)[0]
+    axes = node.attrs.get("squeeze_dims") or []  # none listed: every size-1 axis, as in TF
+    layout = builder.layout(source)
+
+    def squeeze(x: Tensor) -> Tensor:
+        x = to_plain(x, layout)
+        return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x.squeeze()
+
+    return CompiledOp(squeeze, [source], Layout.PLAIN)
+
+
+@register_op("Pad")
+def _pad(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    source = _data_inputs(node)[0]
+    paddings = builder.require_const(node, 1).astype(int)  # [rank, 2]: (before, after) per TF axis
+    layout = builder.layout(source)
+    if layout is Layout.NCHW:
+        paddings = paddings[[0, 3, 1, 2]]
+    # F.pad lists (before, after) pairs from the last axis backwards.
+    pad = tuple(int(v) for pair in paddings[::-1] for v in pair)
+    return CompiledOp(lambda x: F.pad(x, pad), [source], layout)
+
+
 @register_op("MatMul")
 def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     if node.attrs.get("transpose_a"):
