@@ -111,6 +111,8 @@ class Attack(ABC):
     """A fixed-budget attack."""
 
     name: ClassVar[str]
+    #: Norms it can work in; the first is the default of `redteam run`.
+    norms: ClassVar[tuple[Norm, ...]] = ("linf", "l2")
 
     @abstractmethod
     def __call__(
@@ -123,6 +125,7 @@ class MinimalAttack(ABC):
     """A minimal-perturbation attack: accuracy at any budget ε is the fraction of samples whose ``size > ε``."""
 
     name: ClassVar[str]
+    norms: ClassVar[tuple[Norm, ...]] = ("linf", "l2")
     norm: Norm
 
     @abstractmethod

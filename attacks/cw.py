@@ -21,6 +21,7 @@ from redteam.threats import Objective
 @dataclass
 class CarliniWagner(MinimalAttack):
     name = "cw"
+    norms = ("l2",)
     norm: Norm = "l2"
     steps: int = 30  # Adam steps per value of c
     search_steps: int = 5
@@ -30,7 +31,7 @@ class CarliniWagner(MinimalAttack):
     eot: int = 1
 
     def __post_init__(self) -> None:
-        if self.norm != "l2":
+        if self.norm not in self.norms:
             raise ValueError("cw is an ℓ2 attack; use --norm l2")
 
     def __call__(self, objective: Objective, images: Tensor, generator: torch.Generator | None = None) -> MinimalResult:

@@ -91,6 +91,7 @@ class TorchattacksPGD(Attack):
 @dataclass
 class TorchattacksMIM(Attack):
     name = "torchattacks-mim"
+    norms = ("linf",)
     steps: int = 10
     momentum: float = 1.0
 
@@ -112,6 +113,7 @@ class TorchattacksMIM(Attack):
 @dataclass
 class TorchattacksCW(MinimalAttack):
     name = "torchattacks-cw"
+    norms = ("l2",)
     norm: Norm = "l2"
     steps: int = 100
     const: float = 1.0

@@ -32,6 +32,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+#: Budgets of `redteam run` when --eps is not given: ℓ∞ in /255, ℓ2 in image units.
+DEFAULT_BUDGETS = {"linf": "0,1,2,4,8", "l2": "0,0.25,0.5,1,2"}
 errors = Console(stderr=True)
 
 
@@ -74,10 +76,13 @@ def run(
     threat: Annotated[
         str, typer.Option(help="dodging, impersonation, identification or evasion (auto: by the target).")
     ] = "auto",
-    norm: Annotated[str, typer.Option(help="linf or l2.")] = "linf",
+    norm: Annotated[str, typer.Option(help="linf or l2 (auto: the attack's own, linf when it has both).")] = "auto",
     eps: Annotated[
-        str, typer.Option(help="Budgets, comma-separated: /255 for linf, image units for l2.")
-    ] = "0,1,2,4,8",
+        str,
+        typer.Option(
+            help="Budgets, comma-separated: /255 for linf, image units for l2. Auto: 0,1,2,4,8 / 0,.25,.5,1,2."
+        ),
+    ] = "auto",
     out: Annotated[Path | None, typer.Option(help="Run folder (default runs/<target>-<attack>-<threat>).")] = None,
     limit: Annotated[int | None, typer.Option(help="Attack at most this many probes.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for probe selection and random starts.")] = 0,
@@ -98,8 +103,14 @@ def run(
     from redteam.engine import Evaluation, EvaluationConfig
     from redteam.results import ResultStore, write_outputs
 
+    if norm == "auto":
+        from redteam.attacks import ATTACKS
+
+        norm = ATTACKS.get(attack).norms[0]
     if norm not in ("linf", "l2"):
         raise RedteamError(f"--norm must be linf or l2, not {norm!r}.")
+    if eps == "auto":
+        eps = DEFAULT_BUDGETS[norm]
     if limit is not None and limit < 1:
         raise RedteamError("--limit must be at least 1.")
     out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{threat}".replace(

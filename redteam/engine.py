@@ -105,6 +105,8 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
 def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack:
     """The configured attack, with its settings checked; minimal attacks work in the run's norm."""
     attack_class = ATTACKS.get(config.attack)
+    if config.norm not in attack_class.norms:
+        raise RedteamError(f"{config.attack} is an {' / '.join(attack_class.norms)} attack; not --norm {config.norm}.")
     settings = {f.name for f in fields(attack_class)}
     options = dict(config.attack_options)
     if issubclass(attack_class, MinimalAttack):
@@ -122,8 +124,6 @@ def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack:
         attack = attack_class(**options)
     except ValueError as error:
         raise RedteamError(f"{config.attack}: {error}") from None
-    if isinstance(attack, MinimalAttack) and attack.norm != config.norm:
-        raise RedteamError(f"{config.attack} is an {attack.norm} attack; run it with --norm {attack.norm}.")
     return attack
 
 

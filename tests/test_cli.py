@@ -129,6 +129,7 @@ def test_bad_images_give_one_line(cli, capsys, faces_root, tmp_path, case):
         (("--eps", "0,-2"), "negative"),
         (("--eps", "300"), "exceeds"),
         (("--norm", "l1"), "linf or l2"),
+        (("--attack", "cw", "--norm", "linf"), "cw is an l2 attack"),
         (("--option", "stepz=3"), "no setting stepz"),
         (("--data", "/nonexistent/faces"), "no dataset"),
     ],
@@ -167,6 +168,14 @@ def test_minimal_attack_gives_the_whole_curve_in_one_pass(cli, capsys, faces_roo
     assert all(c["passed"] for c in summary["checks"])
     curve = pd.read_csv(out / "curve.csv")
     assert curve["accuracy"].is_monotonic_decreasing and len(curve) == 3
+
+
+def test_an_l2_attack_runs_in_l2_by_default(cli, faces_root, tmp_path):
+    out = tmp_path / "cw"
+    args = ("run", "--attack", "cw", "--steps", 5, "--option", "search_steps=2", "--limit", 2, "--no-checks")
+    assert cli(*args, "--data", faces_root, "--out", out) == 0
+    curve = pd.read_csv(out / "curve.csv")
+    assert set(curve["norm"]) == {"l2"} and curve["eps"].tolist() == [0, 0.25, 0.5, 1, 2]
 
 
 def test_identification_run(cli, small_faces, tmp_path):
