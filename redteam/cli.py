@@ -168,9 +168,11 @@ def run(
         "seconds": round(elapsed, 1),
     }
     unit = "/255" if norm == "linf" else ""
-    table = Table(title=f"accuracy of {target} under {attack} ({threat}, {norm}{crafted})")
+    # For a detector, a probe is "decided correctly" while its face is still found.
+    measure = "detection rate" if evaluation.target.card.task == "detection" else "accuracy"
+    table = Table(title=f"{measure} of {target} under {attack} ({threat}, {norm}{crafted})")
     table.add_column(f"ε ({unit or 'image units'})", justify="right")
-    table.add_column("accuracy", justify="right")
+    table.add_column(measure, justify="right")
     table.add_column("probes", justify="right")
     for row in curve.itertuples():
         table.add_row(f"{row.eps:g}", f"{row.accuracy:.1%}", str(row.n))

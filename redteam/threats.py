@@ -14,7 +14,7 @@ import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from torch import Tensor
 from redteam.datasets import FaceDataset
 from redteam.errors import DataError
 from redteam.registry import Registry
+
+if TYPE_CHECKING:
+    from redteam.targets.base import FaceDetector
 
 THREATS: Registry[type[ThreatModel]] = Registry("threat model")
 
@@ -99,15 +102,23 @@ class IdentificationObjective(Objective):
 
 
 class DetectionObjective(Objective):
-    """Detector evasion: drive the highest face confidence down; success when the detector finds no face."""
+    """Detector evasion: ``success`` when the detector finds no face above its threshold; ``score`` is the face score.
 
-    def __init__(self, detector):
-        super().__init__(detector.face_score)
+    While a face is found, the loss is minus the summed margins of every candidate above the threshold, so each
+    step pushes them all down rather than only the best (which another candidate would replace); once none is
+    left, it is the best candidate's margin below the threshold. It is continuous and zero on the boundary.
+    """
+
+    def __init__(self, detector: FaceDetector):
+        super().__init__(detector.candidate_scores)
         self.detector = detector
 
     def __call__(self, images: Tensor) -> Evaluation:
-        score = self.embed(images)
-        return Evaluation(loss=-score, success=~self.detector.detected(images, score), score=score)
+        scores = self.embed(images)  # [B, K]
+        score = scores.amax(dim=1)
+        above = (scores - self.detector.threshold).clamp(min=0).sum(dim=1)
+        loss = torch.where(above > 0, -above, self.detector.threshold - score)
+        return Evaluation(loss=loss, success=~self.detector.detected(images, score), score=score)
 
 
 class ThreatModel(ABC):

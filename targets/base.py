@@ -147,3 +147,8 @@ class FaceDetector(Target):
     @abstractmethod
     def face_score(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` -> ``[B]`` highest face confidence anywhere in each image (differentiable)."""
+
+    def candidate_scores(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, K]`` differentiable confidences of the candidate faces the detector weighs, whose
+        maximum is ``face_score``; evasion pushes all of them under the threshold at once. By default ``K = 1``."""
+        return self.face_score(images)[:, None]

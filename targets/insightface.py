@@ -100,13 +100,20 @@ def iresnet_from_state_dict(state: dict[str, Tensor]) -> IResNet:
         {int(m.group(1)) for k in state if (m := re.match(rf"layer{s}\.(\d+)\.conv1\.weight$", k))} for s in "1234"
     ]
     if "fc.weight" not in state or not all(blocks):
+        found = ", ".join(list(state)[:4]) + (", ..." if len(state) > 4 else "")
         raise RedteamError(
             "this PyTorch file is not an arcface_torch IResNet state dict (expected keys like layer1.0.conv1.weight "
-            "and fc.weight); other backbones need exporting to ONNX first."
+            f"and fc.weight, found {found}); other backbones need exporting to ONNX first."
         )
     layers = tuple(max(b) + 1 for b in blocks)
     model = IResNet(layers, num_features=state["fc.weight"].shape[0])
-    model.load_state_dict({k: v.float() for k, v in state.items()})  # arcface_torch may store fp16
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})  # arcface_torch may store fp16
+    except RuntimeError as error:  # missing or extra keys, other shapes (e.g. not for 112 px inputs)
+        detail = " ".join(str(error).split())
+        raise RedteamError(
+            f"this state dict does not fit arcface_torch's IResNet with {layers} blocks: {detail}"
+        ) from None
     return model.eval()
 
 
@@ -140,6 +147,21 @@ def _is_torch_file(path: Path) -> bool:
     return zipfile.is_zipfile(path) or legacy_pickle
 
 
+def _read_state_dict(path: Path) -> dict:
+    """``torch.load`` without running pickled code; a file it cannot read gives a one-line :class:`RedteamError`."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # corrupt or foreign pickles fail in many ways inside the restricted unpickler
+        raise RedteamError(
+            f"{path} cannot be read as tensors by torch.load(weights_only=True) ({type(error).__name__}): it is "
+            "corrupt or pickles Python objects such as a whole model; save the backbone's state_dict() (as "
+            "arcface_torch's backbone.pth) or export the model to ONNX."
+        ) from None
+    if not isinstance(state, dict):
+        raise RedteamError(f"{path} holds a {type(state).__name__}, not an arcface_torch state dict.")
+    return state
+
+
 def load_insightface_backbone(path: Path) -> nn.Module:
     """A user's InsightFace recogniser as a module in eval mode: ``[B, 3, 112, 112]`` -> ``[B, D]``.
 
@@ -152,7 +174,7 @@ def load_insightface_backbone(path: Path) -> nn.Module:
     """
     path = Path(path)
     if _is_torch_file(path):
-        return iresnet_from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return iresnet_from_state_dict(_read_state_dict(path))
     try:
         model = onnx.load(str(path))
     except DecodeError as error:
@@ -160,6 +182,10 @@ def load_insightface_backbone(path: Path) -> nn.Module:
     graph = OnnxModule(model)
     if len(graph.input_names) != 1:
         raise RedteamError(f"{path}: a recogniser takes one image input; this graph takes {graph.input_names}.")
+    if len(graph.output_names) != 1:
+        raise RedteamError(
+            f"{path}: a recogniser gives one embedding; this graph has {len(graph.output_names)} outputs (a detector?)."
+        )
     shape = graph.input_shapes[0]
     expected = (3, INPUT_SIZE, INPUT_SIZE)
     if len(shape) != 4 or any(isinstance(s, int) and s > 0 and s != e for s, e in zip(shape[1:], expected)):
