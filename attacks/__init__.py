@@ -1,6 +1,26 @@
 """The attack engine. Importing this package registers every attack in ``ATTACKS``."""
 
 from redteam.attacks import cw, external, minnorm, pgd  # noqa: F401
-from redteam.attacks.base import ATTACKS, Attack, AttackResult, Budget, MinimalAttack, MinimalResult
+from redteam.attacks.base import (
+    ATTACKS,
+    Attack,
+    AttackResult,
+    Budget,
+    Campaign,
+    CampaignContext,
+    CampaignReport,
+    MinimalAttack,
+    MinimalResult,
+)
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "Budget", "MinimalAttack", "MinimalResult"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "AttackResult",
+    "Budget",
+    "Campaign",
+    "CampaignContext",
+    "CampaignReport",
+    "MinimalAttack",
+    "MinimalResult",
+]

@@ -1,8 +1,11 @@
-"""What an attack is. Two kinds, both registered in ``ATTACKS``:
+"""What an attack is. Three kinds, all registered in ``ATTACKS``:
 
 - fixed-budget: ``attack(objective, images, budget) -> AttackResult`` (PGD, MIM);
 - minimal-perturbation: ``attack(objective, images) -> MinimalResult``, each sample's smallest successful
-  perturbation found (C&W, minnorm); one run gives the whole accuracy-perturbation curve.
+  perturbation found (C&W, minnorm); one run gives the whole accuracy-perturbation curve;
+- campaign: ``attack.run(context) -> CampaignReport``, a whole experiment rather than a per-probe perturbation
+  (a printable sticker, a universal perturbation, model inversion, a poisoning backdoor) with its own metrics,
+  images and curve.
 
 An attack knows nothing about faces: it maximises a differentiable per-sample objective (``redteam.threats``),
 whose ``success`` says when the face system is fooled, and may stop early on samples already won.
@@ -12,16 +15,23 @@ Adding an attack = one file in ``attacks/`` with a dataclass registered in ``ATT
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
+import pandas as pd
 import torch
 from torch import Tensor
 
 from redteam.registry import Registry
 from redteam.threats import Evaluation, Objective
 
-ATTACKS: Registry[type[Attack] | type[MinimalAttack]] = Registry("attack")
+if TYPE_CHECKING:
+    from redteam.datasets import FaceDataset
+    from redteam.targets.base import Target
+
+ATTACKS: Registry[type[Attack] | type[MinimalAttack] | type[Campaign]] = Registry("attack")
 
 Norm = Literal["linf", "l2"]
 
@@ -131,3 +141,70 @@ class MinimalAttack(ABC):
     @abstractmethod
     def __call__(self, objective: Objective, images: Tensor, generator: torch.Generator | None = None) -> MinimalResult:
         """Find, per sample, the smallest perturbation of ``images [B, 3, H, W]`` that makes ``objective`` succeed."""
+
+
+@dataclass
+class CampaignContext:
+    """What ``redteam run`` hands a campaign.
+
+    ``target`` is loaded (eval mode, frozen); ``budgets`` are the ``--eps`` values as the user typed them (the
+    campaign says what they mean: /255, area fractions, poison rates); ``identity`` is ``--identity`` (the person
+    the campaign is about, when it is about one); ``load_target(name)`` loads another zoo target on the same device
+    (transfer tables). Files the campaign writes go under ``out``. ``progress(total)`` starts a progress bar and
+    returns its ``advance(n)``.
+    """
+
+    target: Target
+    target_name: str
+    dataset: FaceDataset
+    device: torch.device
+    out: Path
+    seed: int = 0
+    threat: str = "dodging"
+    budgets: tuple[float, ...] = ()
+    identity: str | None = None
+    load_target: Callable[[str], Target] = field(repr=False, default=None)  # type: ignore[assignment]
+    progress: Callable[[str, int], Callable[[int], None]] = field(repr=False, default=lambda what, total: lambda n: None)
+
+    def generator(self, *parts: object) -> torch.Generator:
+        """A generator seeded from the run seed and ``parts`` (same seed, same draws)."""
+        from redteam.engine import seeded_generator
+
+        return seeded_generator(self.device, self.seed, *parts)
+
+
+@dataclass
+class CampaignReport:
+    """What a campaign found.
+
+    ``metrics``: headline numbers (printed, stored in ``run.json``, checked by the regression gate). ``tables``:
+    named tables, printed and written as ``<name>.csv`` (e.g. ``transfer``). ``curve``: the campaign's
+    accuracy-perturbation view, one row per budget with columns ``eps, accuracy, n`` (and optionally ``norm``
+    naming the axis, e.g. ``area``); it joins ``curve.csv`` and ``curve.png``. ``images``: files written under
+    the run folder. ``lines``: short findings printed after the metrics.
+    """
+
+    metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    curve: pd.DataFrame | None = None
+    images: list[Path] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+class Campaign(ABC):
+    """An attack that is a whole experiment against one target over a dataset (advhat, uap, inversion, backdoors).
+
+    A dataclass whose fields are its settings (``--option key=value``, ``--steps``), registered in ``ATTACKS``.
+    ``norms`` names its perturbation axis (the first is the default ``--norm``); ``threats`` the threat models it
+    supports (the first is the default ``--threat``).
+    """
+
+    name: ClassVar[str]
+    norms: ClassVar[tuple[str, ...]] = ("linf",)
+    threats: ClassVar[tuple[str, ...]] = ("dodging",)
+    #: Whether it needs ``--identity``.
+    needs_identity: ClassVar[bool] = False
+
+    @abstractmethod
+    def run(self, context: CampaignContext) -> CampaignReport:
+        """Run the whole experiment and report it."""

@@ -1,7 +1,5 @@
 """The defense layer: input transforms (with a BPDA surrogate) and model wrappers, registered in ``DEFENSES``."""
 
-from redteam.registry import Registry
+from redteam.defenses.base import DEFENSES, InputTransform, ModelWrapper
 
-DEFENSES: Registry[type] = Registry("defense")
-
-__all__ = ["DEFENSES"]
+__all__ = ["DEFENSES", "InputTransform", "ModelWrapper"]

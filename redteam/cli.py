@@ -97,20 +97,25 @@ def run(
     checks: Annotated[bool, typer.Option(help="Run the sanity checks (a few seconds).")] = True,
     batch_size: Annotated[int, typer.Option(help="Probes per batch.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    identity: Annotated[
+        str | None, typer.Option(help="The person a campaign is about (advhat, inversion, backdoors): a --data folder.")
+    ] = None,
 ) -> None:
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
+    from redteam.attacks import ATTACKS, Campaign
     from redteam.checks import run_checks
     from redteam.engine import Evaluation, EvaluationConfig
     from redteam.results import ResultStore, write_outputs
 
+    attack_class = ATTACKS.get(attack)
+    campaign = issubclass(attack_class, Campaign)
     if norm == "auto":
-        from redteam.attacks import ATTACKS
-
-        norm = ATTACKS.get(attack).norms[0]
-    if norm not in ("linf", "l2"):
-        raise RedteamError(f"--norm must be linf or l2, not {norm!r}.")
+        norm = attack_class.norms[0]
+    if norm not in attack_class.norms:
+        kind = " / ".join(attack_class.norms)
+        raise RedteamError(f"{attack} is an {kind} attack: --norm must be {kind.replace(' / ', ' or ')}, not {norm!r}.")
     if eps == "auto":
-        eps = DEFAULT_BUDGETS[norm]
+        eps = "" if campaign else DEFAULT_BUDGETS[norm]  # a campaign's own budgets when none are given
     if limit is not None and limit < 1:
         raise RedteamError("--limit must be at least 1.")
     out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{threat}".replace(
@@ -138,7 +143,11 @@ def run(
         batch_size=batch_size,
         device=device,
         checks=checks,
+        identity=identity,
     )
+    if campaign:
+        _run_campaign(config, out)
+        return
     started = time.perf_counter()
     with console.status("loading target and data"):
         evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
@@ -192,6 +201,58 @@ def run(
         console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
+
+
+def _run_campaign(config, out: Path) -> None:
+    """A campaign (advhat, uap, ...): its own experiment, metrics, tables, images and curve."""
+    from redteam.engine import run_campaign
+    from redteam.results import ResultStore, write_outputs
+
+    started = time.perf_counter()
+    with _progress() as progress:
+
+        def bar(what: str, total: int):
+            task = progress.add_task(what, total=total)
+            return lambda n: progress.advance(task, n)
+
+        try:
+            context, report = run_campaign(config, out, bar)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+    write_outputs(ResultStore(out / "results.sqlite"), out)
+    elapsed = time.perf_counter() - started
+    about = f" · identity {config.identity}" if config.identity else ""
+    console.print(
+        f"[bold]{config.target}[/] ({context.device}) · {config.attack} · {config.threat}{about} · "
+        f"{context.dataset.description}"
+    )
+    table = Table(title=f"{config.attack} against {config.target}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in report.metrics.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    for name, frame in report.tables.items():
+        shown = Table(title=name)
+        for column in frame.columns:
+            shown.add_column(str(column), justify="right")
+        for row in frame.itertuples(index=False):
+            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        console.print(shown)
+    for line in report.lines:
+        console.print(line, highlight=False)
+    summary = {
+        "config": {**asdict(config), "eps": list(config.eps)},
+        "cell": config.cell(),
+        "metrics": report.metrics,
+        "tables": {name: frame.to_dict(orient="records") for name, frame in report.tables.items()},
+        "curve": None if report.curve is None else report.curve.to_dict(orient="records"),
+        "images": [str(path) for path in report.images],
+        "seconds": round(elapsed, 1),
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    files = ", ".join(sorted({p.name for p in report.images} | {f"{n}.csv" for n in report.tables}))
+    console.print(f"results in {out}/ (curve.csv, curve.png, run.json{', ' + files if files else ''}) · {elapsed:.0f} s")
 
 
 @app.command(name="list")

@@ -25,10 +25,20 @@ from torch import Tensor
 
 from redteam import attacks as _attacks  # noqa: F401  (registers the attacks)
 from redteam import targets as _targets  # noqa: F401  (registers the targets)
-from redteam.attacks.base import ATTACKS, Attack, Budget, MinimalAttack, Norm, perturbation_size
+from redteam.attacks.base import (
+    ATTACKS,
+    Attack,
+    Budget,
+    Campaign,
+    CampaignContext,
+    CampaignReport,
+    MinimalAttack,
+    Norm,
+    perturbation_size,
+)
 from redteam.datasets import FaceDataset, open_dataset
-from redteam.errors import RedteamError
-from redteam.results import ResultStore, accuracy_curve
+from redteam.errors import RedteamError, UnknownNameError
+from redteam.results import CURVE_KEYS, ResultStore, accuracy_curve
 from redteam.targets.base import TARGETS, Target
 from redteam.threats import THREATS, Objective, Probe, ThreatModel
 
@@ -56,6 +66,7 @@ class EvaluationConfig:
     device: str = "auto"
     defense: str = "none"
     checks: bool = True
+    identity: str | None = None  # the person a campaign (advhat, inversion, backdoor) is about
 
     def budgets(self) -> list[float]:
         """Budgets in image units, ascending, always starting with the clean point 0."""
@@ -102,7 +113,7 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
     return target
 
 
-def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack:
+def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack | Campaign:
     """The configured attack, with its settings checked; minimal attacks work in the run's norm."""
     attack_class = ATTACKS.get(config.attack)
     if config.norm not in attack_class.norms:
@@ -113,6 +124,13 @@ def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack:
         options.setdefault("norm", config.norm)
         if config.surrogate:
             raise RedteamError(f"{config.attack} finds minimal perturbations; transfer needs a fixed-budget attack.")
+    if issubclass(attack_class, Campaign):
+        if config.surrogate:
+            raise RedteamError(f"{config.attack} reports its own transfer table; --surrogate is for per-probe attacks.")
+        if config.threat not in attack_class.threats:
+            raise RedteamError(f"{config.attack} supports --threat {' or '.join(attack_class.threats)}.")
+        if attack_class.needs_identity and not config.identity:
+            raise RedteamError(f"{config.attack} is about one person: pass --identity NAME (a folder of --data).")
     unknown = sorted(set(options) - settings)
     if unknown:
         raise RedteamError(
@@ -344,3 +362,54 @@ class Evaluation:
         """Smallest fooling perturbation per attacked probe (``inf`` where the attack failed), minimal attacks only."""
         found = self.store.minimal(self.cell)
         return found[found["probe"].isin({p.key for p in self.probes})]["size"]
+
+
+def run_campaign(
+    config: EvaluationConfig,
+    out: Path,
+    progress: Callable[[str, int], Callable[[int], None]] = lambda what, total: lambda n: None,
+) -> tuple[CampaignContext, CampaignReport]:
+    """Run a campaign (advhat, uap, ...) end to end: load, run, store its curve with the run folder's curves."""
+    torch.set_flush_denormal(True)
+    attack_class = ATTACKS.get(config.attack)
+    if config.threat == "auto":
+        config.threat = attack_class.threats[0]
+    attack = build_attack(config)
+    assert isinstance(attack, Campaign)
+    device = resolve_device(config.device)
+    dataset = open_dataset(config.data, align=config.align)
+    if config.identity is not None and config.identity not in dataset.by_identity:
+        raise UnknownNameError(f"identity in {dataset.name}", config.identity, dataset.by_identity)
+    weights = Path(config.weights) if config.weights else None
+    context = CampaignContext(
+        target=load_target(config.target, device, config.threshold, weights),
+        target_name=config.target,
+        dataset=dataset,
+        device=device,
+        out=out,
+        seed=config.seed,
+        threat=config.threat,
+        budgets=tuple(config.eps),
+        identity=config.identity,
+        load_target=lambda name: load_target(name, device),
+        progress=progress,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    report = attack.run(context)
+    store, cell = ResultStore(out / "results.sqlite"), config.cell()
+    store.register_cell(cell, {**asdict(config), "cell": cell})
+    if report.curve is not None:
+        keys = {
+            "target": config.target,
+            "surrogate": config.target,
+            "defense": config.defense,
+            "attack": config.attack,
+            "threat": config.threat,
+            "norm": config.norm,
+            "dataset": dataset.name,
+        }
+        rows = [{"cell": cell, **keys, **row} for row in report.curve.to_dict(orient="records")]
+        store.record_curve([{k: row[k] for k in ("cell", *CURVE_KEYS, "eps", "accuracy", "n")} for row in rows])
+    for name, table in report.tables.items():
+        table.to_csv(out / f"{name}.csv", index=False)
+    return context, report

@@ -11,8 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+#: x-axis of each perturbation measure; campaigns may add their own (e.g. a sticker's share of the face).
+AXIS_LABELS = {
+    "linf": "ε (ℓ∞, /255)",
+    "l2": "ε (ℓ2, image units)",
+    "area": "sticker area (fraction of the face image)",
+    "poison": "poison rate (fraction of the training set)",
+}
+
+
 def plot_curves(curve: pd.DataFrame, path: Path) -> None:
-    """One line per cell; ℓ∞ and ℓ2 curves go on separate panels (their eps axes differ)."""
+    """One line per cell; each perturbation measure (ℓ∞, ℓ2, area, ...) gets its own panel (their axes differ)."""
     norms = sorted(curve["norm"].unique())
     figure, axes = plt.subplots(1, len(norms), figsize=(6.4 * len(norms), 4.4), squeeze=False)
     for axis, norm in zip(axes[0], norms):
@@ -21,7 +30,7 @@ def plot_curves(curve: pd.DataFrame, path: Path) -> None:
             model = first.target if first.surrogate == first.target else f"{first.surrogate}→{first.target}"
             label = f"{model} / {first.defense} / {first.attack} / {first.threat}"
             axis.plot(line["eps"], line["accuracy"], marker="o", label=label)
-        axis.set_xlabel("ε (ℓ∞, /255)" if norm == "linf" else "ε (ℓ2, image units)")
+        axis.set_xlabel(AXIS_LABELS.get(norm, norm))
         axis.set_ylabel("accuracy of the face system")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)

@@ -40,6 +40,9 @@ CURVE_KEYS = ["target", "surrogate", "defense", "attack", "threat", "norm", "dat
 MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "REAL", "linf": "REAL", "l2": "REAL",
                    "steps": "INTEGER"}  # fmt: skip
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
+#: Curves that campaigns (advhat, uap, ...) compute themselves, in ``accuracy_curve``'s columns (eps as displayed).
+CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "REAL", "accuracy": "REAL",
+                 "n": "INTEGER"}  # fmt: skip
 
 
 def display_eps(eps: float, norm: str) -> float:
@@ -61,6 +64,8 @@ class ResultStore:
             db.execute(f"CREATE TABLE IF NOT EXISTS minimal ({minimal}, PRIMARY KEY (cell, probe))")
             checks = ", ".join(f"{name} {kind}" for name, kind in CHECK_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS checks ({checks}, PRIMARY KEY (cell, name))")
+            curves = ", ".join(f"{name} {kind}" for name, kind in CURVE_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS curves ({curves}, PRIMARY KEY (cell, eps))")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -90,6 +95,15 @@ class ResultStore:
 
     def record_checks(self, rows: list[dict]) -> None:
         self._insert("checks", CHECK_COLUMNS, rows)
+
+    def record_curve(self, rows: list[dict]) -> None:
+        """A campaign's own curve (one row per budget), replacing what the same cell stored before."""
+        self._insert("curves", CURVE_COLUMNS, rows)
+
+    def curves(self, cell: str | None = None) -> pd.DataFrame:
+        """Every accuracy-perturbation curve in the store: computed from per-probe results, and campaigns' own."""
+        curve = pd.concat([accuracy_curve(self.frame(cell)), self._table("curves", cell)], ignore_index=True)
+        return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]]
 
     def _table(self, table: str, cell: str | None) -> pd.DataFrame:
         with self._connect() as db:
@@ -167,7 +181,7 @@ def write_outputs(store: ResultStore, out: Path) -> None:
     from redteam.plots import plot_curves
 
     results = store.frame()
-    curve = accuracy_curve(results)
+    curve = store.curves()
     curve.drop(columns="cell").to_csv(out / "curve.csv", index=False)
     plot_curves(curve, out / "curve.png")
     if (results["surrogate"] != results["target"]).any():
