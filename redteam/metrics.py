@@ -124,3 +124,35 @@ def calibrate(
 
     current = model.card.threshold if model.threshold_override is None else model.threshold_override
     return verification_report(scores(genuine), scores(impostor), far, current)
+
+
+@dataclass(frozen=True)
+class DetectionReport:
+    images: int
+    found: int  # images where the detector returns a face whose box contains the image centre
+    recall: float
+    median_score: float  # of that face, over the images where it was found
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def detection_recall(
+    detector, dataset: FaceDataset, batch_size: int = 32, advance: Callable[[int], None] = lambda n: None
+) -> DetectionReport:
+    """Recall of a face detector on face images framed like LFW (one face each, centred): an image counts as found
+    when ``detect`` returns a face above the detector's threshold whose box contains the image centre."""
+    found, scores = 0, []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            images = dataset.load(range(start, min(start + batch_size, len(dataset)))).to(detector.device)
+            centre = images.new_tensor([images.shape[-1] / 2, images.shape[-2] / 2]).cpu()
+            for detections in detector.detect(images):
+                boxes = detections.boxes.cpu()
+                inside = ((boxes[:, :2] <= centre) & (boxes[:, 2:] >= centre)).all(dim=1)
+                inside &= detections.scores.cpu() >= detector.threshold
+                if inside.any():
+                    found += 1
+                    scores.append(float(detections.scores.cpu()[inside].max()))
+            advance(len(images))
+    return DetectionReport(len(dataset), found, found / len(dataset), float(np.median(scores)) if scores else 0.0)

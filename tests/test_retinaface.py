@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_centred_face_with_ordered_landmarks
 from torch import Tensor
 
 from redteam.targets.retinaface import WEIGHTS_PY, RetinaFace, onnx_bytes, retinaface_anchors
@@ -100,13 +101,4 @@ def test_detect_decodes_like_the_reference_code(retinaface, session, lfw):
 
 
 def test_finds_each_lfw_face_with_landmarks_in_order(retinaface, lfw):
-    for detections in retinaface.detect(lfw):
-        assert (detections.scores >= retinaface.threshold).all()
-        # LFW photos are centred on one face; other people may appear beside it.
-        centred = ((detections.boxes[:, :2] <= 125) & (detections.boxes[:, 2:] >= 125)).all(1)
-        assert centred.sum() == 1
-        box, points = detections.boxes[centred][0], detections.landmarks[centred][0]
-        left_eye, right_eye, nose, left_mouth, right_mouth = points
-        assert left_eye[0] < right_eye[0] and left_mouth[0] < right_mouth[0]
-        assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
-        assert ((points >= box[:2]) & (points <= box[2:])).all()
+    assert_one_centred_face_with_ordered_landmarks(retinaface, lfw)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import assert_one_centred_face_with_ordered_landmarks, shared_path
 from torch import Tensor
 
 from redteam.errors import MissingWeightsError
@@ -68,16 +68,7 @@ def test_canvas_is_insightfaces(scrfd):
 
 
 def test_finds_each_lfw_face_with_keypoints_in_order(scrfd, lfw):
-    for detections in scrfd.detect(lfw):
-        assert (detections.scores >= scrfd.threshold).all()
-        # LFW photos are centred on one face; other people may appear beside it.
-        centred = ((detections.boxes[:, :2] <= 125) & (detections.boxes[:, 2:] >= 125)).all(1)
-        assert centred.sum() == 1
-        box, points = detections.boxes[centred][0], detections.landmarks[centred][0]
-        left_eye, right_eye, nose, left_mouth, right_mouth = points
-        assert left_eye[0] < right_eye[0] and left_mouth[0] < right_mouth[0]
-        assert max(left_eye[1], right_eye[1]) < nose[1] < min(left_mouth[1], right_mouth[1])
-        assert ((points >= box[:2]) & (points <= box[2:])).all()
+    for box in assert_one_centred_face_with_ordered_landmarks(scrfd, lfw):
         assert 60 < box[2] - box[0] < 140  # image pixels (the canvas scale is undone), LFW faces are ~100 px wide
 
 
