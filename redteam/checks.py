@@ -6,7 +6,7 @@ a broken attack, a mislabelled run) and it travels with the results into reports
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 import torch
@@ -14,6 +14,7 @@ import torch
 from redteam.attacks.base import Budget, Norm, objective_gradient
 from redteam.attacks.pgd import PGD
 from redteam.engine import Evaluation, seeded_generator
+from redteam.results import display_eps
 from redteam.threats import Objective
 
 SAMPLE = 8  # clean-correct probes the checks attack (they cost a few seconds per model on a CPU)
@@ -48,6 +49,7 @@ def run_checks(evaluation: Evaluation) -> list[Check]:
             _beats_noise(evaluation, verdict, images, sample),
         ]
     checks += _transfer_consistency(evaluation)
+    checks += _adaptive_consistency(evaluation)
     evaluation.store.record_checks([{"cell": evaluation.cell, **asdict(check)} for check in checks])
     return checks
 
@@ -119,3 +121,21 @@ def _transfer_consistency(evaluation: Evaluation) -> list[Check]:
         detail = "white-box ≤ transfer at every shared budget" if not worse else f"white-box above transfer at {worse}"
         checks.append(Check(f"white-box beats transfer from {surrogate}", not worse, detail))
     return checks
+
+
+def _adaptive_consistency(evaluation: Evaluation) -> list[Check]:
+    """Against a defense, the adaptive attack must do at least as well as the non-adaptive one (when both are
+    stored); if it does not, its BPDA surrogate or EOT is too weak and the adaptive curve overstates robustness."""
+    config = evaluation.config
+    if config.defense == "none":
+        return []
+    cells = {adaptive: replace(config, adaptive=adaptive).cell() for adaptive in (True, False)}
+    results = evaluation.store.frame()
+    results = results[results["probe"].isin({p.key for p in evaluation.probes})]
+    curves = {adaptive: results[results["cell"] == c].groupby("eps")["correct"].mean() for adaptive, c in cells.items()}
+    shared = [eps for eps in curves[True].index.intersection(curves[False].index) if eps > 0]
+    if not shared:
+        return []
+    worse = [display_eps(eps, config.norm) for eps in shared if curves[True][eps] > curves[False][eps] + 1e-9]
+    detail = f"adaptive above non-adaptive at ε {worse}" if worse else "adaptive ≤ non-adaptive at every shared budget"
+    return [Check("adaptive beats non-adaptive", not worse, detail)]

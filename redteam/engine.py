@@ -7,6 +7,12 @@ the work shrinks with every budget. Minimal-perturbation attacks (C&W, minnorm) 
 any budget is the fraction of probes whose smallest fooling perturbation is larger than it.
 
 With a ``surrogate``, adversarial examples are crafted on the surrogate and judged on the target (transfer).
+
+With a ``defense`` (a registered name or a ``+``-joined chain, e.g. ``halftone+lqvae``), the target judged is the
+defended one, and the attack is either **adaptive** (it differentiates defense + target: BPDA through transforms
+without useful gradients, EOT over randomised ones) or **non-adaptive** (it differentiates the undefended target and
+the defended one judges, like a transfer attack). Each is its own cell, labelled ``<defense> (adaptive)`` or
+``<defense> (non-adaptive)`` in the results' ``defense`` column.
 """
 
 from __future__ import annotations
@@ -14,16 +20,17 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from redteam import attacks as _attacks  # noqa: F401  (registers the attacks)
+from redteam import defenses as _defenses  # noqa: F401  (registers the defenses)
 from redteam import targets as _targets  # noqa: F401  (registers the targets)
 from redteam.attacks.base import (
     ATTACKS,
@@ -37,9 +44,10 @@ from redteam.attacks.base import (
     perturbation_size,
 )
 from redteam.datasets import FaceDataset, open_dataset
+from redteam.defenses.base import DEFENSES, InputTransform, ModelWrapper
 from redteam.errors import RedteamError, UnknownNameError
 from redteam.results import CURVE_KEYS, ResultStore, accuracy_curve
-from redteam.targets.base import TARGETS, Target
+from redteam.targets.base import TARGETS, FaceDetector, FaceRecognizer, Target
 from redteam.threats import THREATS, Objective, Probe, ThreatModel
 
 
@@ -64,7 +72,8 @@ class EvaluationConfig:
     align: bool = False
     batch_size: int = 16
     device: str = "auto"
-    defense: str = "none"
+    defense: str = "none"  # a DEFENSES name, name:key=value,key=value, or a +-joined chain of those
+    adaptive: bool = True  # with a defense: attack through it (BPDA/EOT), or craft on the undefended target
     checks: bool = True
     identity: str | None = None  # the person a campaign (advhat, inversion, backdoor) is about
 
@@ -78,9 +87,18 @@ class EvaluationConfig:
         scale = 1 / 255 if self.norm == "linf" else 1.0
         return sorted({0.0, *(float(e) * scale for e in self.eps)})
 
+    @property
+    def defense_label(self) -> str:
+        """The ``defense`` column of results and curves: ``none``, or the chain and how it was attacked."""
+        if self.defense == "none":
+            return "none"
+        return f"{self.defense} ({'adaptive' if self.adaptive else 'non-adaptive'})"
+
     def cell(self) -> str:
         """Key of the results this config produces."""
         ignored = ("eps", "limit", "batch_size", "device", "checks")
+        if self.defense == "none":
+            ignored += ("adaptive",)  # meaningless without a defense (and keeps older cells' keys)
         settings = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -105,16 +123,162 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
         target = target_class(weights=Path(weights))
     else:
         raise RedteamError(f"{name} has fixed weights; --weights is for targets that load user checkpoints.")
-    target = target.eval().to(device)
-    for parameter in target.parameters():
-        parameter.requires_grad_(False)  # attacks need gradients for inputs only
+    target = frozen(target, device)
     if threshold is not None:
         target.threshold_override = threshold
     return target
 
 
-def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack | Campaign:
-    """The configured attack, with its settings checked; minimal attacks work in the run's norm."""
+def frozen(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` on ``device`` in eval mode with parameters that take no gradient (attacks need inputs' only)."""
+    module = module.eval().to(device)
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, object]:
+    """``["steps=5", "norm=l2"]`` -> ``{"steps": 5, "norm": "l2"}``: numbers, booleans, lists and objects as JSON."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise RedteamError(f"an option is key=value, got {pair!r}.")
+        options[key.strip().replace("-", "_")] = json.loads(value) if value.strip()[:1] in "0123456789-[{tf" else value
+    return options
+
+
+@dataclass
+class DefenseChain:
+    """A built ``--defense``: input transforms in the order images pass through them, and model wrappers."""
+
+    transforms: list[InputTransform]
+    wrappers: list[ModelWrapper]
+
+    @property
+    def randomised(self) -> bool:
+        return any(t.randomised for t in self.transforms)
+
+
+def build_defense(spec: str) -> DefenseChain:
+    """``halftone``, ``halftone:method=ordered,sigma=1``, ``halftone+lqvae`` -> the chain (``none``: empty)."""
+    chain = DefenseChain([], [])
+    if spec == "none":
+        return chain
+    for part in spec.split("+"):
+        name, _, settings = part.strip().partition(":")
+        if name == "none":
+            raise RedteamError(f"--defense {spec}: 'none' cannot be part of a chain.")
+        defense_class = DEFENSES.get(name)
+        options = parse_options([s for s in settings.split(",") if s.strip()])
+        accepted = set(inspect.signature(defense_class.__init__).parameters) - {"self"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            takes = ", ".join(sorted(accepted)) or "no settings"
+            raise RedteamError(f"defense {name} has no setting {', '.join(unknown)}; it takes {takes}.")
+        defense = defense_class(**options)
+        (chain.transforms if isinstance(defense, InputTransform) else chain.wrappers).append(defense)
+    return chain
+
+
+class InputDefense:
+    """A target seen through input transforms: same kind, card (renamed), threshold and similarity as the target.
+
+    ``adaptive`` chooses what gradients flow through the transforms: their BPDA form (``forward``'s values,
+    ``surrogate``'s gradients) for attacking; otherwise ``forward`` itself, the defense as deployed.
+    """
+
+    def __init__(self, target: Target, transforms: Sequence[InputTransform], name: str, adaptive: bool):
+        super().__init__()
+        self.target, self.transforms, self.adaptive = target, nn.ModuleList(transforms), adaptive
+        self.card = replace(target.card, name=name)
+
+    @property
+    def threshold(self) -> float:
+        return self.target.threshold
+
+    def defend(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> what the target sees, ``[B, 3, H, W]``."""
+        for transform in self.transforms:
+            images = transform.bpda(images) if self.adaptive else transform(images)
+        return images
+
+
+class DefendedRecognizer(InputDefense, FaceRecognizer):
+    def embed(self, images: Tensor) -> Tensor:
+        return self.target.embed(self.defend(images))
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.target.similarity(a, b)
+
+    def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.target.similarity_matrix(a, b)
+
+
+class DefendedDetector(InputDefense, FaceDetector):
+    def detect(self, images: Tensor):
+        return self.target.detect(self.defend(images))
+
+    def face_score(self, images: Tensor) -> Tensor:
+        return self.target.face_score(self.defend(images))
+
+    def candidate_scores(self, images: Tensor) -> Tensor:
+        return self.target.candidate_scores(self.defend(images))
+
+    def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
+        return self.target.detected(self.defend(images), scores)
+
+
+def wrap_model(target: Target, config: EvaluationConfig, chain: DefenseChain) -> Target:
+    """The configured target with the chain's model wrappers applied (itself when there are none)."""
+    for wrapper in chain.wrappers:
+        target = frozen(wrapper.wrap(target, config.target), target.device)
+        if config.threshold is not None:
+            target.threshold_override = config.threshold
+    return target
+
+
+def behind_transforms(target: Target, config: EvaluationConfig, chain: DefenseChain, adaptive: bool) -> Target:
+    """``target`` seen through the chain's input transforms, deployed or in BPDA form (itself when there are none)."""
+    if not chain.transforms:
+        return target
+    kind = DefendedDetector if isinstance(target, FaceDetector) else DefendedRecognizer
+    transforms = [frozen(t, target.device) for t in chain.transforms]
+    return kind(target, transforms, f"{config.target}+{config.defense}", adaptive)
+
+
+#: Gradient samples per step when an adaptive attack meets a randomised defense and ``--option eot`` is not given.
+EOT_SAMPLES = 8
+
+
+def attack_through_defense(config: EvaluationConfig, chain: DefenseChain) -> dict[str, object]:
+    """Check that the attack can meet the chain in the config's mode; return the settings it needs unless the user
+    set them: EOT against randomised transforms, and no early stop when crafting on the undefended target (stopping
+    once the undefended model is fooled would hand the defense the weakest examples). Like the transfer default,
+    they follow from the config, so they stay out of its ``attack_options`` and both modes' cells differ only by
+    ``adaptive``."""
+    if not chain.transforms and not chain.wrappers:
+        return {}
+    attack_class = ATTACKS.get(config.attack)
+    settings = {f.name for f in fields(attack_class)}
+    if config.adaptive and chain.randomised:
+        if "eot" not in settings:
+            raise RedteamError(f"{config.attack} has no eot setting; a randomised defense needs EOT (use pgd or mim).")
+        return {"eot": EOT_SAMPLES}
+    if not config.adaptive:
+        if not issubclass(attack_class, Attack):
+            raise RedteamError(
+                f"{config.attack} judges its examples on the model it attacks: against a defense, run it with "
+                "--adaptivity adaptive (non-adaptive runs need a fixed-budget attack such as pgd)."
+            )
+        if "early_stop" in settings:
+            return {"early_stop": False}
+    return {}
+
+
+def build_attack(config: EvaluationConfig, defense: DefenseChain | None = None) -> Attack | MinimalAttack | Campaign:
+    """The configured attack, with its settings checked; minimal attacks work in the run's norm; against a
+    ``defense``, with the settings attacking it needs (:func:`attack_through_defense`)."""
     attack_class = ATTACKS.get(config.attack)
     if config.norm not in attack_class.norms:
         raise RedteamError(f"{config.attack} is an {' / '.join(attack_class.norms)} attack; not --norm {config.norm}.")
@@ -138,6 +302,8 @@ def build_attack(config: EvaluationConfig) -> Attack | MinimalAttack | Campaign:
         )
     if config.surrogate and "early_stop" in settings:
         options.setdefault("early_stop", False)  # stopping when the surrogate is fooled would weaken transfer
+    for key, value in attack_through_defense(config, defense or DefenseChain([], [])).items():
+        options.setdefault(key, value)
     try:
         attack = attack_class(**options)
     except ValueError as error:
@@ -162,8 +328,8 @@ class Evaluation:
 
     config: EvaluationConfig
     store: ResultStore
-    target: Target = field(init=False)
-    surrogate: Target = field(init=False)
+    target: Target = field(init=False)  # judges: the target behind its defense, as deployed
+    surrogate: Target = field(init=False)  # what the attack differentiates (the target, a transfer model, or BPDA)
     dataset: FaceDataset = field(init=False)
     threat: ThreatModel = field(init=False)
     probes: list[Probe] = field(init=False)
@@ -175,7 +341,8 @@ class Evaluation:
         config = self.config
         self.device = resolve_device(config.device)
         self.budgets = config.budgets()
-        self.attack = build_attack(config)
+        self.defense = build_defense(config.defense)
+        self.attack = build_attack(config, self.defense)
         task = TARGETS.get(config.target).card.task
         if config.threat == "auto":
             config.threat = "evasion" if task == "detection" else "dodging"
@@ -188,10 +355,17 @@ class Evaluation:
         self.threat = threat_class(self.dataset, seed=config.seed)
         self.probes = self.threat.probes(config.limit)
         weights = Path(config.weights) if config.weights else None
-        self.target = load_target(config.target, self.device, config.threshold, weights)
-        self.surrogate, self.crafting_threat = self.target, self.threat
+        undefended = load_target(config.target, self.device, config.threshold, weights)
+        model = wrap_model(undefended, config, self.defense)
+        self.target = behind_transforms(model, config, self.defense, adaptive=False)
+        crafting = model if config.adaptive else undefended
         if config.surrogate:
-            self.surrogate = load_target(config.surrogate, self.device)
+            crafting = load_target(config.surrogate, self.device)
+        if config.adaptive:
+            crafting = behind_transforms(crafting, config, self.defense, adaptive=True)
+        self.surrogate = crafting
+        self.crafting_threat = self.threat
+        if self.surrogate is not self.target:
             self.crafting_threat = threat_class(self.dataset, seed=config.seed)
         self.cell = config.cell()
         self.store.register_cell(self.cell, {**asdict(config), "cell": self.cell})
@@ -219,11 +393,15 @@ class Evaluation:
     def total_work(self) -> int:
         return len(self.probes) * (2 if self.minimal else len(self.budgets))
 
-    def run(self, advance: Callable[[int], None] = lambda n: None) -> None:
-        """Evaluate every budget, skipping what the store already holds; ``advance(n)`` reports progress."""
+    def enrol(self) -> None:
+        """Embed the enrolment images the probes are compared with: needed before any batch is attacked or judged."""
         self.threat.enrol(self._encoder(self.target), self.probes)
         if self.surrogate is not self.target:
             self.crafting_threat.enrol(self._encoder(self.surrogate), self.probes)
+
+    def run(self, advance: Callable[[int], None] = lambda n: None) -> None:
+        """Evaluate every budget, skipping what the store already holds; ``advance(n)`` reports progress."""
+        self.enrol()
         if self.minimal:
             self._run_minimal(advance)
         else:
@@ -258,15 +436,22 @@ class Evaluation:
             self._run_level(eps, level, attacked, advance)
             previous = self._current(eps)
 
-    def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> list[dict]:
+    def craft(
+        self, batch: list[Probe], eps: float, level: int, batch_number: int
+    ) -> tuple[Tensor, Tensor, Tensor, Objective]:
+        """Attack one batch of the ladder exactly as the run does (same seeds): ``(images, adversarial, steps,
+        verdict)`` with images ``[B, 3, H, W]``, steps ``[B]``; reports re-create stored examples with it."""
         images = self.dataset.load([p.image for p in batch]).to(self.device)
         crafting, verdict = self.objectives(batch)
+        self._seed_defense(level, batch_number)
         if eps == 0:
-            adversarial, steps = images, torch.zeros(len(batch), dtype=torch.long)
-        else:
-            generator = seeded_generator(self.device, self.config.seed, level, batch_number)
-            result = self.attack(crafting, images, Budget(self.config.norm, eps), generator)
-            adversarial, steps = result.images, result.steps
+            return images, images, torch.zeros(len(batch), dtype=torch.long), verdict
+        generator = seeded_generator(self.device, self.config.seed, level, batch_number)
+        result = self.attack(crafting, images, Budget(self.config.norm, eps), generator)
+        return images, result.images, result.steps, verdict
+
+    def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> list[dict]:
+        images, adversarial, steps, verdict = self.craft(batch, eps, level, batch_number)
         with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
             judged = verdict(adversarial)
         delta = adversarial - images
@@ -275,6 +460,11 @@ class Evaluation:
             self._row(probe, eps, not bool(judged.success[k]), judged.score[k], linf[k], l2[k], steps[k])
             for k, probe in enumerate(batch)
         ]
+
+    def _seed_defense(self, *parts: object) -> None:
+        """Randomised defenses draw from the global generator: seed it per batch, so a resumed run redraws the same."""
+        if self.defense.randomised:
+            torch.manual_seed(seeded_generator(torch.device("cpu"), self.config.seed, "defense", *parts).initial_seed())
 
     def _run_minimal(self, advance: Callable[[int], None]) -> None:
         """Clean verdicts, then one minimal-perturbation attack per clean-correct probe; every budget's rows follow."""
@@ -287,12 +477,13 @@ class Evaluation:
             if all(p.key in done for p in batch):
                 continue
             images = self.dataset.load([p.image for p in batch]).to(self.device)
-            objective, _ = self.objectives(batch)
+            objective, verdict = self.objectives(batch)
+            self._seed_defense("min", batch_number)
             result = self.attack(
                 objective, images, seeded_generator(self.device, self.config.seed, "min", batch_number)
             )
             with torch.no_grad():
-                judged = objective(result.images)
+                judged = verdict(result.images)
             delta = result.images - images
             size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
             linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
@@ -332,7 +523,7 @@ class Evaluation:
             "cell": self.cell,
             "target": config.target,
             "surrogate": config.surrogate or config.target,
-            "defense": config.defense,
+            "defense": config.defense_label,
             "attack": config.attack,
             "threat": config.threat,
             "norm": config.norm,
@@ -374,15 +565,17 @@ def run_campaign(
     attack_class = ATTACKS.get(config.attack)
     if config.threat == "auto":
         config.threat = attack_class.threats[0]
-    attack = build_attack(config)
+    chain = build_defense(config.defense)
+    attack = build_attack(config, chain)
     assert isinstance(attack, Campaign)
     device = resolve_device(config.device)
     dataset = open_dataset(config.data, align=config.align)
     if config.identity is not None and config.identity not in dataset.by_identity:
         raise UnknownNameError(f"identity in {dataset.name}", config.identity, dataset.by_identity)
     weights = Path(config.weights) if config.weights else None
+    model = wrap_model(load_target(config.target, device, config.threshold, weights), config, chain)
     context = CampaignContext(
-        target=load_target(config.target, device, config.threshold, weights),
+        target=behind_transforms(model, config, chain, adaptive=True),  # a campaign judges on what it attacks
         target_name=config.target,
         dataset=dataset,
         device=device,
@@ -402,7 +595,7 @@ def run_campaign(
         keys = {
             "target": config.target,
             "surrogate": config.target,
-            "defense": config.defense,
+            "defense": config.defense_label,
             "attack": config.attack,
             "threat": config.threat,
             "norm": config.norm,

@@ -1,0 +1,209 @@
+"""`redteam check`: the regression gate for defenses (re-run a stored evaluation, compare with its baseline).
+
+A baseline is a JSON file listing evaluations, each with its exact configuration (target, defense and how it is
+attacked, attack and settings, threat, norm, budgets, probe limit, seed) and the curve it gave. The gate re-runs
+every configuration into a run folder and compares, per budget, robust accuracy and the curve's normalised area
+(:func:`redteam.results.curve_area`) with the baseline: anything more than ``tolerance`` (accuracy points) below
+it is a regression. Runs are deterministic for a given seed and device, so an unchanged defense reproduces its
+baseline; the tolerance absorbs numerical drift across machines.
+
+In a test suite, the ``robustness_gate`` fixture (a pytest plugin, registered through the ``pytest11`` entry point)
+runs the same check and fails the test on a regression::
+
+    def test_defense_holds(robustness_gate):
+        robustness_gate("reports/baseline.json", data="path/to/faces")
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+
+from redteam.errors import RedteamError
+
+DEFAULT_TOLERANCE = 0.05
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+class RegressionError(RedteamError):
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One gated value: robust accuracy at a budget (``measure`` ``"accuracy @ 2"``) or the curve's ``"area"``."""
+
+    evaluation: str
+    measure: str
+    baseline: float
+    now: float
+    tolerance: float
+
+    @property
+    def regressed(self) -> bool:
+        return self.now < self.baseline - self.tolerance - 1e-9
+
+
+@dataclass
+class GateReport:
+    baseline: Path
+    comparisons: list[Comparison]
+
+    @property
+    def regressions(self) -> list[Comparison]:
+        return [c for c in self.comparisons if c.regressed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.regressions
+
+    def frame(self) -> pd.DataFrame:
+        """One row per gated value: evaluation, measure, baseline, now, change, regressed."""
+        frame = pd.DataFrame([asdict(c) for c in self.comparisons]).drop(columns="tolerance")
+        frame["change"] = frame["now"] - frame["baseline"]
+        frame["regressed"] = [c.regressed for c in self.comparisons]
+        return frame
+
+    def summary(self) -> str:
+        if self.passed:
+            return f"{len(self.comparisons)} values within tolerance of {self.baseline}"
+        worst = min(self.regressions, key=lambda c: c.now - c.baseline)
+        return (
+            f"robustness regressed: {len(self.regressions)} of {len(self.comparisons)} values fell more than "
+            f"{worst.tolerance:g} below {self.baseline} (worst: {worst.evaluation}, {worst.measure}: "
+            f"{worst.baseline:.3f} -> {worst.now:.3f})"
+        )
+
+
+def label(config) -> str:
+    return f"{config.target} / {config.defense_label} / {config.attack} / {config.threat} / {config.norm}"
+
+
+def _config(stored: dict):
+    """An :class:`EvaluationConfig` from its stored form (run.json, the store's cells, a baseline)."""
+    from redteam.engine import EvaluationConfig
+
+    known = {f.name for f in fields(EvaluationConfig)}
+    config = EvaluationConfig(**{k: v for k, v in stored.items() if k in known})
+    config.eps = tuple(config.eps)
+    return config
+
+
+def _curve_points(curve: pd.DataFrame) -> list[dict]:
+    return [{"eps": float(r.eps), "accuracy": float(r.accuracy), "n": int(r.n)} for r in curve.itertuples()]
+
+
+def write_baseline(runs: Sequence[Path], path: Path) -> list[dict]:
+    """Write a baseline from run folders: every evaluation stored in them, its config and its curve (restricted to
+    the config's budgets). Returns the evaluations written."""
+    from redteam.attacks import ATTACKS, Campaign
+    from redteam.results import ResultStore, curve_area, display_eps
+
+    evaluations = []
+    for run in runs:
+        if not (run / "results.sqlite").is_file():
+            raise RedteamError(f"{run} is not a run folder (no results.sqlite).")
+        store = ResultStore(run / "results.sqlite")
+        for cell, stored in store.cells().items():
+            config = _config(stored)
+            curve = store.curves(cell)
+            if not issubclass(ATTACKS.get(config.attack), Campaign):  # campaigns store only their own budgets
+                shown = {round(display_eps(e, config.norm), 6) for e in config.budgets()}
+                curve = curve[curve["eps"].round(6).isin(shown)]
+            if curve.empty:
+                continue
+            evaluations.append(
+                {
+                    "label": label(config),
+                    "config": {**asdict(config), "eps": list(config.eps)},
+                    "curve": _curve_points(curve),
+                    "area": curve_area(curve),
+                }
+            )
+    if not evaluations:
+        raise RedteamError(f"no evaluations with results in {', '.join(map(str, runs))}.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"redteam_baseline": 1, "evaluations": evaluations}, indent=2) + "\n")
+    return evaluations
+
+
+def read_baseline(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise RedteamError(f"baseline {path} is not a file (write one: `redteam check --baseline {path} --write RUN`).")
+    try:
+        baseline = json.loads(path.read_text())
+        return list(baseline["evaluations"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise RedteamError(f"{path} is not a redteam baseline (JSON with an 'evaluations' list).") from None
+
+
+def rerun(config, out: Path, progress: Progress) -> pd.DataFrame:
+    """Run one stored evaluation again into ``out`` (what it already holds is reused) and return its curve."""
+    from redteam.attacks import ATTACKS, Campaign
+    from redteam.engine import Evaluation, run_campaign
+    from redteam.results import ResultStore
+
+    if issubclass(ATTACKS.get(config.attack), Campaign):
+        run_campaign(config, out, progress)
+        return ResultStore(out / "results.sqlite").curves(config.cell())
+    evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
+    evaluation.run(progress(label(config), evaluation.total_work()))
+    return evaluation.curve()
+
+
+def check_baseline(
+    path: Path,
+    out: Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    data: str | None = None,
+    device: str = "auto",
+    progress: Progress = lambda what, total: lambda n: None,
+) -> GateReport:
+    """Re-run every evaluation of the baseline at ``path`` (into ``out``, else a temporary folder; ``data``
+    replaces the stored dataset, e.g. where the faces live on this machine) and compare it with the baseline."""
+    from redteam.results import curve_area
+
+    if tolerance < 0:
+        raise RedteamError(f"--tolerance is an accuracy margin (>= 0), not {tolerance}.")
+    entries = read_baseline(path)
+    with tempfile.TemporaryDirectory(prefix="redteam-check-") as scratch:
+        folder = out or Path(scratch)
+        comparisons = []
+        for entry in entries:
+            config = _config({**entry["config"], "device": device, **({"data": data} if data else {})})
+            curve = rerun(config, folder, progress).sort_values("eps")
+            accuracy = {round(e, 6): a for e, a in zip(curve["eps"], curve["accuracy"])}
+            name = label(config)
+            for point in entry["curve"]:
+                now = accuracy.get(round(point["eps"], 6), 0.0)  # a budget the re-run lacks counts as a total loss
+                comparisons.append(Comparison(name, f"accuracy @ {point['eps']:g}", point["accuracy"], now, tolerance))
+            comparisons.append(Comparison(name, "area", entry["area"], curve_area(curve), tolerance))
+    return GateReport(path, comparisons)
+
+
+try:  # the fixture is for users' test suites; the CLI works without pytest installed
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+else:
+
+    @pytest.fixture
+    def robustness_gate(tmp_path: Path) -> Callable[..., GateReport]:
+        """``robustness_gate(baseline, tolerance=0.05, data=None, device="auto")`` re-runs the baseline's
+        evaluations and fails the test (with the table of regressions) if robustness fell below it."""
+
+        def check(
+            baseline: str | Path, tolerance: float = DEFAULT_TOLERANCE, data: str | Path | None = None, device="auto"
+        ) -> GateReport:
+            report = check_baseline(Path(baseline), tmp_path / "gate", tolerance, str(data) if data else None, device)
+            if not report.passed:
+                table = report.frame()
+                pytest.fail(f"{report.summary()}\n{table[table['regressed']].to_string(index=False)}", pytrace=False)
+            return report
+
+        return check

@@ -1,0 +1,30 @@
+"""``facenet-at``: FaceNet with its last blocks adversarially fine-tuned on training faces (``redteam train adv``)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from redteam.targets.base import TARGETS
+from redteam.targets.facenet import FaceNet
+
+
+@TARGETS.register("facenet-at", "FaceNet with its last blocks adversarially fine-tuned (`redteam train adv`)")
+class FaceNetAT(FaceNet):
+    card = replace(
+        FaceNet.card,
+        name="facenet-at",
+        weights=FaceNet.card.weights + "; Block8 and the embedding layer fine-tuned by `redteam train adv --target "
+        "facenet` (cached, keyed by the base graph's checksum)",
+        threshold=None,
+        threshold_far=None,
+        calibration="calibrated on the training faces when trained; the loaded model's card carries it",
+        metrics={},
+        parity="the base graph is facenet's (2.8e-7 vs cv2.dnn); the fine-tuned blocks exist only here",
+        notes="PGD adversarial fine-tuning on identities disjoint from the evaluation faces (defenses/adv_train.py)",
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        from redteam.defenses.adv_train import apply_adversarial_weights  # (the defenses import the targets)
+
+        self.card = apply_adversarial_weights(self, "facenet")

@@ -1,0 +1,116 @@
+"""Halftoning (against a plain reference loop), BPDA, defended targets, and defended runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from redteam.defenses import DEFENSES
+from redteam.defenses.halftone import Halftone, floyd_steinberg, ordered_dither
+from redteam.engine import EvaluationConfig, behind_transforms, build_defense
+from redteam.errors import RedteamError, UnknownNameError
+from redteam.targets.base import FaceRecognizer
+
+
+def reference_floyd_steinberg(image: torch.Tensor) -> torch.Tensor:
+    """The textbook raster-order loop on one ``[H, W]`` channel, in float64."""
+    work, out = image.double().clone(), torch.zeros_like(image, dtype=torch.float64)
+    height, width = work.shape
+    for y in range(height):
+        for x in range(width):
+            out[y, x] = 1.0 if work[y, x] >= 0.5 else 0.0
+            error = work[y, x] - out[y, x]
+            for dy, dx, weight in ((0, 1, 7 / 16), (1, -1, 3 / 16), (1, 0, 5 / 16), (1, 1, 1 / 16)):
+                if 0 <= y + dy < height and 0 <= x + dx < width:
+                    work[y + dy, x + dx] += error * weight
+    return out.float()
+
+
+def test_floyd_steinberg_equals_the_reference_loop():
+    images = torch.rand(2, 3, 9, 13, generator=torch.Generator().manual_seed(0))
+    expected = torch.stack([torch.stack([reference_floyd_steinberg(channel) for channel in image]) for image in images])
+    assert torch.equal(floyd_steinberg(images), expected)
+
+
+@pytest.mark.parametrize("halftone", [floyd_steinberg, ordered_dither])
+def test_halftones_are_binary_per_channel_and_keep_local_means(halftone, faces):
+    images = faces.load([0, 1])
+    dots = halftone(images)
+    assert dots.shape == images.shape and set(dots.unique().tolist()) == {0.0, 1.0}
+    block_means = torch.nn.functional.avg_pool2d
+    assert (block_means(dots, 10) - block_means(images, 10)).abs().mean() < 0.02  # ~0.01 measured; 0.5 for noise
+    grey = torch.full((1, 3, 64, 64), 0.3)
+    assert halftone(grey).mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_ordered_dither_puts_the_right_number_of_dots_in_each_tile():
+    for level in range(65):
+        dots = ordered_dither(torch.full((1, 1, 16, 16), level / 64))
+        tiles = dots.unfold(2, 8, 8).unfold(3, 8, 8).sum((-1, -2))
+        assert (tiles == level).all()
+
+
+def test_bpda_gives_the_deployed_value_with_the_identity_gradient():
+    transform = Halftone()
+    images = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    weights = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    value = transform.bpda(images)
+    (value * weights).sum().backward()
+    assert torch.equal(value.detach(), transform(images))
+    assert torch.equal(images.grad, weights)  # the surrogate (identity)'s gradient
+    assert not transform(images).requires_grad  # the deployed halftone has no gradient of its own
+
+
+def test_defense_chains_parse_and_reject_bad_names(facenet, faces):
+    chain = build_defense("halftone:method=ordered,sigma=1")
+    assert [type(t) for t in chain.transforms] == [Halftone] and chain.wrappers == []
+    assert (chain.transforms[0].method, chain.transforms[0].sigma) == ("ordered", 1.0)
+    assert build_defense("none").transforms == []
+    with pytest.raises(UnknownNameError, match="halftone"):
+        build_defense("halftones")
+    with pytest.raises(RedteamError, match="no setting colour"):
+        build_defense("halftone:colour=1")
+    with pytest.raises(RedteamError, match="error-diffusion or ordered"):
+        build_defense("halftone:method=random")
+    assert "halftone" in DEFENSES
+
+    config = EvaluationConfig(target="facenet", attack="pgd", defense="halftone")
+    defended = behind_transforms(facenet, config, build_defense("halftone"), adaptive=False)
+    assert isinstance(defended, FaceRecognizer) and defended.card.name == "facenet+halftone"
+    assert defended.threshold == facenet.threshold and defended.card.embedding_dim == facenet.card.embedding_dim
+    images = faces.load([0])
+    with torch.no_grad():
+        assert torch.equal(defended.embed(images), facenet.embed(floyd_steinberg(images)))
+
+
+def test_a_defended_run_stores_adaptive_and_non_adaptive_curves(cli, capsys, faces_root, tmp_path):
+    out = tmp_path / "halftone"
+    args = ("run", "--defense", "halftone", "--limit", 3, "--eps", "0,4", "--steps", 3, "--batch-size", 3)
+    assert cli(*args, "--data", faces_root, "--out", out) == 0
+    curve = pd.read_csv(out / "curve.csv").set_index(["defense", "eps"])["accuracy"]
+    assert set(curve.index.get_level_values(0)) == {"halftone (adaptive)", "halftone (non-adaptive)"}
+    assert curve["halftone (adaptive)", 0] == curve["halftone (non-adaptive)", 0] >= 2 / 3
+    # BPDA through the halftone breaks at least as many probes as crafting on the undefended FaceNet
+    assert curve["halftone (adaptive)", 4] <= curve["halftone (non-adaptive)", 4]
+    summary = json.loads((out / "run.json").read_text())
+    adaptive, non_adaptive = summary["evaluations"]
+    assert adaptive["config"]["adaptive"] and not non_adaptive["config"]["adaptive"]
+    assert adaptive["attack_settings"]["early_stop"] and not non_adaptive["attack_settings"]["early_stop"]
+    checks = {c["name"]: c for c in adaptive["checks"] + non_adaptive["checks"]}
+    assert checks["unbounded"]["passed"] and checks["gradients"]["passed"]  # through BPDA: no masked gradients
+    assert checks["adaptive beats non-adaptive"]["passed"]
+    printed = capsys.readouterr().out
+    assert "defense halftone (adaptive)" in printed and "defense halftone (non-adaptive)" in printed
+
+
+def test_defense_options_that_cannot_work_are_one_line_errors(cli, capsys, faces_root, tmp_path):
+    base = ("run", "--data", faces_root, "--limit", 2, "--eps", "0,1", "--out", tmp_path / "x")
+    assert cli(*base, "--defense", "halftone", "--adaptivity", "sometimes") == 2
+    assert "--adaptivity is both, adaptive or non-adaptive" in capsys.readouterr().err
+    assert cli(*base, "--defense", "halftone", "--attack", "minnorm", "--adaptivity", "non-adaptive") == 2
+    assert "run it with --adaptivity adaptive" in capsys.readouterr().err
+    assert cli(*base, "--defense", "nope") == 2
+    assert "unknown defense 'nope'" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""The regression gate: passes on the committed baseline, fails when the defense is weakened."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from redteam.defenses import DEFENSES
+from redteam.defenses.halftone import Halftone
+from redteam.gate import read_baseline, robustness_gate, write_baseline  # noqa: F401  (the fixture)
+
+BASELINE = Path(__file__).resolve().parents[1] / "reports" / "baseline.json"
+# One of the baseline's 6 probes flipping is 0.17; a different BLAS build may flip a borderline one.
+TOLERANCE = 0.2
+
+
+class SkippedHalftone(Halftone):
+    """A real regression: the deployed pipeline stops halftoning (the transform passes images through)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+
+def test_gate_passes_on_the_unchanged_defense(robustness_gate, faces_root, tmp_path):  # noqa: F811
+    report = robustness_gate(BASELINE, tolerance=TOLERANCE, data=faces_root)
+    assert report.passed and len(report.comparisons) == 6  # 2 evaluations x (2 budgets + area)
+    # The re-run folder makes the same baseline again (write_baseline round trip).
+    again = write_baseline([tmp_path / "gate"], tmp_path / "again.json")
+    stored = read_baseline(BASELINE)
+    assert [e["label"] for e in again] == [e["label"] for e in stored]
+    for new, old in zip(again, stored):
+        assert [p["eps"] for p in new["curve"]] == [p["eps"] for p in old["curve"]]
+        assert all(abs(a["accuracy"] - b["accuracy"]) <= TOLERANCE for a, b in zip(new["curve"], old["curve"]))
+    assert json.loads((tmp_path / "again.json").read_text())["redteam_baseline"] == 1
+
+
+def test_gate_fails_on_a_weakened_defense(cli, capsys, monkeypatch, faces_root, tmp_path):
+    # The non-adaptive evaluation is where halftoning earns its robustness; gate on it alone (half the time).
+    baseline = json.loads(BASELINE.read_text())
+    baseline["evaluations"] = [e for e in baseline["evaluations"] if not e["config"]["adaptive"]]
+    (tmp_path / "baseline.json").write_text(json.dumps(baseline))
+    monkeypatch.setitem(DEFENSES._entries, "halftone", SkippedHalftone)
+    args = ("check", "--baseline", tmp_path / "baseline.json", "--data", faces_root, "--tolerance", TOLERANCE)
+    assert cli(*args, "--out", tmp_path / "rerun") == 1
+    captured = capsys.readouterr()
+    assert "robustness regressed" in captured.err and "(non-adaptive)" in captured.err
+    assert "✗ regressed" in captured.out
+
+
+def test_gate_errors_are_one_line(cli, capsys, tmp_path):
+    assert cli("check", "--baseline", tmp_path / "missing.json") == 2
+    assert "is not a file" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    assert cli("check", "--baseline", tmp_path / "bad.json") == 2
+    assert "is not a redteam baseline" in capsys.readouterr().err
+    assert cli("check", "--baseline", tmp_path / "new.json", "--write", tmp_path) == 2
+    assert "is not a run folder" in capsys.readouterr().err
