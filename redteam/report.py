@@ -1,0 +1,375 @@
+"""`redteam report RUN_DIR...`: what a security engineer hands their team after a red-team exercise.
+
+One self-contained HTML file (figures and images inlined as base64 PNG, no script, no network), with Markdown
+and JSON beside it, from the run folders that `redteam run` and `redteam sweep` write: a summary table (target x
+defense x attack: clean accuracy, robust accuracy at chosen budgets, curve AUC, sanity-check status), the
+accuracy-perturbation curves, example images (clean, adversarial, amplified perturbation), the target cards and the
+exact command (and seed) that reproduces each number.
+
+The store keeps per-probe results, not images: examples are re-created from the stored configuration with the
+run's own seeds (:meth:`redteam.engine.Evaluation.craft`, first batch of one budget), and the report says whether
+the re-created verdicts match the stored ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shlex
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from rich.progress import Progress
+
+from redteam.errors import RedteamError
+from redteam.plots import plot_curves  # also selects matplotlib's headless backend before pyplot draws
+from redteam.results import ResultStore, curve_area, display_eps
+
+#: How each perturbation measure's budgets are written in column headers.
+BUDGET_UNITS = {"linf": "{eps:g}/255 ℓ∞", "l2": "{eps:g} ℓ2"}
+
+
+@dataclass
+class CellSummary:
+    """One cell of the report: a target x defense x attack x threat x norm x dataset x seed x settings."""
+
+    run: str
+    cell: str
+    target: str
+    surrogate: str
+    defense: str
+    attack: str
+    threat: str
+    norm: str
+    dataset: str
+    seed: int
+    probes: int
+    clean: float | None
+    robust: dict[str, float | None]  # column header -> accuracy at that budget
+    auc: float
+    checks: list[dict[str, Any]]
+    status: str  # "passed", "warning: <failed checks>" or "not run"
+    command: str
+    curve: list[dict[str, float]]
+    config: dict[str, Any]
+    examples: dict[str, Any] = field(default_factory=dict)  # "png" (base64), "note", "file"
+
+
+@dataclass
+class Report:
+    title: str
+    created: str
+    runs: list[str]
+    columns: list[str]
+    cells: list[CellSummary]
+    cards: dict[str, dict[str, Any]]
+    figures: dict[str, str]  # target -> base64 PNG of its curves
+    sweeps: list[str]  # the commands that made sweep folders
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the images."""
+        data = asdict(self)
+        del data["figures"]
+        for cell in data["cells"]:
+            cell["examples"] = {k: v for k, v in cell["examples"].items() if k != "png"}
+        return data
+
+
+def open_store(run: Path) -> ResultStore:
+    """The results of a run folder; a clear error for anything else (never creates one)."""
+    if not run.exists():
+        raise RedteamError(f"run folder {run} does not exist.")
+    if not run.is_dir():
+        raise RedteamError(f"{run} is a file; give run folders (written by `redteam run` or `redteam sweep`).")
+    if not (run / "results.sqlite").is_file():
+        raise RedteamError(f"{run} holds no results.sqlite; is it a run folder of `redteam run` or `redteam sweep`?")
+    return ResultStore(run / "results.sqlite")
+
+
+def _column(norm: str, eps: float) -> str:
+    return BUDGET_UNITS.get(norm, "{eps:g} " + norm).format(eps=eps)
+
+
+def run_command(config: dict[str, Any], eps: list[float], out: Path) -> str:
+    """The `redteam run` command that reproduces a cell (same seed, same batches, same settings)."""
+    parts = ["redteam", "run", "--target", config["target"], "--attack", config["attack"], "--data", config["data"]]
+    parts += ["--threat", config["threat"], "--norm", config["norm"], "--eps", ",".join(f"{e:g}" for e in eps)]
+    parts += ["--seed", str(config["seed"]), "--batch-size", str(config["batch_size"])]
+    if config.get("limit") is not None:
+        parts += ["--limit", str(config["limit"])]
+    for key, value in config.get("attack_options", {}).items():
+        parts += ["--option", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    if config.get("defense", "none") != "none":
+        adaptivity = "adaptive" if config.get("adaptive", True) else "non-adaptive"
+        parts += ["--defense", config["defense"], "--adaptivity", adaptivity]
+    for flag in ("surrogate", "threshold", "weights", "identity"):
+        if config.get(flag) is not None:
+            parts += [f"--{flag}", str(config[flag])]
+    if config.get("align"):
+        parts.append("--align")
+    if not config.get("checks", True):
+        parts.append("--no-checks")
+    return shlex.join([*parts, "--out", str(out)])
+
+
+def _checks_status(checks: pd.DataFrame) -> str:
+    if checks.empty:
+        return "not run"
+    failed = checks.loc[~checks["passed"], "name"].tolist()
+    return "passed" if not failed else "warning: " + ", ".join(failed)
+
+
+def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Report:
+    """Summarise every cell stored in ``runs``; ``budgets`` (display units: /255 for ℓ∞) pick the robust-accuracy
+    columns (default: every budget stored)."""
+    if not runs:
+        raise RedteamError("give at least one run folder.")
+    cells, sweeps, wanted = [], [], set(budgets or ())
+    for run in runs:
+        store = open_store(run)
+        configs, curves, checks = store.cells(), store.curves(), store.checks()
+        if (run / "sweep.json").is_file():
+            sweeps.append(json.loads((run / "sweep.json").read_text())["command"])
+        order = {cell: number for number, cell in enumerate(configs)}  # the order they were run in
+        for cell, curve in sorted(curves.groupby("cell", sort=False), key=lambda item: order[item[0]]):
+            config, first = configs[cell], curve.iloc[0]
+            clean = curve.loc[curve["eps"] == 0, "accuracy"]
+            cell_checks = checks[checks["cell"] == cell]
+            cells.append(
+                CellSummary(
+                    run=str(run),
+                    cell=str(cell),
+                    **{key: str(first[key]) for key in ("target", "surrogate", "defense", "attack", "threat")},
+                    norm=str(first["norm"]),
+                    dataset=str(first["dataset"]),
+                    seed=int(config["seed"]),
+                    probes=int(curve["n"].max()),
+                    clean=float(clean.iloc[0]) if len(clean) else None,
+                    robust={_column(first["norm"], e): float(a) for e, a in zip(curve["eps"], curve["accuracy"]) if e},
+                    auc=curve_area(curve),
+                    checks=cell_checks[["name", "passed", "detail"]].to_dict(orient="records"),
+                    status=_checks_status(cell_checks),
+                    command=run_command(config, curve["eps"].tolist(), run),
+                    curve=curve[["eps", "accuracy", "n"]].to_dict(orient="records"),
+                    config=config,
+                )
+            )
+    if not cells:
+        raise RedteamError(f"{', '.join(map(str, runs))}: no finished results yet; run or resume them first.")
+    stored = sorted({(c.norm, e["eps"]) for c in cells for e in c.curve if e["eps"]})
+    if wanted:
+        missing = sorted(wanted - {eps for _, eps in stored})
+        if missing:
+            have = ", ".join(f"{e:g}" for e in sorted({eps for _, eps in stored})) or "none"
+            raise RedteamError(
+                f"--at {', '.join(f'{e:g}' for e in missing)}: no run has that budget; they have {have}."
+            )
+        stored = [(norm, eps) for norm, eps in stored if eps in wanted]
+    columns = [_column(norm, eps) for norm, eps in stored]
+    for cell in cells:
+        cell.robust = {column: cell.robust.get(column) for column in columns}
+    return Report(
+        title="Robustness report: " + ", ".join(sorted({c.target for c in cells})),
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        runs=[str(run) for run in runs],
+        columns=columns,
+        cells=cells,
+        cards=_cards(sorted({c.target for c in cells} | {c.surrogate for c in cells})),
+        figures={},
+        sweeps=sweeps,
+    )
+
+
+def _cards(names: list[str]) -> dict[str, dict[str, Any]]:
+    from redteam.targets.base import TARGETS
+
+    cards = {}
+    for name in names:
+        card = TARGETS.get(name).card.to_dict() if name in TARGETS else {"name": name, "notes": "not registered here"}
+        cards[name] = {key: value for key, value in card.items() if value not in (None, "", {}, (0, 0))}
+    return cards
+
+
+def _png(figure: plt.Figure) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def curve_figures(runs: list[Path]) -> dict[str, bytes]:
+    """Accuracy-perturbation curves, one PNG per target (every defense and attack on it, one panel per norm)."""
+    curves = pd.concat([open_store(run).curves() for run in runs], ignore_index=True)
+    figures = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for target, curve in curves.groupby("target"):
+            path = Path(scratch) / "curve.png"
+            plot_curves(curve, path)
+            figures[str(target)] = path.read_bytes()
+    return figures
+
+
+def recreate_examples(summary: CellSummary, count: int, device: str = "auto") -> dict[str, Any]:
+    """Re-create ``count`` adversarial examples of one cell with its stored config and seeds, and draw them
+    (clean, adversarial, amplified perturbation per probe). Returns ``{"png": bytes, "note": str}`` or a note
+    saying why there are none."""
+    from redteam.attacks.base import ATTACKS, Campaign
+    from redteam.engine import Evaluation, EvaluationConfig
+
+    stored = summary.config
+    if issubclass(ATTACKS.get(stored["attack"]), Campaign):
+        return {"note": "campaign: its own images are in its run folder"}
+    known = {f.name for f in fields(EvaluationConfig)}
+    config = EvaluationConfig(**{k: v for k, v in stored.items() if k in known})
+    config.eps, config.device, config.attack_options = tuple(config.eps), device, dict(config.attack_options)
+    evaluation = Evaluation(config, ResultStore(Path(summary.run) / "results.sqlite"))
+    if evaluation.cell != summary.cell:
+        return {"note": "its stored configuration no longer gives the same cell (made by another redteam version)"}
+    if evaluation.minimal:
+        return {"note": "minimal-perturbation attack: examples are re-created for fixed-budget attacks only"}
+    chosen = _example_batch(evaluation)
+    if chosen is None:
+        return {"note": "no probe was attacked (none was decided correctly without an attack)"}
+    level, batch, rows = chosen
+    eps = evaluation.budgets[level]
+    evaluation.enrol()
+    images, adversarial, _, verdict = evaluation.craft(batch, eps, level, 0)
+    with torch.no_grad():
+        judged = verdict(adversarial)
+    scores = judged.score.detach().cpu()
+    drift = float((scores - torch.tensor(rows["score"].to_numpy(), dtype=scores.dtype)).abs().max())
+    clean = evaluation.store.frame(evaluation.cell, 0.0).set_index("probe")
+    order = sorted(range(len(batch)), key=lambda k: bool(judged.success[k]), reverse=True)[:count]  # fooled first
+    budget = _column(config.norm, display_eps(eps, config.norm))
+    figure = _example_figure(
+        images[order].cpu(),
+        adversarial[order].cpu(),
+        [float(clean.loc[batch[k].key, "score"]) for k in order],
+        [float(scores[k]) for k in order],
+        [bool(judged.success[k]) for k in order],
+        budget,
+    )
+    agreement = "matches the stored scores" if drift < 1e-4 else f"differs from the stored scores by up to {drift:.3g}"
+    note = f"first batch at ε = {budget}, re-created from seed {config.seed}: {agreement}"
+    return {"png": _png(figure), "note": note}
+
+
+def _example_batch(evaluation) -> tuple[int, list, pd.DataFrame] | None:
+    """The first batch of the smallest budget where it holds a fooled probe (else of the largest attacked budget),
+    formed as the ladder formed it: the probes still decided correctly at the budget below, in probe order."""
+    results = evaluation.store.frame(evaluation.cell)
+    results = results[results["probe"].isin({p.key for p in evaluation.probes})]
+    chosen = None
+    for level in range(1, len(evaluation.budgets)):
+        below = results[results["eps"] == evaluation.budgets[level - 1]]
+        still_correct = set(below.loc[below["correct"], "probe"])
+        batch = [p for p in evaluation.probes if p.key in still_correct][: evaluation.config.batch_size]
+        at = results[results["eps"] == evaluation.budgets[level]].set_index("probe")
+        if not batch or not all(p.key in at.index for p in batch):
+            break
+        chosen = (level, batch, at.loc[[p.key for p in batch]])
+        if not chosen[2]["correct"].all():
+            break
+    return chosen
+
+
+def _example_figure(clean, adversarial, clean_scores, scores, fooled, budget: str):
+    """Rows of (clean, adversarial, perturbation amplified to the full grey range) for ``[N, 3, H, W]`` images."""
+    rows = len(clean)
+    figure, axes = plt.subplots(rows, 3, figsize=(6.6, 2.5 * rows), squeeze=False)
+    for row in range(rows):
+        delta = adversarial[row] - clean[row]
+        gain = 0.5 / max(float(delta.abs().max()), 1e-12)
+        panels = [
+            (clean[row], f"clean (score {clean_scores[row]:.3f})"),
+            (
+                adversarial[row],
+                f"adversarial, {budget}\n(score {scores[row]:.3f}, {'fooled' if fooled[row] else 'held'})",
+            ),
+            ((delta * gain + 0.5).clamp(0, 1), f"perturbation × {gain:.0f}"),
+        ]
+        for axis, (image, title) in zip(axes[row], panels):
+            axis.imshow(image.permute(1, 2, 0).numpy())
+            axis.set_title(title, fontsize=8)
+            axis.axis("off")
+    figure.tight_layout()
+    return figure
+
+
+def _markdown(text: object) -> str:
+    """A user string made inert in a Markdown table cell (no HTML, no table breaks, no code spans)."""
+    replacements = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "`": "\\`", "\n": " ", "*": "\\*", "_": "\\_"}
+    return "".join(replacements.get(char, char) for char in str(text))
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def write_report(report: Report, figures: dict[str, bytes], out: Path) -> list[Path]:
+    """Write ``out/report.html`` (self-contained), ``out/report.md`` (its figures in ``out/report_files/``) and
+    ``out/report.json``; returns the three paths."""
+    if out.exists() and not out.is_dir():
+        raise RedteamError(f"--out {out} is a file; give a folder.")
+    files = out / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    report.figures = {target: base64.b64encode(png).decode() for target, png in figures.items()}
+    for target, png in figures.items():
+        (files / f"curves-{_slug(target)}.png").write_bytes(png)
+    for number, cell in enumerate(report.cells):
+        if "png" in cell.examples:
+            name = f"examples-{number}-{cell.cell}.png"
+            (files / name).write_bytes(cell.examples["png"])
+            cell.examples = {"png": base64.b64encode(cell.examples["png"]).decode(), "file": f"report_files/{name}",
+                             "note": cell.examples["note"]}  # fmt: skip
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("redteam", "templates"),
+        autoescape=jinja2.select_autoescape(["html.j2"]),  # the Markdown template escapes with its md filter
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    environment.filters.update(md=_markdown, percent=_percent, slug=_slug)
+    written = []
+    for template, name in (("report.html.j2", "report.html"), ("report.md.j2", "report.md")):
+        (out / name).write_text(environment.get_template(template).render(report=report), encoding="utf-8")
+        written.append(out / name)
+    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2, default=str), encoding="utf-8")
+    return [*written, out / "report.json"]
+
+
+def _slug(text: str) -> str:
+    return "".join(char if char.isalnum() or char in "-_." else "-" for char in text)
+
+
+def make_report(
+    runs: list[Path],
+    out: Path,
+    progress: Progress,
+    budgets: tuple[float, ...] | None = None,
+    examples: int = 2,
+    device: str = "auto",
+) -> list[Path]:
+    """Collect ``runs``, draw curves and (``examples`` per cell, 0 for none) re-created examples, write the report."""
+    if out.exists() and not out.is_dir():
+        raise RedteamError(f"--out {out} is a file; give a folder.")
+    if examples < 0:
+        raise RedteamError(f"--examples must be 0 or more, got {examples}.")
+    report = collect(runs, budgets)
+    if examples:
+        task = progress.add_task("re-creating examples", total=len(report.cells))
+        for cell in report.cells:
+            try:
+                cell.examples = recreate_examples(cell, examples, device)
+            except RedteamError as error:  # e.g. its data moved: the numbers are still worth reporting
+                cell.examples = {"note": f"could not be re-created: {error}"}
+            progress.advance(task)
+    return write_report(report, curve_figures(runs), out)

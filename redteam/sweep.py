@@ -1,0 +1,230 @@
+"""`redteam sweep config.yaml`: a grid of targets x attacks x defenses over a ladder of budgets, into one store.
+
+A sweep file is a YAML mapping. Lists make the grid; everything else applies to every cell::
+
+    data: ../shared/data/faces
+    targets: [facenet, arcface]
+    attacks: {pgd: {steps: 2}, mim: {steps: 2}}   # or a list of names: [pgd, mim]
+    defenses: [none, halftone]                     # optional (default: none)
+    adaptive: [true, false]                        # optional: how defended cells are attacked (default: true)
+    eps: [0, 1, 2, 4]                              # /255 for linf, image units for l2
+    limit: 8
+    out: runs/my-sweep                             # optional; --out wins
+
+The whole file is checked before anything runs: a mistake is one line naming the key and value, with the closest
+known name. Cells run in turn into ``<out>/results.sqlite``, a batch at a time, so an interrupted sweep (Ctrl-C,
+kill -9, a crash) carries on where it stopped when the same command runs again and recomputes nothing finished.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.progress import Progress
+
+from redteam.attacks.base import ATTACKS, Campaign
+from redteam.engine import EvaluationConfig, attack_through_defense, build_attack, build_defense
+from redteam.errors import RedteamError, UnknownNameError
+from redteam.results import ResultStore, write_outputs
+from redteam.targets.base import TARGETS
+from redteam.threats import THREATS
+
+
+class SweepConfigError(RedteamError):
+    """A mistake in a sweep file."""
+
+
+#: Settings shared by every cell: EvaluationConfig fields (and ``steps``, an attack setting) with their YAML types.
+SHARED_SETTINGS: dict[str, type | tuple[type, ...]] = {
+    "data": str,
+    "threat": str,
+    "norm": str,
+    "eps": list,
+    "limit": int,
+    "seed": int,
+    "threshold": (int, float),
+    "surrogate": str,
+    "align": bool,
+    "batch_size": int,
+    "device": str,
+    "checks": bool,
+    "steps": int,
+}
+GRID_KEYS = ("targets", "attacks", "defenses", "adaptive")
+KNOWN_KEYS = (*GRID_KEYS, *SHARED_SETTINGS, "out")
+
+
+@dataclass
+class Sweep:
+    """A parsed, checked sweep file: one :class:`EvaluationConfig` per cell, in the order they run."""
+
+    path: Path
+    configs: list[EvaluationConfig]
+    out: Path | None  # the file's ``out``, relative to the working directory like the command's own paths
+    settings: dict[str, Any]  # the file as read (for sweep.json)
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Read and check a sweep file. Raises :class:`SweepConfigError` (one line) on any mistake."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepConfigError(f"sweep file {path} {'is a folder' if path.is_dir() else 'does not exist'}.")
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SweepConfigError(f"{path} is not valid YAML{where}: {problem}.") from None
+    except UnicodeDecodeError:
+        raise SweepConfigError(f"{path} is not a text file.") from None
+    if not isinstance(settings, dict):
+        raise SweepConfigError(f"{path} must be a YAML mapping (targets:, attacks:, eps:, ...), not {_kind(settings)}.")
+    for key in settings:
+        if key not in KNOWN_KEYS:
+            raise SweepConfigError(f"{path}: {UnknownNameError('key', str(key), KNOWN_KEYS)}")
+    for key in ("targets", "attacks"):
+        if key not in settings:
+            raise SweepConfigError(
+                f"{path}: {key}: missing; a sweep needs at least one of each of targets and attacks."
+            )
+    shared = {key: _checked(path, key, settings[key]) for key in SHARED_SETTINGS if key in settings}
+    out = settings.get("out")
+    if out is not None and not isinstance(out, str):
+        raise SweepConfigError(f"{path}: out: expected a folder path, got {_kind(out)} {out!r}.")
+    targets = _names(path, "targets", settings["targets"])
+    attacks = _attacks(path, settings["attacks"])
+    defenses = _names(path, "defenses", settings.get("defenses", ["none"]))
+    adaptive = settings.get("adaptive", [True])
+    adaptive = adaptive if isinstance(adaptive, list) else [adaptive]
+    if not adaptive or not all(isinstance(a, bool) for a in adaptive):
+        raise SweepConfigError(f"{path}: adaptive: expected true, false or a list of them, got {adaptive!r}.")
+    steps = shared.pop("steps", None)
+    if "eps" in shared:
+        shared["eps"] = tuple(shared["eps"])
+    configs = []
+    for target, (attack, options), defense, adaptively in product(targets, attacks, defenses, adaptive):
+        if defense == "none" and adaptively != adaptive[0]:
+            continue  # without a defense there is nothing to be adaptive about: one cell, not two
+        options = {**({"steps": steps} if steps is not None else {}), **options}
+        config = EvaluationConfig(target, attack, attack_options=options, defense=defense, adaptive=adaptively,
+                                  **shared)  # fmt: skip
+        _check_cell(path, config)
+        configs.append(config)
+    return Sweep(path, configs, Path(out) if out else None, settings)
+
+
+def _kind(value: object) -> str:
+    kinds = {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), "nothing" if value is None else type(value).__name__)
+
+
+def _checked(path: Path, key: str, value: object) -> object:
+    """One shared setting, type-checked (YAML's bools are not numbers here)."""
+    expected = SHARED_SETTINGS[key]
+    wrong_bool = isinstance(value, bool) and expected is not bool
+    if wrong_bool or not isinstance(value, expected):
+        names = {str: "text", int: "a whole number", bool: "true or false", list: "a list of numbers"}
+        wanted = names.get(expected, "a number") if isinstance(expected, type) else "a number"
+        raise SweepConfigError(f"{path}: {key}: expected {wanted}, got {_kind(value)} {value!r}.")
+    if key == "eps":
+        if not value or any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in value):
+            raise SweepConfigError(f"{path}: eps: expected a list of numbers, got {value!r}.")
+    if key in ("limit", "batch_size", "steps") and value < 1:
+        raise SweepConfigError(f"{path}: {key}: must be at least 1, got {value}.")
+    return value
+
+
+def _names(path: Path, key: str, value: object) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise SweepConfigError(f"{path}: {key}: expected a list of names, got {value!r}.")
+    if len(set(value)) != len(value):
+        raise SweepConfigError(f"{path}: {key}: {sorted({v for v in value if value.count(v) > 1})} listed twice.")
+    for name in value:
+        try:
+            if key == "targets":
+                TARGETS.get(name)
+            elif key == "defenses":
+                build_defense(name)
+        except RedteamError as error:
+            raise SweepConfigError(f"{path}: {key}: {error}") from None
+    return value
+
+
+def _attacks(path: Path, value: object) -> list[tuple[str, dict[str, Any]]]:
+    """``[pgd, mim]`` or ``{pgd: {steps: 2}, mim: null}`` -> ``[(name, settings)]``."""
+    if isinstance(value, dict):
+        pairs = [(name, options or {}) for name, options in value.items()]
+        for name, options in pairs:
+            if not isinstance(options, dict):
+                raise SweepConfigError(f"{path}: attacks: {name}: expected settings (key: value), got {options!r}.")
+    else:
+        pairs = [(name, {}) for name in _names(path, "attacks", value)]
+    for name, _ in pairs:
+        try:
+            attack_class = ATTACKS.get(str(name))
+        except RedteamError as error:
+            raise SweepConfigError(f"{path}: attacks: {error}") from None
+        if issubclass(attack_class, Campaign):
+            raise SweepConfigError(f"{path}: attacks: {name} is a campaign; run it with `redteam run --attack {name}`.")
+    return [(str(name), dict(options)) for name, options in pairs]
+
+
+def _check_cell(path: Path, config: EvaluationConfig) -> None:
+    """Everything about a cell that can be checked without loading models or data."""
+    where = f"{path}: cell {config.target} x {config.attack} x {config.defense}"
+    try:
+        config.budgets()
+        task = TARGETS.get(config.target).card.task
+        threat = config.threat if config.threat != "auto" else ("evasion" if task == "detection" else "dodging")
+        for name in filter(None, (config.target, config.surrogate)):
+            if THREATS.get(threat).task != TARGETS.get(name).card.task:
+                raise RedteamError(f"{threat} attacks {THREATS.get(threat).task} models; {name} is not one.")
+        probe = replace(config, attack_options=dict(config.attack_options))  # the engine writes defaults into it
+        attack_through_defense(probe, build_defense(probe.defense))
+        build_attack(probe)
+    except RedteamError as error:
+        raise SweepConfigError(f"{where}: {error}") from None
+
+
+def run_sweep(sweep: Sweep, out: Path, progress: Progress) -> list[dict[str, Any]]:
+    """Run every cell in turn into ``out/results.sqlite`` (skipping what it holds), then write the curves.
+
+    Returns, per cell, its key, label and how many batches this call computed (0 for cells already finished).
+    """
+    from redteam.checks import run_checks
+    from redteam.engine import Evaluation
+
+    if out.exists() and not out.is_dir():
+        raise RedteamError(f"--out {out} is a file; give a folder.")
+    started = time.perf_counter()
+    store = ResultStore(out / "results.sqlite")
+    cells = progress.add_task("cells", total=len(sweep.configs))
+    done = []
+    for config in sweep.configs:
+        label = f"{config.target} · {config.attack} · {config.defense_label}"
+        evaluation = Evaluation(replace(config, attack_options=dict(config.attack_options)), store)
+        task = progress.add_task(label, total=evaluation.total_work())
+        evaluation.run(lambda n, task=task: progress.advance(task, n))
+        if config.checks:
+            run_checks(evaluation)
+        done.append({"cell": evaluation.cell, "label": label, "batches computed": evaluation.computed})
+        progress.advance(cells)
+    write_outputs(store, out)
+    summary = {
+        "sweep": str(sweep.path),
+        "command": f"redteam sweep {sweep.path} --out {out}",
+        "settings": sweep.settings,
+        "cells": done,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
+    return done
