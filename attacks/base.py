@@ -17,6 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -63,6 +64,15 @@ class Budget:
         size = perturbation_size(delta, "l2").clamp_min(1e-12)
         return delta * per_sample((self.eps / size).clamp(max=1.0), delta)
 
+    def confine(self, origin: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x -> `` the nearest image to ``x`` within the budget around ``origin [B, ...]`` and inside ``[0, 1]``
+        (for ℓ2: projected onto the ball, then clipped). The ℓ∞ box is computed once, for attacks' inner loops."""
+        if self.norm == "linf":
+            eps = per_sample(self.eps, origin)
+            low, high = (origin - eps).clamp(min=0), (origin + eps).clamp(max=1)
+            return lambda x: torch.clamp(x, low, high)
+        return lambda x: (origin + self.project(x - origin)).clamp(0, 1)
+
     def sample(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
         """A random perturbation inside the budget, shaped like ``like``."""
         if self.norm == "linf":
@@ -84,11 +94,18 @@ class Budget:
 
 @dataclass
 class AttackResult:
-    """``images``: adversarial batch; ``success``: the objective's verdict on them; ``steps``: gradient steps used."""
+    """``images``: adversarial batch; ``steps``: gradient steps used; ``success``: ``judge``'s verdict on ``images``,
+    computed on first access (the engine judges the final images itself, so an attack spends no forward pass on
+    them unless someone asks)."""
 
     images: Tensor
-    success: Tensor
     steps: Tensor
+    judge: Objective = field(repr=False)
+
+    @cached_property
+    def success(self) -> Tensor:
+        with torch.no_grad():
+            return self.judge(self.images).success
 
 
 @dataclass

@@ -53,11 +53,6 @@ class FaceClassifier(nn.Module):
         return torch.full((len(reference),), correct, dtype=torch.long, device=reference.device)
 
 
-def _judge(objective: Objective, images: Tensor) -> Tensor:
-    with torch.no_grad():
-        return objective(images).success
-
-
 def _torchattacks():
     try:
         import torchattacks
@@ -84,7 +79,7 @@ class TorchattacksPGD(Attack):
         attack = kind(classifier, eps=budget.eps, alpha=alpha, steps=self.steps, random_start=self.random_start)
         adversarial = attack(images, classifier.labels())
         steps = torch.full((len(images),), self.steps, dtype=torch.long)
-        return AttackResult(adversarial, _judge(objective, adversarial), steps)
+        return AttackResult(adversarial, steps, objective)
 
 
 @ATTACKS.register("torchattacks-mim", "torchattacks' MIFGSM (ℓ∞ momentum) on the face threat model")
@@ -106,7 +101,7 @@ class TorchattacksMIM(Attack):
         )
         adversarial = attack(images, classifier.labels())
         steps = torch.full((len(images),), self.steps, dtype=torch.long)
-        return AttackResult(adversarial, _judge(objective, adversarial), steps)
+        return AttackResult(adversarial, steps, objective)
 
 
 @ATTACKS.register("torchattacks-cw", "torchattacks' C&W ℓ2 (one constant c) on the face threat model")
@@ -123,7 +118,8 @@ class TorchattacksCW(MinimalAttack):
         classifier = FaceClassifier(objective)
         attack = _torchattacks().CW(classifier, c=self.const, kappa=0, steps=self.steps, lr=self.learning_rate)
         adversarial = attack(images, classifier.labels())
-        fooled = _judge(objective, adversarial)
+        with torch.no_grad():
+            fooled = objective(adversarial).success
         size = (adversarial - images).flatten(1).norm(dim=1)
         size = torch.where(fooled, size, torch.full_like(size, float("inf")))
         steps = torch.full((len(images),), self.steps, dtype=torch.long)
@@ -168,4 +164,4 @@ class ArtPGD(Attack):
         labels = classifier.labels().cpu().numpy()
         adversarial = torch.from_numpy(attack.generate(images.cpu().numpy(), y=labels)).to(images.device)
         steps = torch.full((len(images),), self.steps, dtype=torch.long)
-        return AttackResult(adversarial, _judge(objective, adversarial), steps)
+        return AttackResult(adversarial, steps, objective)

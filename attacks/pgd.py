@@ -31,37 +31,38 @@ class PGD(Attack):
         success = torch.zeros(len(images), dtype=torch.bool, device=images.device)
         steps_used = torch.zeros(len(images), dtype=torch.long, device=images.device)
         step = self.step_size * budget.eps / self.steps
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             active = torch.nonzero(~success).squeeze(1)
             if len(active) == 0:
                 break
             goal, origin = objective.select(active), images[active]
             delta = budget.sample(origin, generator) if self.random_start else torch.zeros_like(origin)
             x = (origin + delta).clamp(0, 1)
+            confine = budget.confine(origin)
             velocity = torch.zeros_like(x)
             for _ in range(self.steps):
                 evaluation, gradient = objective_gradient(goal, x, self.eot)
-                adversarial[active] = x  # the latest iterate; samples that won stop here
-                success[active] = evaluation.success
                 steps_used[active] += 1
-                won = evaluation.success if self.early_stop else torch.zeros_like(evaluation.success)
-                if won.all():
-                    active = active[:0]
-                    break
-                if won.any():  # drop the samples already won: later steps only pay for the rest
+                won = evaluation.success
+                if self.early_stop and won.any():  # samples that won stop at this iterate; later steps skip them
+                    adversarial[active[won]], success[active[won]] = x[won], True
                     keep = torch.nonzero(~won).squeeze(1)
                     active, goal = active[keep], goal.select(keep)
                     origin, x, gradient, velocity = origin[keep], x[keep], gradient[keep], velocity[keep]
+                    if len(active) == 0:
+                        break
+                    confine = budget.confine(origin)
                 if self.momentum:
                     l1 = gradient.flatten(1).abs().sum(1).clamp_min(1e-12)
                     velocity = self.momentum * velocity + gradient / l1.view(-1, *([1] * (gradient.dim() - 1)))
                     gradient = velocity
-                x = (origin + budget.project(x + budget.ascent(gradient, step) - origin)).clamp(0, 1)
+                x = confine(x + budget.ascent(gradient, step))
             if len(active):
-                with torch.no_grad():  # judge the final iterate of the samples still running
-                    adversarial[active] = x
-                    success[active] = goal(x).success
-        return AttackResult(adversarial, success, steps_used)
+                adversarial[active] = x  # the final iterate of the samples still running
+                if restart + 1 < self.restarts:  # the next restart attacks only those it did not fool
+                    with torch.no_grad():
+                        success[active] = goal(x).success
+        return AttackResult(adversarial, steps_used, objective)
 
 
 @ATTACKS.register("mim", "momentum iterative method: PGD whose steps follow an accumulated, L1-normalised gradient")
