@@ -46,3 +46,15 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class RuleTable(dict[str, T]):
+    """Op name -> conversion rule, filled by the ``register(*names)`` decorator (the model converters' op tables)."""
+
+    def register(self, *names: str) -> Callable[[T], T]:
+        def add(rule: T) -> T:
+            for name in names:
+                self[name] = rule
+            return rule
+
+        return add

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from redteam.convert.tf_graph import same_padding
 from redteam.errors import RedteamError
+from redteam.registry import RuleTable
 
 
 class UnsupportedOnnxError(RedteamError, NotImplementedError):
@@ -152,16 +153,8 @@ class GraphBuilder:
 
 
 OpRule = Callable[[GraphBuilder, OnnxNode], CompiledOp]
-_OPS: dict[str, OpRule] = {}
-
-
-def register_op(*names: str) -> Callable[[OpRule], OpRule]:
-    def wrap(rule: OpRule) -> OpRule:
-        for name in names:
-            _OPS[name] = rule
-        return rule
-
-    return wrap
+_OPS: RuleTable[OpRule] = RuleTable()
+register_op = _OPS.register
 
 
 def _simple(builder: GraphBuilder, node: OnnxNode, fn: Callable[..., Tensor], count: int | None = None) -> CompiledOp:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from redteam.assets import RegistryFile, cache_dir
+from redteam.registry import RuleTable
 
 
 class Layout(Enum):
@@ -109,16 +110,8 @@ class GraphBuilder:
 
 
 OpRule = Callable[[GraphBuilder, GraphNode], CompiledOp]
-_OPS: dict[str, OpRule] = {}
-
-
-def register_op(*names: str) -> Callable[[OpRule], OpRule]:
-    def wrap(rule: OpRule) -> OpRule:
-        for name in names:
-            _OPS[name] = rule
-        return rule
-
-    return wrap
+_OPS: RuleTable[OpRule] = RuleTable()
+register_op = _OPS.register
 
 
 def _data_inputs(node: GraphNode) -> list[str]:

@@ -24,6 +24,7 @@ import tflite
 from redteam.assets import RegistryFile, cache_dir
 from redteam.convert.tf_graph import CACHE_FORMAT, GraphNode, TFGraphModule, load_nodes, save_nodes
 from redteam.errors import RedteamError
+from redteam.registry import RuleTable
 
 
 class UnsupportedTFLiteError(RedteamError, NotImplementedError):
@@ -149,16 +150,8 @@ def _dequantise(value: np.ndarray, quantisation: tflite.QuantizationParameters) 
 
 
 Rule = Callable[[_Translator, str, tflite.Operator, list[int], int], None]
-_RULES: dict[str, Rule] = {}
-
-
-def _rule(*names: str) -> Callable[[Rule], Rule]:
-    def wrap(rule: Rule) -> Rule:
-        for name in names:
-            _RULES[name] = rule
-        return rule
-
-    return wrap
+_RULES: RuleTable[Rule] = RuleTable()
+_rule = _RULES.register
 
 
 def _options(op: tflite.Operator, kind: type) -> object:
