@@ -556,12 +556,20 @@ def load_nodes(path: Path) -> list[GraphNode]:
 CACHE_FORMAT = 1
 
 
-def load_frozen_graph(source: RegistryFile, inputs: list[str], outputs: list[str]) -> TFGraphModule:
-    """Convert a frozen GraphDef once; later loads read the converted graph from the cache by source checksum."""
-    converted = cache_dir() / "converted" / f"{source.sha256[:16]}-v{CACHE_FORMAT}.pt"
+def load_converted(
+    key: str, convert: Callable[[], list[GraphNode]], inputs: list[str], outputs: list[str]
+) -> TFGraphModule:
+    """A graph converted once by ``convert()`` and cached under ``key`` (its source's checksum, with a prefix
+    naming the format); later loads read the cache instead."""
+    converted = cache_dir() / "converted" / f"{key}-v{CACHE_FORMAT}.pt"
     try:
         nodes = load_nodes(converted)
     except Exception:  # absent or damaged cache entry: convert again from the source
-        nodes = nodes_from_graphdef(source.path().read_bytes())
+        nodes = convert()
         save_nodes(nodes, converted)
     return TFGraphModule(nodes, inputs, outputs)
+
+
+def load_frozen_graph(source: RegistryFile, inputs: list[str], outputs: list[str]) -> TFGraphModule:
+    """A frozen GraphDef as a module, converted once (cached by the source's checksum)."""
+    return load_converted(source.sha256[:16], lambda: nodes_from_graphdef(source.path().read_bytes()), inputs, outputs)

@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from redteam.assets import RegistryFile, cache_dir
-from redteam.convert.tf_graph import CACHE_FORMAT, GraphNode, TFGraphModule, load_nodes, save_nodes
+from redteam.assets import RegistryFile
+from redteam.convert.tf_graph import GraphNode, TFGraphModule, load_converted
 
 _STORED = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "bool": np.dtype("u1")}
 _QUANTISED = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "float16": np.dtype("<f2")}
@@ -141,15 +141,9 @@ def nodes_from_model_json(model: dict[str, Any], shards: Mapping[str, bytes]) ->
 
 
 def load_tfjs_graph(model: TFJSModel, inputs: list[str], outputs: list[str]) -> TFGraphModule:
-    """Convert a TF.js graph model once; later loads read the converted graph from the cache (keyed by checksums)."""
+    """A TF.js graph model as a module, converted once (cached by its files' checksums)."""
     key = hashlib.sha256("".join(f.sha256 for f in model.files).encode()).hexdigest()[:16]
-    converted = cache_dir() / "converted" / f"tfjs-{key}-v{CACHE_FORMAT}.pt"
-    try:
-        nodes = load_nodes(converted)
-    except Exception:  # absent or damaged cache entry: convert again from the source
-        nodes = nodes_from_model_json(*model.read())
-        save_nodes(nodes, converted)
-    return TFGraphModule(nodes, inputs, outputs)
+    return load_converted(f"tfjs-{key}", lambda: nodes_from_model_json(*model.read()), inputs, outputs)
 
 
 def load_tfjs_weights(model: TFJSModel) -> dict[str, np.ndarray]:

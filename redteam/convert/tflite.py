@@ -21,8 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import tflite
 
-from redteam.assets import RegistryFile, cache_dir
-from redteam.convert.tf_graph import CACHE_FORMAT, GraphNode, TFGraphModule, load_nodes, save_nodes
+from redteam.assets import RegistryFile
+from redteam.convert.tf_graph import GraphNode, TFGraphModule, load_converted
 from redteam.errors import RedteamError
 from redteam.registry import RuleTable
 
@@ -359,11 +359,7 @@ def nodes_from_tflite(data: bytes) -> list[GraphNode]:
 
 
 def load_tflite(source: RegistryFile, inputs: list[str], outputs: list[str]) -> TFGraphModule:
-    """Convert a TFLite model once; later loads read the converted graph from the cache (keyed by its checksum)."""
-    converted = cache_dir() / "converted" / f"tflite-{source.sha256[:16]}-v{CACHE_FORMAT}.pt"
-    try:
-        nodes = load_nodes(converted)
-    except Exception:  # absent or damaged cache entry: convert again from the source
-        nodes = nodes_from_tflite(source.path().read_bytes())
-        save_nodes(nodes, converted)
-    return TFGraphModule(nodes, inputs, outputs)
+    """A TFLite model as a module, converted once (cached by the source's checksum)."""
+    return load_converted(
+        f"tflite-{source.sha256[:16]}", lambda: nodes_from_tflite(source.path().read_bytes()), inputs, outputs
+    )
