@@ -118,6 +118,42 @@ def _data_inputs(node: GraphNode) -> list[str]:
     return [c for i in node.inputs if (c := _clean_input(i))]
 
 
+def fuse_prelu(nodes: list[GraphNode]) -> list[GraphNode]:
+    """Rewrite PReLU spelled out as ``relu(x) + c * (x - |x|)`` (TF-Slim MobileFaceNets: five passes over the
+    activation, forward and backward, ~45% of their time) into one ``Prelu(x, alpha = 2c)`` node. For ``x < 0`` the
+    sum is ``2 c x``, for ``x >= 0`` it is ``x``: the same function. The replaced nodes are left unused."""
+    by_name = {n.name: n for n in nodes}
+    consumers = Counter(c for n in nodes for i in n.inputs if (c := _clean_input(i)))
+
+    def only_use(name: str, op: str) -> GraphNode | None:
+        node = by_name.get(name)
+        return node if node is not None and node.op == op and consumers[name] == 1 else None
+
+    fused = []
+    for node in nodes:
+        operands = _data_inputs(node)
+        match = None
+        if node.op in ("Add", "AddV2") and len(operands) == 2:
+            for relu_name, mul_name in (operands, operands[::-1]):
+                relu, mul = only_use(relu_name, "Relu"), only_use(mul_name, "Mul")
+                if relu is None or mul is None or len(factors := _data_inputs(mul)) != 2:
+                    continue
+                for const_name, sub_name in (factors, factors[::-1]):
+                    const, sub = by_name.get(const_name), only_use(sub_name, "Sub")
+                    if const is None or const.op != "Const" or sub is None:
+                        continue
+                    x, absolute = _data_inputs(sub)
+                    source = only_use(absolute, "Abs")
+                    if source is not None and _data_inputs(source) == [x] and _data_inputs(relu) == [x]:
+                        match = (x, np.asarray(const.attrs["value"], np.float32) * 2)
+        if match is None:
+            fused.append(node)
+            continue
+        alpha = GraphNode(f"{node.name}/alpha", "Const", [], {"value": match[1]})
+        fused += [alpha, GraphNode(node.name, "Prelu", [match[0], alpha.name])]
+    return fused
+
+
 class TFGraphModule(nn.Module):
     """A frozen TF graph as an ``nn.Module``. ``forward`` takes the graph inputs (images as NCHW) in order."""
 
@@ -127,6 +163,7 @@ class TFGraphModule(nn.Module):
         self.input_names = inputs
         self.output_names = outputs
         self._plan: list[tuple[str, CompiledOp]] = []
+        nodes = fuse_prelu(nodes)
         builder = GraphBuilder(nodes, self)
         needed = self._needed(nodes, outputs, stop=set(inputs))
         unknown = sorted(
@@ -401,6 +438,21 @@ def _binary(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
         return fn(a, b)
 
     return CompiledOp(binary, runtime_inputs, Layout.NCHW if image else Layout.PLAIN)
+
+
+@register_op("Prelu")
+def _prelu(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    """``x`` where ``x >= 0``, else ``alpha * x`` (inputs ``x``, constant ``alpha`` broadcast NHWC-style): one
+    ``F.prelu`` kernel for per-channel slopes of an image tensor, elementwise otherwise."""
+    x = _data_inputs(node)[0]
+    alpha = builder.require_const(node, 1)
+    layout, weights = builder.layout(x), builder.module.weights
+    channels = alpha.shape[-1] if alpha.ndim else 1
+    if layout is Layout.NCHW and alpha.size == channels:
+        key = builder.param(node, "alpha", alpha.reshape(-1))
+        return CompiledOp(lambda v: F.prelu(v, weights[key]), [x], layout)
+    key = builder.param(node, "alpha", _broadcast_const_nchw(alpha) if layout is Layout.NCHW else alpha)
+    return CompiledOp(lambda v: torch.where(v >= 0, v, v * weights[key]), [x], layout)
 
 
 def _plain_to_nchw_broadcast(x: Tensor) -> Tensor:

@@ -272,12 +272,7 @@ def _unary(t: _Translator, name: str, op: tflite.Operator, ins: list[int], out: 
 
 @_rule("PRELU")
 def _prelu(t: _Translator, name: str, op: tflite.Operator, ins: list[int], out: int) -> None:
-    # relu(x) + alpha * min(x, 0): exactly x or alpha * x, as TFLite computes it.
-    x, prefix = t.tensor(ins[0]), t.names[out]
-    positive = t.node(f"{prefix}/positive", "Relu", [x])
-    negative = t.node(f"{prefix}/negative", "Minimum", [x, t.constant(f"{prefix}/zero", np.zeros((), np.float32))])
-    scaled = t.node(f"{prefix}/scaled", "Mul", [t.tensor(ins[1]), negative])
-    t.emit(out, "AddV2", [positive, scaled])
+    t.emit(out, "Prelu", [t.tensor(ins[0]), t.tensor(ins[1])])
 
 
 @_rule("L2_NORMALIZATION")
