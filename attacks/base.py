@@ -165,10 +165,11 @@ class CampaignContext:
     """What ``redteam run`` hands a campaign.
 
     ``target`` is loaded (eval mode, frozen); ``budgets`` are the ``--eps`` values as the user typed them (the
-    campaign says what they mean: /255, area fractions, poison rates); ``identity`` is ``--identity`` (the person
-    the campaign is about, when it is about one); ``load_target(name)`` loads another zoo target on the same device
-    (transfer tables). Files the campaign writes go under ``out``. ``progress(total)`` starts a progress bar and
-    returns its ``advance(n)``.
+    campaign says what they mean: /255, area fractions, poison rates) and ``norm`` is ``--norm`` (one of the
+    campaign's ``norms``); ``limit`` is ``--limit`` (the campaign says what it caps); ``identity`` is ``--identity``
+    (the person the campaign is about, when it is about one); ``load_target(name)`` loads another zoo target on the
+    same device (transfer tables). Files the campaign writes go under ``out``. ``progress(total)`` starts a progress
+    bar and returns its ``advance(n)``.
     """
 
     target: Target
@@ -179,6 +180,8 @@ class CampaignContext:
     seed: int = 0
     threat: str = "dodging"
     budgets: tuple[float, ...] = ()
+    norm: str = "linf"
+    limit: int | None = None
     identity: str | None = None
     load_target: Callable[[str], Target] = field(repr=False, default=None)  # type: ignore[assignment]
     progress: Callable[[str, int], Callable[[int], None]] = field(repr=False, default=lambda what, total: lambda n: None)

@@ -24,7 +24,7 @@ from redteam.attacks.base import Budget
 from redteam.attacks.external import ArtPGD, TorchattacksPGD
 from redteam.attacks.pgd import PGD
 from redteam.datasets import open_dataset
-from redteam.engine import Evaluation, EvaluationConfig, load_target
+from redteam.engine import Evaluation, EvaluationConfig, autocast, load_target
 from redteam.results import ResultStore
 from redteam.threats import Dodging
 
@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--curve-probes", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bf16", action="store_true", help="also time our PGD under bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also time our PGD on the torch.compile'd target")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -89,6 +91,21 @@ def main() -> None:
         "ART": lambda: ArtPGD(steps=args.steps)(objective, images, budget),
         "ours (early stop)": lambda: PGD(steps=args.steps)(objective, images, budget),
     }
+    if args.bf16:
+
+        def mixed() -> None:
+            with autocast(device, "bf16"):
+                PGD(steps=args.steps, early_stop=False)(objective, images, budget)
+
+        contenders["ours, bf16 autocast"] = mixed
+    if args.compile:
+        compiled_target = load_target(args.target, device)
+        compiled_target.embed = torch.compile(compiled_target.embed)  # the instance's embed shadows the class's
+        compiled = threat.objective(compiled_target, probes)
+        started = time.perf_counter()
+        PGD(steps=1, early_stop=False)(compiled, images, budget)
+        print(f"torch.compile: {time.perf_counter() - started:.0f} s to compile (first forward and backward)")
+        contenders["ours, torch.compile"] = lambda: PGD(steps=args.steps, early_stop=False)(compiled, images, budget)
     print(
         f"{args.target}, {len(probes)} dodging probes from {dataset.description}, PGD-{args.steps} at "
         f"ℓ∞ {args.eps:g}/255, {torch.get_num_threads()} threads, median of {args.reps} alternating rounds"

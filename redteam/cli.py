@@ -56,6 +56,15 @@ def _parse_budgets(text: str) -> tuple[float, ...]:
         raise RedteamError(f"--eps wants comma-separated numbers, got {text!r}.") from None
 
 
+def _parse_batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise RedteamError(f"--batch-size wants a number or auto, got {text!r}.") from None
+
+
 @app.command()
 def run(
     target: Annotated[str, typer.Option(help="Target name (see `redteam list`).")] = "facenet",
@@ -85,8 +94,14 @@ def run(
         bool, typer.Option(help="Detect and align faces (MTCNN) instead of assuming LFW-framed crops.")
     ] = False,
     checks: Annotated[bool, typer.Option(help="Run the sanity checks (a few seconds).")] = True,
-    batch_size: Annotated[int, typer.Option(help="Probes per batch.")] = 16,
+    batch_size: Annotated[
+        str, typer.Option(help="Probes per batch, or auto: as many as fit in GPU memory (16 on a CPU).")
+    ] = "16",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(help="fp32, bf16 or fp16 for the attack's passes (autocast); verdicts are always float32."),
+    ] = "fp32",
     identity: Annotated[
         str | None, typer.Option(help="The person a campaign is about (advhat, inversion, backdoors): a --data folder.")
     ] = None,
@@ -139,8 +154,9 @@ def run(
         weights=str(weights) if weights else None,
         surrogate=surrogate,
         align=align,
-        batch_size=batch_size,
+        batch_size=_parse_batch_size(batch_size),
         device=device,
+        precision=precision,  # type: ignore[arg-type]
         checks=checks,
         identity=identity,
         defense=defense,
@@ -400,16 +416,26 @@ def fetch(
 def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep file (YAML): targets, attacks, defenses, eps, ...")],
     out: Annotated[Path | None, typer.Option(help="Run folder (default: the file's out, or runs/<its stem>).")] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(help="Run on Ray: auto (the running cluster, else a local one), local, or a head's HOST:PORT."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Ray workers, one CPU each (default: every CPU of the cluster).")
+    ] = None,
 ) -> None:
     """Run a grid of targets x attacks x defenses over budgets into one store (resumable: run it again)."""
     from redteam.sweep import load_sweep, run_sweep
 
+    if workers is not None and ray is None:
+        raise RedteamError("--workers is for Ray sweeps: add --ray auto (or local, or HOST:PORT).")
     grid = load_sweep(config)
     out = out or grid.out or Path("runs") / config.stem
-    console.print(f"[bold]{len(grid.configs)} cells[/] from {config} -> {out}/")
+    on = f" on Ray ({ray})" if ray else ""
+    console.print(f"[bold]{len(grid.configs)} cells[/] from {config} -> {out}/{on}")
     with _progress() as progress:
         try:
-            cells = run_sweep(grid, out, progress)
+            cells = run_sweep(grid, out, progress, ray, workers)
         except KeyboardInterrupt:
             raise Interrupted() from None
     computed = sum(cell["batches computed"] for cell in cells)

@@ -17,13 +17,14 @@ the defended one judges, like a transfer attack). Each is its own cell, labelled
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -70,8 +71,9 @@ class EvaluationConfig:
     weights: str | None = None
     surrogate: str | None = None
     align: bool = False
-    batch_size: int = 16
+    batch_size: int | Literal["auto"] = 16  # "auto": as many as fit in accelerator memory (16 on a CPU)
     device: str = "auto"
+    precision: Precision = "fp32"  # of the attack's own passes; every recorded verdict is judged in float32
     defense: str = "none"  # a DEFENSES name, name:key=value,key=value, or a +-joined chain of those
     adaptive: bool = True  # with a defense: attack through it (BPDA/EOT), or craft on the undefended target
     checks: bool = True
@@ -99,8 +101,41 @@ class EvaluationConfig:
         ignored = ("eps", "limit", "batch_size", "device", "checks")
         if self.defense == "none":
             ignored += ("adaptive",)  # meaningless without a defense (and keeps older cells' keys)
+        if self.precision == "fp32":
+            ignored += ("precision",)  # keeps the keys of cells stored before mixed precision existed
         settings = {k: v for k, v in asdict(self).items() if k not in ignored}
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+Precision = Literal["fp32", "bf16", "fp16"]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: Probes per batch on a CPU, where memory is not what limits the batch.
+CPU_BATCH_SIZE = 16
+
+
+def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """Mixed precision for an attack's forward and backward passes (``fp32``: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def fit_batch_size(target: Target, images: Tensor, memory_share: float = 0.6, most: int = 512) -> int:
+    """The largest batch whose forward and backward pass through ``target`` fits in ``memory_share`` of the free
+    accelerator memory, measured on two of ``images [N, 3, H, W]``; :data:`CPU_BATCH_SIZE` on a CPU."""
+    device = target.device
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    x = images[:2].to(device).requires_grad_(True)
+    output = target.embed(x) if isinstance(target, FaceRecognizer) else target.candidate_scores(x)
+    torch.autograd.grad(output.float().square().sum(), x)
+    per_image = (torch.cuda.max_memory_allocated(device) - before) / len(x)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(most, memory_share * free // per_image)))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,7 +179,11 @@ def parse_options(pairs: Sequence[str]) -> dict[str, object]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise RedteamError(f"an option is key=value, got {pair!r}.")
-        options[key.strip().replace("-", "_")] = json.loads(value) if value.strip()[:1] in "0123456789-[{tf" else value
+        try:
+            parsed = json.loads(value) if value.strip()[:1] in "0123456789-[{tf" else value
+        except json.JSONDecodeError:  # text that only starts like JSON: a name such as facenet, or nothing
+            parsed = value
+        options[key.strip().replace("-", "_")] = parsed
     return options
 
 
@@ -322,12 +361,29 @@ def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
     return torch.Generator(device).manual_seed(int(digest[:15], 16))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One batch of one evaluation, the unit of work: its probes at the ladder's ``level`` (budget ``eps``), or, when
+    ``minimal``, one batch of a minimal-perturbation attack. ``number`` is its place among its level's batches and
+    seeds its attack, so it gives the same rows in whichever process computes it."""
+
+    level: int
+    eps: float
+    number: int
+    probes: tuple[Probe, ...]
+    minimal: bool = False
+
+
 @dataclass
 class Evaluation:
-    """A prepared evaluation: call :meth:`run` to fill the store, then read :meth:`curve`."""
+    """A prepared evaluation: call :meth:`run` to fill the store, then read :meth:`curve`.
+
+    Without ``models``, nothing is loaded: it plans the work and stores its rows (:meth:`plan`, :meth:`record`)
+    while other processes, which load the models, compute it (:meth:`compute`): a distributed sweep's driver."""
 
     config: EvaluationConfig
     store: ResultStore
+    models: bool = True
     target: Target = field(init=False)  # judges: the target behind its defense, as deployed
     surrogate: Target = field(init=False)  # what the attack differentiates (the target, a transfer model, or BPDA)
     dataset: FaceDataset = field(init=False)
@@ -340,6 +396,8 @@ class Evaluation:
         torch.set_flush_denormal(True)  # denormals make CPU convolutions ~30x slower
         config = self.config
         self.device = resolve_device(config.device)
+        if config.precision not in ("fp32", *AUTOCAST_DTYPES):
+            raise UnknownNameError("precision", config.precision, ["fp32", *AUTOCAST_DTYPES])
         self.budgets = config.budgets()
         self.defense = build_defense(config.defense)
         self.attack = build_attack(config, self.defense)
@@ -354,6 +412,16 @@ class Evaluation:
         self.dataset = open_dataset(config.data, align=config.align)
         self.threat = threat_class(self.dataset, seed=config.seed)
         self.probes = self.threat.probes(config.limit)
+        if self.models:
+            self._load_models(threat_class)
+        self.batch_size = self._batch_size()
+        self.cell = config.cell()
+        self.store.register_cell(self.cell, {**asdict(config), "cell": self.cell})
+        self.computed = 0  # batches attacked or judged by this process (0 on a re-run of a finished evaluation)
+
+    def _load_models(self, threat_class: type[ThreatModel]) -> None:
+        """The target that judges, the model the attack differentiates, and the threat that enrols on the latter."""
+        config = self.config
         weights = Path(config.weights) if config.weights else None
         undefended = load_target(config.target, self.device, config.threshold, weights)
         model = wrap_model(undefended, config, self.defense)
@@ -367,13 +435,18 @@ class Evaluation:
         self.crafting_threat = self.threat
         if self.surrogate is not self.target:
             self.crafting_threat = threat_class(self.dataset, seed=config.seed)
-        self.cell = config.cell()
-        self.store.register_cell(self.cell, {**asdict(config), "cell": self.cell})
-        self.computed = 0  # batches attacked or judged by this process (0 on a re-run of a finished evaluation)
 
     @property
     def minimal(self) -> bool:
         return isinstance(self.attack, MinimalAttack)
+
+    def _batch_size(self) -> int:
+        requested = self.config.batch_size
+        if requested == "auto":
+            return fit_batch_size(self.surrogate, self.dataset.load([p.image for p in self.probes[:2]]))
+        if not isinstance(requested, int) or requested < 1:
+            raise RedteamError(f"--batch-size must be a positive number or auto, not {requested!r}.")
+        return requested
 
     def objectives(self, batch: list[Probe]) -> tuple[Objective, Objective]:
         """(what the attack maximises, what judges the result): the same unless attacking through a surrogate."""
@@ -385,7 +458,7 @@ class Evaluation:
     def _encoder(self, model: Target) -> Callable[[list[int]], Tensor]:
         def encode(indices: list[int]) -> Tensor:
             with torch.no_grad():
-                batches = chunks(indices, self.config.batch_size)
+                batches = chunks(indices, self.batch_size)
                 return torch.cat([model.embed(self.dataset.load(c).to(self.device)) for c in batches])
 
         return encode
@@ -402,26 +475,41 @@ class Evaluation:
     def run(self, advance: Callable[[int], None] = lambda n: None) -> None:
         """Evaluate every budget, skipping what the store already holds; ``advance(n)`` reports progress."""
         self.enrol()
-        if self.minimal:
-            self._run_minimal(advance)
-        else:
-            self._run_ladder(advance)
+        for shards in self.plan(advance):
+            for shard in shards:
+                self.record(shard, self.compute(shard))
+                advance(len(shard.probes))
+
+    def plan(self, advance: Callable[[int], None] = lambda n: None) -> Iterator[list[Shard]]:
+        """The batches left to compute, a level at a time. A level's batches may be computed in any order and in any
+        process, but all must be recorded before the next level is asked for: it attacks only the probes they leave
+        correct. Rows that need no model (probes broken at a smaller budget, a minimal attack's curve) are stored
+        here; ``advance(n)`` counts the probes already done or so derived."""
+        return self._plan_minimal(advance) if self.minimal else self._plan_ladder(advance)
+
+    def compute(self, shard: Shard) -> list[dict]:
+        """The rows of one batch, for :meth:`record` (after :meth:`enrol`)."""
+        if shard.minimal:
+            return self._attack_minimal(list(shard.probes), shard.number)
+        return self._evaluate_batch(list(shard.probes), shard.eps, shard.level, shard.number)
+
+    def record(self, shard: Shard, rows: list[dict]) -> None:
+        """Store one computed batch (one transaction: whole or not at all)."""
+        (self.store.append_minimal if shard.minimal else self.store.append)(rows)
+        self.computed += 1
 
     def _current(self, eps: float) -> pd.DataFrame:
         stored = self.store.frame(self.cell, eps)
         return stored[stored["probe"].isin({p.key for p in self.probes})]
 
-    def _run_level(self, eps: float, level: int, attacked: list[Probe], advance: Callable[[int], None]) -> None:
-        done = set(self.store.frame(self.cell, eps)["probe"])
-        # Fixed batches over all probes attacked at this budget: a resumed run forms exactly the same ones.
-        for batch_number, batch in enumerate(chunks(attacked, self.config.batch_size)):
-            if all(p.key in done for p in batch):
-                continue
-            self.store.append(self._evaluate_batch(batch, eps, level, batch_number))
-            self.computed += 1
-            advance(len(batch))
+    def _shards(
+        self, level: int, eps: float, attacked: list[Probe], done: set[str], minimal: bool = False
+    ) -> list[Shard]:
+        # Fixed batches over all probes attacked at this level: a resumed run forms exactly the same ones.
+        batches = enumerate(chunks(attacked, self.batch_size))
+        return [Shard(level, eps, n, tuple(b), minimal) for n, b in batches if not all(p.key in done for p in b)]
 
-    def _run_ladder(self, advance: Callable[[int], None]) -> None:
+    def _plan_ladder(self, advance: Callable[[int], None]) -> Iterator[list[Shard]]:
         previous: pd.DataFrame | None = None
         for level, eps in enumerate(self.budgets):
             done = set(self.store.frame(self.cell, eps)["probe"])
@@ -433,7 +521,9 @@ class Evaluation:
                 broken = previous[~previous["probe"].isin(still_correct | done)]
                 self.store.append([self._inherited_row(row, eps) for _, row in broken.iterrows()])
                 advance(len(broken))
-            self._run_level(eps, level, attacked, advance)
+            shards = self._shards(level, eps, attacked, done)
+            if shards:
+                yield shards
             previous = self._current(eps)
 
     def craft(
@@ -447,7 +537,8 @@ class Evaluation:
         if eps == 0:
             return images, images, torch.zeros(len(batch), dtype=torch.long), verdict
         generator = seeded_generator(self.device, self.config.seed, level, batch_number)
-        result = self.attack(crafting, images, Budget(self.config.norm, eps), generator)
+        with autocast(self.device, self.config.precision):
+            result = self.attack(crafting, images, Budget(self.config.norm, eps), generator)
         return images, result.images, result.steps, verdict
 
     def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> list[dict]:
@@ -466,43 +557,20 @@ class Evaluation:
         if self.defense.randomised:
             torch.manual_seed(seeded_generator(torch.device("cpu"), self.config.seed, "defense", *parts).initial_seed())
 
-    def _run_minimal(self, advance: Callable[[int], None]) -> None:
+    def _plan_minimal(self, advance: Callable[[int], None]) -> Iterator[list[Shard]]:
         """Clean verdicts, then one minimal-perturbation attack per clean-correct probe; every budget's rows follow."""
-        self._run_level(0.0, 0, self.probes, advance)
+        done = set(self.store.frame(self.cell, 0.0)["probe"])
+        advance(sum(p.key in done for p in self.probes))
+        shards = self._shards(0, 0.0, self.probes, done)
+        if shards:
+            yield shards
         clean = self._current(0.0).set_index("probe")
         correct = [p for p in self.probes if clean.loc[p.key, "correct"]]
         done = set(self.store.minimal(self.cell)["probe"])
         advance(len(self.probes) - len(correct) + sum(p.key in done for p in correct))
-        for batch_number, batch in enumerate(chunks(correct, self.config.batch_size)):
-            if all(p.key in done for p in batch):
-                continue
-            images = self.dataset.load([p.image for p in batch]).to(self.device)
-            objective, verdict = self.objectives(batch)
-            self._seed_defense("min", batch_number)
-            result = self.attack(
-                objective, images, seeded_generator(self.device, self.config.seed, "min", batch_number)
-            )
-            with torch.no_grad():
-                judged = verdict(result.images)
-            delta = result.images - images
-            size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
-            linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
-            self.store.append_minimal(
-                [
-                    {
-                        "cell": self.cell,
-                        "probe": p.key,
-                        "size": float(size[k]),
-                        "score": float(judged.score[k]),
-                        "linf": float(linf[k]),
-                        "l2": float(l2[k]),
-                        "steps": int(result.steps[k]),
-                    }  # fmt: skip
-                    for k, p in enumerate(batch)
-                ]
-            )
-            self.computed += 1
-            advance(len(batch))
+        shards = self._shards(0, 0.0, correct, done, minimal=True)
+        if shards:
+            yield shards
         found = self.store.minimal(self.cell).set_index("probe")
         rows = []
         for eps in self.budgets[1:]:
@@ -516,6 +584,32 @@ class Evaluation:
                     rows.append(self._row(probe, eps, False, row["score"], 0.0, 0.0, 0))
                     rows[-1]["inherited"] = 1
         self.store.append(rows)
+
+    def _attack_minimal(self, batch: list[Probe], batch_number: int) -> list[dict]:
+        """Each probe's smallest fooling perturbation (``inf`` where the target is not fooled): rows of ``minimal``."""
+        images = self.dataset.load([p.image for p in batch]).to(self.device)
+        objective, verdict = self.objectives(batch)
+        self._seed_defense("min", batch_number)
+        with autocast(self.device, self.config.precision):
+            generator = seeded_generator(self.device, self.config.seed, "min", batch_number)
+            result = self.attack(objective, images, generator)
+        with torch.no_grad():
+            judged = verdict(result.images)
+        delta = result.images - images
+        size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
+        linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
+        return [
+            {
+                "cell": self.cell,
+                "probe": p.key,
+                "size": float(size[k]),
+                "score": float(judged.score[k]),
+                "linf": float(linf[k]),
+                "l2": float(l2[k]),
+                "steps": int(result.steps[k]),
+            }  # fmt: skip
+            for k, p in enumerate(batch)
+        ]
 
     def _row(self, probe: Probe, eps: float, correct: bool, score, linf, l2, steps) -> dict:
         config = self.config
@@ -583,6 +677,8 @@ def run_campaign(
         seed=config.seed,
         threat=config.threat,
         budgets=tuple(config.eps),
+        norm=config.norm,
+        limit=config.limit,
         identity=config.identity,
         load_target=lambda name: load_target(name, device),
         progress=progress,

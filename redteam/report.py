@@ -105,6 +105,8 @@ def run_command(config: dict[str, Any], eps: list[float], out: Path) -> str:
     parts += ["--seed", str(config["seed"]), "--batch-size", str(config["batch_size"])]
     if config.get("limit") is not None:
         parts += ["--limit", str(config["limit"])]
+    if config.get("precision", "fp32") != "fp32":
+        parts += ["--precision", config["precision"]]
     for key, value in config.get("attack_options", {}).items():
         parts += ["--option", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     if config.get("defense", "none") != "none":
@@ -272,7 +274,7 @@ def _example_batch(evaluation) -> tuple[int, list, pd.DataFrame] | None:
     for level in range(1, len(evaluation.budgets)):
         below = results[results["eps"] == evaluation.budgets[level - 1]]
         still_correct = set(below.loc[below["correct"], "probe"])
-        batch = [p for p in evaluation.probes if p.key in still_correct][: evaluation.config.batch_size]
+        batch = [p for p in evaluation.probes if p.key in still_correct][: evaluation.batch_size]
         at = results[results["eps"] == evaluation.budgets[level]].set_index("probe")
         if not batch or not all(p.key in at.index for p in batch):
             break

@@ -14,6 +14,7 @@ A sweep file is a YAML mapping. Lists make the grid; everything else applies to 
 The whole file is checked before anything runs: a mistake is one line naming the key and value, with the closest
 known name. Cells run in turn into ``<out>/results.sqlite``, a batch at a time, so an interrupted sweep (Ctrl-C,
 kill -9, a crash) carries on where it stopped when the same command runs again and recomputes nothing finished.
+With ``--ray``, Ray workers compute the batches and this process stores them (:mod:`redteam.distributed`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 from rich.progress import Progress
 
 from redteam.attacks.base import ATTACKS, Campaign
-from redteam.engine import EvaluationConfig, attack_through_defense, build_attack, build_defense
+from redteam.engine import Evaluation, EvaluationConfig, attack_through_defense, build_attack, build_defense
 from redteam.errors import RedteamError, UnknownNameError
 from redteam.results import ResultStore, write_outputs
 from redteam.targets.base import TARGETS
@@ -195,29 +196,30 @@ def _check_cell(path: Path, config: EvaluationConfig) -> None:
         raise SweepConfigError(f"{where}: {error}") from None
 
 
-def run_sweep(sweep: Sweep, out: Path, progress: Progress) -> list[dict[str, Any]]:
-    """Run every cell in turn into ``out/results.sqlite`` (skipping what it holds), then write the curves.
+def run_sweep(
+    sweep: Sweep, out: Path, progress: Progress, ray: str | None = None, workers: int | None = None
+) -> list[dict[str, Any]]:
+    """Run every cell into ``out/results.sqlite`` (skipping what it holds), then write the curves: in turn in this
+    process, or with ``ray`` (``auto``, ``local`` or a cluster's ``HOST:PORT``) on ``workers`` Ray workers.
 
     Returns, per cell, its key, label and how many batches this call computed (0 for cells already finished).
     """
-    from redteam.checks import run_checks
-    from redteam.engine import Evaluation
-
     if out.exists() and not out.is_dir():
         raise RedteamError(f"--out {out} is a file; give a folder.")
     started = time.perf_counter()
-    store = ResultStore(out / "results.sqlite")
-    cells = progress.add_task("cells", total=len(sweep.configs))
-    done = []
-    for config in sweep.configs:
-        label = f"{config.target} · {config.attack} · {config.defense_label}"
-        evaluation = Evaluation(replace(config, attack_options=dict(config.attack_options)), store)
-        task = progress.add_task(label, total=evaluation.total_work())
-        evaluation.run(lambda n, task=task: progress.advance(task, n))
-        if config.checks:
-            run_checks(evaluation)
-        done.append({"cell": evaluation.cell, "label": label, "batches computed": evaluation.computed})
-        progress.advance(cells)
+    if ray is None:
+        store = ResultStore(out / "results.sqlite")
+        evaluations, where = _run_here(sweep.configs, store, progress), {}
+    else:
+        from redteam.distributed import ray_cluster, run_on_ray
+
+        with ray_cluster(ray, workers) as cluster:  # connected before anything is written
+            store = ResultStore(out / "results.sqlite")
+            evaluations, where = run_on_ray(cluster, sweep.configs, store, progress)
+    done = [
+        {"cell": evaluation.cell, "label": cell_label(evaluation.config), "batches computed": evaluation.computed}
+        for evaluation in evaluations
+    ]
     write_outputs(store, out)
     summary = {
         "sweep": str(sweep.path),
@@ -225,6 +227,28 @@ def run_sweep(sweep: Sweep, out: Path, progress: Progress) -> list[dict[str, Any
         "settings": sweep.settings,
         "cells": done,
         "seconds": round(time.perf_counter() - started, 1),
+        **({"ray": where} if where else {}),
     }
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
     return done
+
+
+def _run_here(configs: list[EvaluationConfig], store: ResultStore, progress: Progress) -> list[Evaluation]:
+    """Each cell in turn in this process, checks after it."""
+    from redteam.checks import run_checks
+
+    cells = progress.add_task("cells", total=len(configs))
+    evaluations = []
+    for config in configs:
+        evaluation = Evaluation(replace(config, attack_options=dict(config.attack_options)), store)
+        task = progress.add_task(cell_label(config), total=evaluation.total_work())
+        evaluation.run(lambda n, task=task: progress.advance(task, n))
+        if config.checks:
+            run_checks(evaluation)
+        evaluations.append(evaluation)
+        progress.advance(cells)
+    return evaluations
+
+
+def cell_label(config: EvaluationConfig) -> str:
+    return f"{config.target} · {config.attack} · {config.defense_label}"

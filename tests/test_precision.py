@@ -1,0 +1,49 @@
+"""Mixed precision and automatic batch sizes: they change how an attack computes, never how a verdict is judged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redteam.engine import Evaluation, EvaluationConfig, autocast
+from redteam.results import ResultStore
+
+
+def _curve(faces_root, tmp_path, **settings) -> tuple[str, list[float]]:
+    config = EvaluationConfig(
+        target="facenet", attack="pgd", data=str(faces_root), eps=(0.5, 1), limit=8, attack_options={"steps": 3},
+        checks=False, **settings,
+    )  # fmt: skip
+    evaluation = Evaluation(config, ResultStore(tmp_path / f"{config.precision}.sqlite"))
+    evaluation.run()
+    return evaluation.cell, evaluation.curve()["accuracy"].tolist()
+
+
+def test_bf16_attack_reaches_the_float32_answer(faces_root, tmp_path):
+    cell, exact = _curve(faces_root, tmp_path)
+    mixed_cell, mixed = _curve(faces_root, tmp_path, precision="bf16", batch_size="auto")
+    assert mixed_cell != cell  # a different computation is stored apart
+    assert exact[0] == mixed[0] == 1.0  # the clean point is never attacked
+    assert exact[-1] < 1.0  # the attack works at all: the comparison can fail
+    assert all(abs(a - b) <= 1 / 8 for a, b in zip(exact, mixed)), (exact, mixed)
+
+
+def test_autocast_runs_in_the_asked_precision(facenet, faces):
+    images = faces.load([0, 1])
+    exact = facenet.embed(images)
+    with autocast(images.device, "fp32"):
+        assert torch.equal(facenet.embed(images), exact)
+    with autocast(images.device, "bf16"):
+        mixed = facenet.embed(images).float()
+    # bfloat16 keeps 8 significant bits: the convolutions ran in it, and the embedding still points the same way
+    assert (mixed - exact).abs().max() > 1e-3
+    assert torch.nn.functional.cosine_similarity(mixed, exact).min() > 0.99
+
+
+@pytest.mark.parametrize(
+    "args,message", [(("--precision", "bf61"), "Did you mean 'bf16'"), (("--batch-size", "many"), "number or auto")]
+)
+def test_bad_precision_or_batch_size_is_one_line(cli, capsys, tmp_path, args, message):
+    assert cli("run", "--limit", "2", "--out", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
