@@ -1,6 +1,6 @@
 """The attack engine. Importing this package registers every attack in ``ATTACKS``."""
 
-from redteam.attacks import advhat, cw, external, minnorm, pgd  # noqa: F401
+from redteam.attacks import advhat, cw, external, inversion, makeup_backdoor, minnorm, pgd, uap  # noqa: F401
 from redteam.attacks.base import (
     ATTACKS,
     Attack,

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kornia.enhance as colour
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -33,10 +32,10 @@ from kornia.losses import total_variation
 from PIL import Image
 from torch import Tensor
 
-import redteam.plots  # noqa: F401  (selects matplotlib's headless backend before pyplot draws)
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
 from redteam.attacks.base import ATTACKS, Campaign, CampaignContext, CampaignReport
 from redteam.errors import DataError, RedteamError, UnknownNameError
+from redteam.plots import face_grid
 from redteam.targets.base import TARGETS, FaceDetector, FaceRecognizer
 from redteam.threats import VerificationObjective
 
@@ -590,24 +589,18 @@ class AdvHat(Campaign):
         to the enrolment above each, red where the face system now decides wrongly)."""
         threshold, impersonate = context.target.threshold, context.threat == "impersonation"
         shown = min(len(held.names), 6)
-        rows = (
-            ("no sticker", held.images, clean),
-            ("random sticker", final.noisy, final.noise_similarity),
-            ("adversarial sticker", final.worn, final.similarity),
-        )
-        figure, axes = plt.subplots(3, shown, figsize=(2.2 * shown, 7.2), squeeze=False)
-        for axis_row, (label, faces, similarity) in zip(axes, rows):
-            right = decided_right(similarity, threshold, impersonate)
-            for k, axis in enumerate(axis_row):
-                axis.imshow(faces[k].permute(1, 2, 0).cpu().numpy())
-                axis.set_title(f"{similarity[k]:.3f}", color="black" if right[k] else "red", fontsize=10)
-                axis.set_xticks([])
-                axis.set_yticks([])
-            axis_row[0].set_ylabel(label)
+        rows = [
+            (
+                label,
+                faces[:shown],
+                [f"{s:.3f}" for s in similarity[:shown].tolist()],
+                (~decided_right(similarity[:shown], threshold, impersonate)).tolist(),
+            )
+            for label, faces, similarity in (
+                ("no sticker", held.images, clean),
+                ("random sticker", final.noisy, final.noise_similarity),
+                ("adversarial sticker", final.worn, final.similarity),
+            )
+        ]
         title = f"{context.identity}, held-out photos: similarity to the enrolled face (threshold {threshold:.3f})"
-        figure.suptitle(title)
-        figure.tight_layout()
-        path = context.out / "advhat-faces.png"
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        return path
+        return face_grid(rows, title, context.out / "advhat-faces.png")

@@ -184,7 +184,9 @@ class CampaignContext:
     limit: int | None = None
     identity: str | None = None
     load_target: Callable[[str], Target] = field(repr=False, default=None)  # type: ignore[assignment]
-    progress: Callable[[str, int], Callable[[int], None]] = field(repr=False, default=lambda what, total: lambda n: None)
+    progress: Callable[[str, int], Callable[[int], None]] = field(
+        repr=False, default=lambda what, total: lambda n: None
+    )
 
     def generator(self, *parts: object) -> torch.Generator:
         """A generator seeded from the run seed and ``parts`` (same seed, same draws)."""

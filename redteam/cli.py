@@ -294,7 +294,9 @@ def _run_campaign(config, out: Path) -> None:
     }
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
     files = ", ".join(sorted({p.name for p in report.images} | {f"{n}.csv" for n in report.tables}))
-    console.print(f"results in {out}/ (curve.csv, curve.png, run.json{', ' + files if files else ''}) · {elapsed:.0f} s")
+    console.print(
+        f"results in {out}/ (curve.csv, curve.png, run.json{', ' + files if files else ''}) · {elapsed:.0f} s"
+    )
 
 
 @app.command(name="list")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -10,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: x-axis of each perturbation measure; campaigns may add their own (e.g. a sticker's share of the face).
 AXIS_LABELS = {
@@ -40,3 +44,27 @@ def plot_curves(curve: pd.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def face_grid(rows: Sequence[tuple[str, Tensor, Sequence[str], Sequence[bool]]], title: str, path: Path) -> Path:
+    """A figure of face images in labelled rows (e.g. clean / attacked), a short caption above each face, in red
+    where ``marked`` (e.g. the face system now decides wrongly).
+
+    Args:
+        rows: ``(label, images [N, 3, H, W] in [0, 1], N captions, N marks)``, the same ``N`` in every row.
+    """
+    columns = len(rows[0][1])
+    figure, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.4 * len(rows)), squeeze=False)
+    for axis_row, (label, images, captions, marked) in zip(axes, rows):
+        for axis, image, caption, mark in zip(axis_row, images, captions, marked):
+            axis.imshow(image.permute(1, 2, 0).cpu().numpy())
+            axis.set_title(caption, color="red" if mark else "black", fontsize=10)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axis_row[0].set_ylabel(label)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

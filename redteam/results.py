@@ -182,6 +182,8 @@ def write_outputs(store: ResultStore, out: Path) -> None:
 
     results = store.frame()
     curve = store.curves()
+    if curve.empty:  # a campaign without a curve: nothing to draw
+        return
     curve.drop(columns="cell").to_csv(out / "curve.csv", index=False)
     plot_curves(curve, out / "curve.png")
     if (results["surrogate"] != results["target"]).any():

@@ -331,3 +331,12 @@ def test_quantised_activations_are_refused():
     y = m.op("RELU", [x], [1, 4])
     with pytest.raises(UnsupportedTFLiteError, match="not float32"):
         nodes_from_tflite(m.build([x], [y]))
+
+
+def test_converted_graphs_refuse_a_deep_copy_that_would_share_weights():
+    import copy
+
+    from redteam.targets.arcface import MOBILEFACENET_TFLITE
+
+    with pytest.raises(TypeError, match="load the target again"):
+        copy.deepcopy(load_tflite(MOBILEFACENET_TFLITE, ["input"], ["embeddings"]))

@@ -216,6 +216,10 @@ class TFGraphModule(nn.Module):
             pending = progressed
         return order
 
+    def __deepcopy__(self, memo: dict) -> TFGraphModule:
+        # The compiled ops close over this module's weights: a copy would silently keep computing with them.
+        raise TypeError("a converted graph cannot be deep-copied; load the target again for an independent copy.")
+
     def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
         values: dict[str, Tensor] = dict(zip(self.input_names, inputs))
         for step, (name, compiled) in enumerate(self._plan):
