@@ -88,8 +88,8 @@ class Budget:
         """The steepest-ascent step of length ``step`` (scalar or ``[B]``) for this norm."""
         step = per_sample(step, gradient)
         if self.norm == "linf":
-            return step * gradient.sign()
-        return step * gradient / per_sample(perturbation_size(gradient, "l2").clamp_min(1e-12), gradient)
+            return gradient.sign().mul_(step)
+        return gradient * (step / per_sample(perturbation_size(gradient, "l2").clamp_min(1e-12), gradient))
 
 
 @dataclass
@@ -122,16 +122,19 @@ def objective_gradient(objective: Objective, x: Tensor, eot: int = 1) -> tuple[E
     """Loss gradient w.r.t. ``x`` averaged over ``eot`` evaluations (expectation over transformation, for
     randomised targets and defenses). The returned evaluation averages the losses; a sample counts as a success
     only if every draw fooled the system."""
-    evaluations, gradient = [], torch.zeros_like(x)
+    evaluations, gradient = [], None
     for _ in range(eot):
         x = x.detach().requires_grad_(True)
         evaluation = objective(x)
-        gradient += torch.autograd.grad(evaluation.loss.sum(), x)[0]
-        evaluations.append(evaluation)
-    loss = torch.stack([e.loss.detach() for e in evaluations]).mean(0)
-    success = torch.stack([e.success.detach() for e in evaluations]).all(0)
-    score = torch.stack([e.score.detach() for e in evaluations]).mean(0)
-    return Evaluation(loss, success, score), gradient / eot
+        (draw,) = torch.autograd.grad(evaluation.loss.sum(), x)
+        gradient = draw if gradient is None else gradient.add_(draw)
+        evaluations.append(Evaluation(evaluation.loss.detach(), evaluation.success.detach(), evaluation.score.detach()))
+    if eot == 1:  # the common case: no averaging passes over the image-sized gradient
+        return evaluations[0], gradient
+    loss = torch.stack([e.loss for e in evaluations]).mean(0)
+    success = torch.stack([e.success for e in evaluations]).all(0)
+    score = torch.stack([e.score for e in evaluations]).mean(0)
+    return Evaluation(loss, success, score), gradient.div_(eot)
 
 
 class Attack(ABC):

@@ -56,7 +56,7 @@ class PGD(Attack):
                     l1 = gradient.flatten(1).abs().sum(1).clamp_min(1e-12)
                     velocity = self.momentum * velocity + gradient / l1.view(-1, *([1] * (gradient.dim() - 1)))
                     gradient = velocity
-                x = confine(x + budget.ascent(gradient, step))
+                x = confine(budget.ascent(gradient, step).add_(x))
             if len(active):
                 adversarial[active] = x  # the final iterate of the samples still running
                 if restart + 1 < self.restarts:  # the next restart attacks only those it did not fool
