@@ -45,7 +45,13 @@ def run_checks(evaluation: Evaluation) -> list[Check]:
         norm = evaluation.config.norm
         checks += [
             gradient_check(crafting, images),
-            unbounded_check(crafting, images, norm, seeded_generator(evaluation.device, "unbounded")),
+            unbounded_check(
+                crafting,
+                images,
+                norm,
+                seeded_generator(evaluation.device, "unbounded"),
+                getattr(evaluation.attack, "eot", 1),
+            ),
             _beats_noise(evaluation, verdict, images, sample),
         ]
     checks += _transfer_consistency(evaluation)
@@ -71,10 +77,11 @@ def gradient_check(objective: Objective, images: torch.Tensor) -> Check:
 
 
 def unbounded_check(
-    objective: Objective, images: torch.Tensor, norm: Norm, generator: torch.Generator | None = None
+    objective: Objective, images: torch.Tensor, norm: Norm, generator: torch.Generator | None = None, eot: int = 1
 ) -> Check:
-    """PGD with a huge budget against the model the attack differentiates must fool it on every probe."""
-    result = PGD(steps=20)(objective, images, Budget(norm, UNBOUNDED[norm]), generator)
+    """PGD with a huge budget against the model the attack differentiates must fool it on every probe. ``eot``:
+    the attack's own gradient samples per step (a randomised defense needs them here as much as in the attack)."""
+    result = PGD(steps=20, eot=eot)(objective, images, Budget(norm, UNBOUNDED[norm]), generator)
     accuracy = 1 - result.success.float().mean().item()
     return Check("unbounded", accuracy <= 0.1, f"accuracy {accuracy:.0%} under an unbounded PGD-20 (expect ~0%)")
 
