@@ -113,6 +113,11 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CPU_BATCH_SIZE = 16
 
 
+def check_precision(name: str) -> None:
+    if name not in ("fp32", *AUTOCAST_DTYPES):
+        raise UnknownNameError("precision", name, ["fp32", *AUTOCAST_DTYPES])
+
+
 def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
     """Mixed precision for an attack's forward and backward passes (``fp32``: none)."""
     if precision == "fp32":
@@ -396,8 +401,7 @@ class Evaluation:
         torch.set_flush_denormal(True)  # denormals make CPU convolutions ~30x slower
         config = self.config
         self.device = resolve_device(config.device)
-        if config.precision not in ("fp32", *AUTOCAST_DTYPES):
-            raise UnknownNameError("precision", config.precision, ["fp32", *AUTOCAST_DTYPES])
+        check_precision(config.precision)
         self.budgets = config.budgets()
         self.defense = build_defense(config.defense)
         self.attack = build_attack(config, self.defense)

@@ -30,7 +30,14 @@ import yaml
 from rich.progress import Progress
 
 from redteam.attacks.base import ATTACKS, Campaign
-from redteam.engine import Evaluation, EvaluationConfig, attack_through_defense, build_attack, build_defense
+from redteam.engine import (
+    Evaluation,
+    EvaluationConfig,
+    attack_through_defense,
+    build_attack,
+    build_defense,
+    check_precision,
+)
 from redteam.errors import RedteamError, UnknownNameError
 from redteam.results import ResultStore, write_outputs
 from redteam.targets.base import TARGETS
@@ -54,6 +61,7 @@ SHARED_SETTINGS: dict[str, type | tuple[type, ...]] = {
     "align": bool,
     "batch_size": int,
     "device": str,
+    "precision": str,
     "checks": bool,
     "steps": int,
 }
@@ -184,6 +192,7 @@ def _check_cell(path: Path, config: EvaluationConfig) -> None:
     where = f"{path}: cell {config.target} x {config.attack} x {config.defense}"
     try:
         config.budgets()
+        check_precision(config.precision)
         task = TARGETS.get(config.target).card.task
         threat = config.threat if config.threat != "auto" else ("evasion" if task == "detection" else "dodging")
         for name in filter(None, (config.target, config.surrogate)):

@@ -54,6 +54,7 @@ MISTAKES = {
     ),
     "eps negative": ("targets: [facenet]\nattacks: [pgd]\neps: [0, -1]\n", "budget -1 is negative"),
     "eps too large": ("targets: [facenet]\nattacks: [pgd]\neps: [0, 300]\n", "exceeds the whole pixel range"),
+    "precision": ("targets: [facenet]\nattacks: [pgd]\nprecision: bf61\n", "Did you mean 'bf16'?"),
     "limit zero": ("targets: [facenet]\nattacks: [pgd]\nlimit: 0\n", "limit: must be at least 1"),
     "boolean as number": ("targets: [facenet]\nattacks: [pgd]\nseed: true\n", "seed: expected a whole number"),
     "adaptive": ("targets: [facenet]\nattacks: [pgd]\nadaptive: maybe\n", "adaptive: expected true, false"),
