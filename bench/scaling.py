@@ -66,13 +66,13 @@ class Bench:
         return min(times)
 
     def here(self, config: EvaluationConfig) -> float:
-        return self.best(lambda: Evaluation(replace(config), self.store()).run())
+        return self.best(lambda: Evaluation(config, self.store()).run())
 
     def on_ray(self, cluster: Cluster, config: EvaluationConfig) -> float:
-        return self.best(lambda: run_on_ray(cluster, [replace(config)], self.store(), Progress(disable=True)))
+        return self.best(lambda: run_on_ray(cluster, [config], self.store(), Progress(disable=True)))
 
     def enrolment(self, config: EvaluationConfig) -> float:
-        return self.best(Evaluation(replace(config), self.store()).enrol)
+        return self.best(Evaluation(config, self.store()).enrol)
 
     def row(self, count: int, fixed: float, seconds: float, **keys: object) -> dict:
         attack = seconds - fixed

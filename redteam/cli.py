@@ -172,7 +172,7 @@ def run(
     both = defense != "none" and adaptivity == "both" and not issubclass(attack_class, MinimalAttack)
     started = time.perf_counter()
     summaries = [
-        _evaluate(replace(config, adaptive=adaptive, attack_options=dict(options)), out)
+        _evaluate(replace(config, adaptive=adaptive), out)
         for adaptive in (modes["both"] if both else (config.adaptive,))
     ]
     write_outputs(ResultStore(out / "results.sqlite"), out)
@@ -191,11 +191,12 @@ def _evaluate(config, out: Path) -> dict:
     started = time.perf_counter()
     with console.status("loading target and data"):
         evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
+    config = evaluation.config  # its threat resolved from "auto"
     target, attack, norm = config.target, config.attack, config.norm
     crafted = f" · crafted on {config.surrogate}" if config.surrogate else ""
     if config.defense != "none":
         crafted += f" · defense {config.defense_label}"
-    threat = config.threat  # resolved from "auto"
+    threat = config.threat
     console.print(
         f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat}{crafted} · {len(evaluation.probes)} probes "
         f"from {evaluation.dataset.description} · threshold {evaluation.target.threshold:.4f}"

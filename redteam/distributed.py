@@ -23,7 +23,7 @@ import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -111,7 +111,7 @@ class Worker:
         if key not in self.evaluations:
             with tempfile.TemporaryDirectory() as scratch:  # the driver keeps the results; this store goes unused
                 store = ResultStore(Path(scratch) / "results.sqlite")
-                evaluation = Evaluation(replace(config, attack_options=dict(config.attack_options)), store)
+                evaluation = Evaluation(config, store)
             evaluation.enrol()
             self.evaluations[key] = evaluation
             while len(self.evaluations) > CACHED_CELLS:
@@ -228,7 +228,7 @@ class Driver:
                 self._next_level(index)
 
     def _start(self, config: EvaluationConfig) -> None:
-        evaluation = Evaluation(replace(config, attack_options=dict(config.attack_options)), self.store, models=False)
+        evaluation = Evaluation(config, self.store, models=False)
         bar = self.progress.add_task(cell_label(config), total=evaluation.total_work())
         self.cells.append(Cell(evaluation, evaluation.plan(lambda n: self.progress.advance(bar, n)), bar))
         self._next_level(len(self.cells) - 1)

@@ -399,7 +399,7 @@ class Evaluation:
         if torch.get_default_dtype() != torch.float32:
             raise RedteamError("redteam evaluates in float32.")
         torch.set_flush_denormal(True)  # denormals make CPU convolutions ~30x slower
-        config = self.config
+        self.config = config = replace(self.config)  # resolves "auto" settings in its own copy, not the caller's
         self.device = resolve_device(config.device)
         check_precision(config.precision)
         self.budgets = config.budgets()

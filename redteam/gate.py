@@ -152,7 +152,7 @@ def rerun(config, out: Path, progress: Progress) -> pd.DataFrame:
         run_campaign(config, out, progress)
         return ResultStore(out / "results.sqlite").curves(config.cell())
     evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
-    evaluation.run(progress(label(config), evaluation.total_work()))
+    evaluation.run(progress(label(evaluation.config), evaluation.total_work()))
     return evaluation.curve()
 
 

@@ -175,7 +175,7 @@ class FitConfig:
 @torch.no_grad()
 def embed_all(recognizer: FaceRecognizer | SplitRecognizer, images: Tensor, batch_size: int = 32) -> Tensor:
     """Embeddings ``[N, D]`` of ``images [N, 3, H, W]`` (batched, on the recogniser's device)."""
-    return torch.cat([recognizer.embed(batch.to(recognizer.device)) for batch in images.split(batch_size)])
+    return _batched(recognizer.embed, images, recognizer.device, batch_size)
 
 
 @torch.no_grad()
@@ -183,8 +183,13 @@ def represent(recognizer: FaceRecognizer | SplitRecognizer, images: Tensor, batc
     """What stays frozen while ``fit`` trains a model on ``recognizer``, ``[N, 3, H, W] -> [N, ...]``: a split
     recogniser's front features, else the embeddings ``[N, D]``. Compute it once; train many epochs (and models:
     a split's front survives ``reset_tail``) on it."""
-    frozen = recognizer.features if isinstance(recognizer, SplitRecognizer) else recognizer.embed
-    return torch.cat([frozen(batch.to(recognizer.device)) for batch in images.split(batch_size)])
+    if not isinstance(recognizer, SplitRecognizer):
+        return embed_all(recognizer, images, batch_size)
+    return _batched(recognizer.features, images, recognizer.device, batch_size)
+
+
+def _batched(function: Callable[[Tensor], Tensor], images: Tensor, device: torch.device, size: int) -> Tensor:
+    return torch.cat([function(batch.to(device)) for batch in images.split(size)])
 
 
 def build_identifier(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any
@@ -198,9 +198,8 @@ def _check_cell(path: Path, config: EvaluationConfig) -> None:
         for name in filter(None, (config.target, config.surrogate)):
             if THREATS.get(threat).task != TARGETS.get(name).card.task:
                 raise RedteamError(f"{threat} attacks {THREATS.get(threat).task} models; {name} is not one.")
-        probe = replace(config, attack_options=dict(config.attack_options))  # the engine writes defaults into it
-        attack_through_defense(probe, build_defense(probe.defense))
-        build_attack(probe)
+        attack_through_defense(config, build_defense(config.defense))
+        build_attack(config)
     except RedteamError as error:
         raise SweepConfigError(f"{where}: {error}") from None
 
@@ -249,7 +248,7 @@ def _run_here(configs: list[EvaluationConfig], store: ResultStore, progress: Pro
     cells = progress.add_task("cells", total=len(configs))
     evaluations = []
     for config in configs:
-        evaluation = Evaluation(replace(config, attack_options=dict(config.attack_options)), store)
+        evaluation = Evaluation(config, store)
         task = progress.add_task(cell_label(config), total=evaluation.total_work())
         evaluation.run(lambda n, task=task: progress.advance(task, n))
         if config.checks:
