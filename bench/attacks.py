@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from redteam.attacks.base import Budget
+from redteam.api import Budget
 from redteam.attacks.external import ArtPGD, TorchattacksPGD
 from redteam.attacks.pgd import PGD
 from redteam.datasets import open_dataset
-from redteam.engine import Evaluation, EvaluationConfig, autocast, load_target
+from redteam.engine import Evaluation, EvaluationConfig, load_target
 from redteam.results import ResultStore
+from redteam.runtime import autocast
 from redteam.threats import Dodging
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
@@ -72,9 +73,9 @@ def main() -> None:
     dataset = open_dataset(args.data)
     threat = Dodging(dataset, seed=0)
     probes = threat.probes(args.batch)
-    threat.enrol(lambda idx: target.embed(dataset.load(idx)).detach(), probes)
+    enrolment = threat.enrol(lambda idx: target.embed(dataset.load(idx)).detach(), probes)
     images = dataset.load([p.image for p in probes])
-    objective = threat.objective(target, probes)
+    objective = threat.objective(target, enrolment, probes)
     budget = Budget("linf", args.eps / 255)
 
     def limit() -> None:
@@ -101,7 +102,7 @@ def main() -> None:
     if args.compile:
         compiled_target = load_target(args.target, device)
         compiled_target.embed = torch.compile(compiled_target.embed)  # the instance's embed shadows the class's
-        compiled = threat.objective(compiled_target, probes)
+        compiled = threat.objective(compiled_target, enrolment, probes)
         started = time.perf_counter()
         PGD(steps=1, early_stop=False)(compiled, images, budget)
         print(f"torch.compile: {time.perf_counter() - started:.0f} s to compile (first forward and backward)")

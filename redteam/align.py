@@ -16,6 +16,13 @@ CANONICAL_SIZE = 250
 CANONICAL_LANDMARKS = torch.tensor(
     [[104.4, 112.5], [145.6, 112.5], [125.0, 136.2], [106.6, 157.4], [143.4, 157.4]], dtype=torch.float32
 )
+#: Five-point templates of recognisers' aligned crops (same landmark order; pixel centres at integers), by name.
+TEMPLATES = {
+    # Where InsightFace's alignment puts the five landmarks in its 112 x 112 training crops (ArcFace and kin).
+    "insightface-112": torch.tensor(
+        [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+    ),
+}
 
 
 def similarity_transform(source: Tensor, destination: Tensor) -> Tensor:

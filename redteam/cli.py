@@ -7,22 +7,25 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
+from redteam.console import bars, console, errors, progress
 from redteam.errors import RedteamError
 
 
 class Interrupted(RedteamError):
     exit_code = 130
 
-    def __init__(self) -> None:
-        super().__init__("interrupted: every finished batch is stored; run the same command again to resume.")
+    def __init__(self, campaign: bool = False) -> None:
+        if campaign:  # campaigns store their results when they finish (they do not resume yet)
+            super().__init__("interrupted: a campaign stores its results when it finishes; run it again to start over.")
+        else:
+            super().__init__("interrupted: every finished batch is stored; run the same command again to resume.")
 
 
 app = typer.Typer(
@@ -31,25 +34,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-#: Budgets of `redteam run` when --eps is not given: ℓ∞ in /255, ℓ2 in image units.
-DEFAULT_BUDGETS = {"linf": "0,1,2,4,8", "l2": "0,0.25,0.5,1,2"}
-errors = Console(stderr=True)
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=errors,
-        transient=False,
-    )
 
 
 def _parse_budgets(text: str) -> tuple[float, ...]:
+    """``--eps 0,1,2`` -> budgets (``auto``: empty, the defaults)."""
+    if text == "auto":
+        return ()
     try:
         return tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
@@ -117,26 +107,11 @@ def run(
     ] = "both",
 ) -> None:
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
-    from redteam.attacks import ATTACKS, Campaign, MinimalAttack
     from redteam.engine import EvaluationConfig, parse_options
-    from redteam.results import ResultStore, write_outputs
 
-    attack_class = ATTACKS.get(attack)
-    campaign = issubclass(attack_class, Campaign)
-    if norm == "auto":
-        norm = attack_class.norms[0]
-    if norm not in attack_class.norms:
-        kind = " / ".join(attack_class.norms)
-        raise RedteamError(f"{attack} is an {kind} attack: --norm must be {kind.replace(' / ', ' or ')}, not {norm!r}.")
-    if eps == "auto":
-        eps = "" if campaign else DEFAULT_BUDGETS[norm]  # a campaign's own budgets when none are given
-    if limit is not None and limit < 1:
-        raise RedteamError("--limit must be at least 1.")
-    out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{threat}".replace(
-        "-auto", ""
-    )
-    if out.exists() and not out.is_dir():
-        raise RedteamError(f"--out {out} is a file; give a folder.")
+    modes = {"both": (True, False), "adaptive": (True,), "non-adaptive": (False,)}
+    if adaptivity not in modes:
+        raise RedteamError(f"--adaptivity is both, adaptive or non-adaptive, not {adaptivity!r}.")
     options = parse_options(option or [])
     if steps is not None:
         options["steps"] = steps
@@ -145,7 +120,7 @@ def run(
         attack=attack,
         data=data,
         threat=threat,
-        norm=norm,  # type: ignore[arg-type]
+        norm=norm,
         eps=_parse_budgets(eps),
         limit=limit,
         seed=seed,
@@ -156,82 +131,84 @@ def run(
         align=align,
         batch_size=_parse_batch_size(batch_size),
         device=device,
-        precision=precision,  # type: ignore[arg-type]
+        precision=precision,
         checks=checks,
         identity=identity,
         defense=defense,
         adaptive=adaptivity != "non-adaptive",
-    )
-    modes = {"both": (True, False), "adaptive": (True,), "non-adaptive": (False,)}
-    if adaptivity not in modes:
-        raise RedteamError(f"--adaptivity is both, adaptive or non-adaptive, not {adaptivity!r}.")
-    if campaign:
+    ).resolve()
+    out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{config.threat}"
+    if out.exists() and not out.is_dir():
+        raise RedteamError(f"--out {out} is a file; give a folder.")
+    if config.campaign:
         _run_campaign(config, out)
         return
     # Minimal attacks judge the examples they find, so against a defense they run adaptively only.
-    both = defense != "none" and adaptivity == "both" and not issubclass(attack_class, MinimalAttack)
+    both = defense != "none" and adaptivity == "both" and config.attack_class.kind == "fixed-budget"
     started = time.perf_counter()
     summaries = [
         _evaluate(replace(config, adaptive=adaptive), out)
         for adaptive in (modes["both"] if both else (config.adaptive,))
     ]
+    from redteam.outputs import write_outputs, write_summary
+    from redteam.results import ResultStore
+
     write_outputs(ResultStore(out / "results.sqlite"), out)
     elapsed = time.perf_counter() - started
     summary = summaries[0] if len(summaries) == 1 else {"evaluations": summaries, "seconds": round(elapsed, 1)}
-    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
-    console.print(f"results in {out}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
+    write_summary(summary, out)
+    console.print(f"results in {escape(str(out))}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
 
 
-def _evaluate(config, out: Path) -> dict:
+def _evaluate(config, out: Path) -> dict[str, Any]:
     """One evaluation into ``out``'s store: attack, sanity checks, the printed table; its ``run.json`` summary."""
-    from redteam.checks import run_checks
-    from redteam.engine import Evaluation
-    from redteam.results import ResultStore
+    from redteam.engine import Evaluation, checks_of
 
     started = time.perf_counter()
     with console.status("loading target and data"):
-        evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
-    config = evaluation.config  # its threat resolved from "auto"
-    target, attack, norm = config.target, config.attack, config.norm
+        evaluation = Evaluation(config, out / "results.sqlite")
+    cell, executor = evaluation.cell, evaluation.executor
     crafted = f" · crafted on {config.surrogate}" if config.surrogate else ""
     if config.defense != "none":
         crafted += f" · defense {config.defense_label}"
-    threat = config.threat
     console.print(
-        f"[bold]{target}[/] ({evaluation.device}) · {attack} · {threat}{crafted} · {len(evaluation.probes)} probes "
-        f"from {evaluation.dataset.description} · threshold {evaluation.target.threshold:.4f}"
+        f"[bold]{escape(config.target)}[/] ({executor.device}) · {escape(config.attack)} · {config.threat}"
+        f"{escape(crafted)} · {len(cell.probes)} probes from {escape(cell.dataset.description)} · threshold "
+        f"{executor.target.threshold:.4f}"
     )
-    with _progress() as progress:
-        task = progress.add_task("attacking", total=evaluation.total_work())
+    with progress() as tracker:
+        task = tracker.add_task("attacking", total=evaluation.planner.total_work())
         try:
-            evaluation.run(lambda n: progress.advance(task, n))
+            evaluation.run(lambda n: tracker.advance(task, n))
         except KeyboardInterrupt:
             raise Interrupted() from None
     with console.status("sanity checks"):
-        outcome = run_checks(evaluation) if config.checks else []
+        outcome = checks_of(evaluation) if config.checks else []
     curve = evaluation.curve()
-    elapsed = time.perf_counter() - started
     summary = {
-        "config": {**asdict(config), "eps": list(config.eps)},
-        "cell": evaluation.cell,
-        "threshold": evaluation.target.threshold,
-        "attack_settings": asdict(evaluation.attack),  # with the defaults a defense or a surrogate implies
+        "config": config.to_dict(),
+        "cell": cell.key,
+        "threshold": executor.target.threshold,
+        "attack_settings": asdict(cell.attack),  # with the defaults a defense or a surrogate implies
         "curve": curve.drop(columns="cell").to_dict(orient="records"),
         "checks": [asdict(c) for c in outcome],
-        "seconds": round(elapsed, 1),
+        "seconds": round(time.perf_counter() - started, 1),
     }
+    norm = config.norm
     unit = "/255" if norm == "linf" else ""
     # For a detector, a probe is "decided correctly" while its face is still found.
-    measure = "detection rate" if evaluation.target.card.task == "detection" else "accuracy"
-    table = Table(title=f"{measure} of {target} under {attack} ({threat}, {norm}{crafted})")
+    measure = "detection rate" if executor.target.card.task == "detection" else "accuracy"
+    table = Table(
+        title=escape(f"{measure} of {config.target} under {config.attack} ({config.threat}, {norm}{crafted})")
+    )
     table.add_column(f"ε ({unit or 'image units'})", justify="right")
     table.add_column(measure, justify="right")
     table.add_column("probes", justify="right")
     for row in curve.itertuples():
         table.add_row(f"{row.eps:g}", f"{row.accuracy:.1%}", str(row.n))
     console.print(table)
-    if evaluation.minimal:
-        sizes = evaluation.minimal_sizes()
+    if cell.minimal:
+        sizes = evaluation.planner.minimal_sizes()
         scale = 255 if norm == "linf" else 1
         median = float(sizes.median()) * scale if len(sizes) else float("nan")
         summary["median_minimal_perturbation"] = median
@@ -242,50 +219,47 @@ def _evaluate(config, out: Path) -> dict:
         )
     for check in outcome:
         mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"
-        console.print(f"{mark} {check.name}: {check.detail}", highlight=False)
+        console.print(f"{mark} {escape(check.name)}: {escape(check.detail)}", highlight=False)
     return summary
 
 
 def _run_campaign(config, out: Path) -> None:
     """A campaign (advhat, uap, ...): its own experiment, metrics, tables, images and curve."""
     from redteam.engine import run_campaign
-    from redteam.results import ResultStore, write_outputs
+    from redteam.outputs import write_outputs, write_summary, write_tables
+    from redteam.results import ResultStore
 
     started = time.perf_counter()
-    with _progress() as progress:
-
-        def bar(what: str, total: int):
-            task = progress.add_task(what, total=total)
-            return lambda n: progress.advance(task, n)
-
+    with progress() as tracker:
         try:
-            context, report = run_campaign(config, out, bar)
+            config, context, report = run_campaign(config, out, bars(tracker))
         except KeyboardInterrupt:
-            raise Interrupted() from None
+            raise Interrupted(campaign=True) from None
+    tables = write_tables(report.tables, out)
     write_outputs(ResultStore(out / "results.sqlite"), out)
     elapsed = time.perf_counter() - started
     about = f" · identity {config.identity}" if config.identity else ""
     console.print(
-        f"[bold]{config.target}[/] ({context.device}) · {config.attack} · {config.threat}{about} · "
-        f"{context.dataset.description}"
+        f"[bold]{escape(config.target)}[/] ({context.device}) · {escape(config.attack)} · {config.threat}"
+        f"{escape(about)} · {escape(context.dataset.description)}"
     )
-    table = Table(title=f"{config.attack} against {config.target}")
+    table = Table(title=escape(f"{config.attack} against {config.target}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report.metrics.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(escape(key), f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
     console.print(table)
     for name, frame in report.tables.items():
-        shown = Table(title=name)
+        shown = Table(title=escape(name))
         for column in frame.columns:
-            shown.add_column(str(column), justify="right")
+            shown.add_column(escape(str(column)), justify="right")
         for row in frame.itertuples(index=False):
-            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row))
         console.print(shown)
     for line in report.lines:
-        console.print(line, highlight=False)
+        console.print(escape(line), highlight=False)
     summary = {
-        "config": {**asdict(config), "eps": list(config.eps)},
+        "config": config.to_dict(),
         "cell": config.cell(),
         "metrics": report.metrics,
         "tables": {name: frame.to_dict(orient="records") for name, frame in report.tables.items()},
@@ -293,10 +267,11 @@ def _run_campaign(config, out: Path) -> None:
         "images": [str(path) for path in report.images],
         "seconds": round(elapsed, 1),
     }
-    (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
-    files = ", ".join(sorted({p.name for p in report.images} | {f"{n}.csv" for n in report.tables}))
+    write_summary(summary, out)
+    files = ", ".join(sorted({p.name for p in report.images} | {p.name for p in tables}))
     console.print(
-        f"results in {out}/ (curve.csv, curve.png, run.json{', ' + files if files else ''}) · {elapsed:.0f} s"
+        f"results in {escape(str(out))}/ (curve.csv, curve.png, run.json{', ' + files if files else ''}) · "
+        f"{elapsed:.0f} s"
     )
 
 
@@ -309,9 +284,7 @@ def list_(
     threats: Annotated[bool, typer.Option("--threats")] = False,
 ) -> None:
     """Targets, attacks, defenses, threat models and datasets, one line each."""
-    from redteam.attacks import ATTACKS
-    from redteam.defenses import DEFENSES
-    from redteam.targets import TARGETS
+    from redteam.api import ATTACKS, DEFENSES, TARGETS
     from redteam.threats import THREATS
 
     everything = not (targets or attacks or defenses or datasets or threats)
@@ -328,10 +301,10 @@ def list_(
         if targets:
             for name in TARGETS:
                 card = TARGETS.get(name).card.to_dict()
-                console.print(f"\n[bold]{name}[/]")
+                console.print(f"\n[bold]{escape(name)}[/]")
                 for key, value in card.items():
-                    if value not in (None, "", {}, (0, 0)):
-                        console.print(f"  {key}: {value}")
+                    if value not in (None, "", {}):
+                        console.print(f"  {key}: {escape(str(value))}", highlight=False)
     for flag, title, registry in (
         (attacks, "attacks", ATTACKS),
         (defenses, "defenses", DEFENSES),
@@ -368,21 +341,22 @@ def calibrate(
     device: str = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
 ) -> None:
-    """Measure a recogniser's verification accuracy and thresholds on real pairs, or a detector's recall."""
-    import torch
-
+    """Measure a recogniser's verification accuracy and thresholds on real pairs, or a detector's recall. With
+    --weights, a recogniser's thresholds are stored for that file's content and later runs with it use them."""
+    from redteam.calibrations import save_calibration
     from redteam.datasets import open_dataset
-    from redteam.engine import load_target, resolve_device
+    from redteam.engine import load_target
     from redteam.metrics import calibrate as measure
     from redteam.metrics import detection_recall
+    from redteam.runtime import prepare_torch, resolve_device
 
-    torch.set_flush_denormal(True)
+    prepare_torch()
     dataset = open_dataset(data)
     model = load_target(target, resolve_device(device), weights=weights)
     detector = model.card.task == "detection"
-    with _progress() as progress:
-        task = progress.add_task("detecting" if detector else "embedding", total=len(dataset) if detector else None)
-        advance = lambda n: progress.advance(task, n)  # noqa: E731
+    with progress() as tracker:
+        task = tracker.add_task("detecting" if detector else "embedding", total=len(dataset) if detector else None)
+        advance = lambda n: tracker.advance(task, n)  # noqa: E731
         if detector:
             report = detection_recall(model, dataset, batch_size, advance)
         else:
@@ -394,6 +368,9 @@ def calibrate(
         if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if weights is not None and not detector:
+        stored = save_calibration(target, weights, {"data": str(data), **report.to_dict()})
+        console.print(f"thresholds stored for {escape(str(weights))} ({escape(str(stored))}): later runs use them")
     if json_out:
         json_out.write_text(json.dumps({"target": target, "data": str(data), **report.to_dict()}, indent=2))
 
@@ -405,8 +382,8 @@ def fetch(
     ] = None,
 ) -> None:
     """Download (or find installed) every weight file ahead of time, so later runs need no network."""
+    from redteam.api import TARGETS
     from redteam.datasets import DemoDataset
-    from redteam.targets import TARGETS
 
     for name in names or TARGETS.names():
         for file in TARGETS.get(name).weights:
@@ -436,9 +413,9 @@ def sweep(
     out = out or grid.out or Path("runs") / config.stem
     on = f" on Ray ({ray})" if ray else ""
     console.print(f"[bold]{len(grid.configs)} cells[/] from {config} -> {out}/{on}")
-    with _progress() as progress:
+    with progress() as tracker:
         try:
-            cells = run_sweep(grid, out, progress, ray, workers)
+            cells = run_sweep(grid, out, tracker, ray, workers)
         except KeyboardInterrupt:
             raise Interrupted() from None
     computed = sum(cell["batches computed"] for cell in cells)
@@ -457,8 +434,8 @@ def report(
     from redteam.report import make_report
 
     budgets = _parse_budgets(at) if at else None
-    with _progress() as progress:
-        written = make_report(runs, out or runs[0], progress, budgets, examples, device)
+    with progress() as tracker:
+        written = make_report(runs, out or runs[0], tracker, budgets, examples, device)
     console.print("report: " + ", ".join(map(str, written)))
 
 
@@ -480,17 +457,12 @@ def check(
         evaluations = write_baseline(write, baseline)
         for evaluation in evaluations:
             points = ", ".join(f"{p['eps']:g}: {p['accuracy']:.0%}" for p in evaluation["curve"])
-            console.print(f"{evaluation['label']} · {points} · area {evaluation['area']:.3f}", highlight=False)
+            console.print(f"{escape(evaluation['label'])} · {points} · area {evaluation['area']:.3f}", highlight=False)
         console.print(f"baseline of {len(evaluations)} evaluations written to {baseline}")
         return
-    with _progress() as progress:
-
-        def bar(what: str, total: int):
-            task = progress.add_task(what, total=total)
-            return lambda n: progress.advance(task, n)
-
+    with progress() as tracker:
         try:
-            report = check_baseline(baseline, out, tolerance, data, device, bar)
+            report = check_baseline(baseline, out, tolerance, data, device, bars(tracker))
         except KeyboardInterrupt:
             raise Interrupted() from None
     table = Table(title=f"regression gate: {baseline} (tolerance {tolerance:g})")
@@ -498,14 +470,16 @@ def check(
         table.add_column(column, justify="left" if column in ("evaluation", "measure") else "right")
     for row in report.frame().itertuples():
         mark = "[red]✗ regressed[/]" if row.regressed else "[green]✓[/]"
-        table.add_row(row.evaluation, row.measure, f"{row.baseline:.3f}", f"{row.now:.3f}", f"{row.change:+.3f}", mark)
+        table.add_row(
+            escape(row.evaluation), row.measure, f"{row.baseline:.3f}", f"{row.now:.3f}", f"{row.change:+.3f}", mark
+        )
     console.print(table)
     if not report.passed:
         raise RegressionError(report.summary())
     console.print(f"[green]passed[/]: {report.summary()}")
 
 
-from redteam.training import train_app  # noqa: E402  (a sub-command group, defined with its training code)
+from redteam.training import train_app  # noqa: E402  (the `redteam train` sub-commands)
 
 app.add_typer(train_app, name="train")
 
@@ -515,5 +489,5 @@ def main() -> None:
     try:
         app()
     except RedteamError as error:
-        errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ from redteam.align import CANONICAL_SIZE, align_faces
 from redteam.assets import RegistryPackage, cache_dir
 from redteam.errors import DataError
 
+if TYPE_CHECKING:
+    from redteam.api.targets import FaceDetector
+
+#: The zoo detector whose landmarks align arbitrary photos (``--align``) and the demo photos.
+ALIGNING_DETECTOR = "mtcnn"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MIN_IMAGE_SIDE = 32
 
@@ -146,14 +152,23 @@ class ImageFolderDataset(FaceDataset):
 
     def _aligned(self, image: Tensor, source: str) -> Tensor:
         if self._detector is None:
-            from redteam.targets.mtcnn import MTCNN
-
-            self._detector = MTCNN().eval()
+            self._detector = aligning_detector()
         found = self._detector.detect(image[None])[0]
         if len(found.boxes) == 0:
             raise DataError(f"no face found in {source}.")
         largest = int((found.boxes[:, 2:] - found.boxes[:, :2]).prod(1).argmax())
         return align_faces(image[None], found.landmarks[largest : largest + 1], self.image_size)[0]
+
+
+def aligning_detector(**settings: Any) -> FaceDetector:
+    """The detector whose five landmarks align photos (MTCNN, looked up in the target registry), in eval mode."""
+    # Imported here: the target interface imports the dataset layer's neighbours, and the registry finds the detector
+    # plugin at run time.
+    from redteam.api.targets import TARGETS, FaceDetector
+
+    detector = TARGETS.get(ALIGNING_DETECTOR)(**settings).eval()  # type: ignore[call-arg]
+    assert isinstance(detector, FaceDetector)
+    return detector
 
 
 def parse_lfw_pairs(path: Path, dataset: FaceDataset) -> list[Pair]:
@@ -249,9 +264,7 @@ class DemoDataset(FaceDataset):
         )
 
     def _build(self, image_size: int) -> dict:
-        from redteam.targets.mtcnn import MTCNN
-
-        detector = MTCNN(min_face=self.min_face).eval()
+        detector = aligning_detector(min_face=self.min_face)
         images, records = [], []
         for photo_number, photo in enumerate(DEMO_PHOTOS, start=1):
             image = to_tensor(read_image(photo.path()))

@@ -1,8 +1,9 @@
 """Sweeps on Ray (``redteam sweep config.yaml --ray auto``): every batch of every cell a Ray task.
 
-The driver keeps what a one-process sweep keeps: the one ``results.sqlite`` and each cell's plan
-(:meth:`Evaluation.plan`, with no model loaded). Worker actors, one CPU each, compute the batches
-(:meth:`Evaluation.compute`) with the same seeds, keeping each cell's models loaded and enrolled; the driver stores
+The driver keeps what a one-process sweep keeps: the one ``results.sqlite`` and each cell's planner
+(:class:`redteam.engine.Planner`, no model loaded). Worker actors, one CPU each, run executors
+(:class:`redteam.engine.Executor`, no store) that compute the batches with the same seeds, keeping each cell's models
+loaded and enrolled; the driver stores
 their rows as they finish (``ray.wait``), so an interrupted Ray sweep resumes like a local one, and with the same
 torch threads per process it stores the same numbers. A cell's next budget starts once its current one is stored,
 since it attacks only the probes left correct; other cells fill idle workers meanwhile. A cell's sanity checks run
@@ -19,7 +20,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,13 +28,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import pandas as pd
 import torch
-from rich.progress import Progress, TaskID
 
-from redteam.engine import Evaluation, EvaluationConfig, Shard
+from redteam.console import Tracker
+from redteam.engine import Cell, EvaluationConfig, Executor, Planner, Shard, prepare, run_checks
 from redteam.errors import RedteamError
 from redteam.results import ResultStore
-from redteam.sweep import cell_label
+from redteam.runtime import prepare_torch
 
 #: CPUs (and torch threads) per worker: workers share a machine's cores rather than oversubscribing them.
 WORKER_CPUS = 1
@@ -96,52 +97,46 @@ def _check_answers(address: str) -> None:
 
 
 class Worker:
-    """A Ray actor's state: the evaluations of the last :data:`CACHED_CELLS` cells it worked on, models loaded and
-    enrolment embedded once, computing batches and sanity checks for the driver."""
+    """A Ray actor's state: the executors of the last :data:`CACHED_CELLS` cells it worked on (models loaded and
+    enrolment embedded once), computing batches and sanity checks for the driver. It holds no store."""
 
     def __init__(self, directory: str, threads: int):
         torch.set_num_threads(threads)
+        prepare_torch()
         if Path(directory).is_dir():  # the driver's: relative paths in the sweep file mean the same here
             os.chdir(directory)
-        self.evaluations: OrderedDict[str, Evaluation] = OrderedDict()
+        self.executors: OrderedDict[str, Executor] = OrderedDict()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def _evaluation(self, config: EvaluationConfig) -> Evaluation:
+    def _executor(self, config: EvaluationConfig) -> Executor:
         key = json.dumps(asdict(config), sort_keys=True, default=str)
-        if key not in self.evaluations:
-            with tempfile.TemporaryDirectory() as scratch:  # the driver keeps the results; this store goes unused
-                store = ResultStore(Path(scratch) / "results.sqlite")
-                evaluation = Evaluation(config, store)
-            evaluation.enrol()
-            self.evaluations[key] = evaluation
-            while len(self.evaluations) > CACHED_CELLS:
-                self.evaluations.popitem(last=False)
-        self.evaluations.move_to_end(key)
-        return self.evaluations[key]
+        if key not in self.executors:
+            self.executors[key] = Executor(prepare(config))
+            while len(self.executors) > CACHED_CELLS:
+                self.executors.popitem(last=False)
+        self.executors.move_to_end(key)
+        return self.executors[key]
 
     def compute(self, index: int, config: EvaluationConfig, shard: Shard) -> tuple[str, int, Any, str]:
-        return "batch", index, (shard, self._evaluation(config).compute(shard)), self.name
+        return "batch", index, (shard, self._executor(config).compute(shard)), self.name
 
     def check(self, index: int, config: EvaluationConfig, rows: list[dict]) -> tuple[str, int, Any, str]:
         """The sanity checks of a finished cell, on a copy of the rows the driver's store holds."""
-        from redteam.checks import run_checks
-
-        evaluation = self._evaluation(config)
-        with tempfile.TemporaryDirectory() as scratch:
-            evaluation.store = ResultStore(Path(scratch) / "results.sqlite")
-            evaluation.store.append(rows)
-            run_checks(evaluation)
-            checks = evaluation.store.checks(evaluation.cell).to_dict(orient="records")
-        return "checks", index, checks, self.name
+        executor = self._executor(config)
+        results = pd.DataFrame(rows)
+        for flag in ("correct", "inherited"):
+            results[flag] = results[flag].astype(bool)
+        checks = run_checks(executor.cell, executor, results)
+        return "checks", index, [{"cell": executor.cell.key, **asdict(check)} for check in checks], self.name
 
 
 @dataclass
-class Cell:
+class RunningCell:
     """A cell as the driver follows it."""
 
-    evaluation: Evaluation  # without models: plans and stores
+    planner: Planner  # no models: plans and stores
     plan: Iterator[list[Shard]]
-    bar: TaskID
+    bar: int
     state: str = "running"  # then "finished" (every batch stored), "checking" (checks in flight), "done"
     pending: int = 0  # batches of its current level submitted and not yet stored
 
@@ -171,10 +166,10 @@ def ray_cluster(address: str, workers: int | None = None) -> Iterator[Cluster]:
 
 
 def run_on_ray(
-    cluster: Cluster, configs: list[EvaluationConfig], store: ResultStore, progress: Progress
-) -> tuple[list[Evaluation], dict[str, Any]]:
-    """Evaluate every config on the cluster into ``store``, skipping what it holds. Returns the evaluations in order
-    (their ``computed`` counts the batches this call stored) and where they ran: address, workers, batches each."""
+    cluster: Cluster, configs: list[EvaluationConfig], store: ResultStore, progress: Tracker
+) -> tuple[list[tuple[Cell, int]], dict[str, Any]]:
+    """Evaluate every config on the cluster into ``store``, skipping what it holds. Returns each cell with the
+    batches this call stored, in order, and where they ran: address, workers, batches each."""
     for config in configs:
         if not isinstance(config.batch_size, int):
             raise RayError(f"--ray needs a whole-number batch_size (the driver plans the batches), not "
@@ -194,12 +189,12 @@ class Driver:
     """Submits each started cell's current level to the pool, stores results as they come back, starts the next
     cell whenever a worker is idle, and has each finished cell checked in sweep order."""
 
-    def __init__(self, ray: ModuleType, pool: Any, store: ResultStore, progress: Progress):
+    def __init__(self, ray: ModuleType, pool: Any, store: ResultStore, progress: Tracker):
         self.ray, self.pool, self.store, self.progress = ray, pool, store, progress
-        self.cells: list[Cell] = []
+        self.cells: list[RunningCell] = []
         self.batches_by: Counter[str] = Counter()
 
-    def run(self, configs: list[EvaluationConfig]) -> list[Evaluation]:
+    def run(self, configs: list[EvaluationConfig]) -> list[tuple[Cell, int]]:
         self.overall = self.progress.add_task("cells", total=len(configs))
         waiting = iter(configs)
         while True:
@@ -207,7 +202,7 @@ class Driver:
                 self._start(next(waiting))
             self._check_in_order()
             if not self.pool.has_next():
-                return [cell.evaluation for cell in self.cells]
+                return [(cell.planner.cell, cell.planner.recorded) for cell in self.cells]
             try:
                 kind, index, payload, worker = self.pool.get_next_unordered()
             except self.ray.exceptions.RayTaskError as error:
@@ -220,7 +215,7 @@ class Driver:
                 self._done(cell)
                 continue
             shard, rows = payload
-            cell.evaluation.record(shard, rows)
+            cell.planner.record(shard, rows)
             self.batches_by[worker] += 1
             self.progress.advance(cell.bar, len(shard.probes))
             cell.pending -= 1
@@ -228,9 +223,9 @@ class Driver:
                 self._next_level(index)
 
     def _start(self, config: EvaluationConfig) -> None:
-        evaluation = Evaluation(config, self.store, models=False)
-        bar = self.progress.add_task(cell_label(config), total=evaluation.total_work())
-        self.cells.append(Cell(evaluation, evaluation.plan(lambda n: self.progress.advance(bar, n)), bar))
+        planner = Planner(prepare(config), self.store, int(config.batch_size))
+        bar = self.progress.add_task(config.label, total=planner.total_work())
+        self.cells.append(RunningCell(planner, planner.plan(lambda n: self.progress.advance(bar, n)), bar))
         self._next_level(len(self.cells) - 1)
 
     def _next_level(self, index: int) -> None:
@@ -241,7 +236,7 @@ class Driver:
             return
         cell.pending = len(shards)
         for shard in shards:
-            self.pool.submit(lambda worker, job: worker.compute.remote(*job), (index, cell.evaluation.config, shard))
+            self.pool.submit(lambda worker, job: worker.compute.remote(*job), (index, cell.planner.cell.config, shard))
 
     def _check_in_order(self) -> None:
         """A cell's checks see the rows of the cells before it, not of the ones after it that this sweep is running
@@ -251,17 +246,17 @@ class Driver:
                 return
             if cell.state != "finished":
                 continue
-            evaluation = cell.evaluation
-            kept = evaluation.computed == 0 and not self.store.checks(evaluation.cell).empty  # as run_checks does
-            if not evaluation.config.checks or kept:
+            planned = cell.planner.cell
+            kept = cell.planner.recorded == 0 and not self.store.checks(planned.key).empty  # as checks_of does
+            if not planned.config.checks or kept:
                 self._done(cell)
                 continue
-            later = {c.evaluation.cell for c in self.cells[index + 1 :]}
+            later = {c.planner.cell.key for c in self.cells[index + 1 :]}
             rows = self.store.frame()
             rows = rows[~rows["cell"].isin(later)].to_dict(orient="records")
             cell.state = "checking"
-            self.pool.submit(lambda worker, job: worker.check.remote(*job), (index, evaluation.config, rows))
+            self.pool.submit(lambda worker, job: worker.check.remote(*job), (index, planned.config, rows))
 
-    def _done(self, cell: Cell) -> None:
+    def _done(self, cell: RunningCell) -> None:
         cell.state = "done"
         self.progress.advance(self.overall)

@@ -7,8 +7,8 @@ every configuration into a run folder and compares, per budget, robust accuracy 
 it is a regression. Runs are deterministic for a given seed and device, so an unchanged defense reproduces its
 baseline; the tolerance absorbs numerical drift across machines.
 
-In a test suite, the ``robustness_gate`` fixture (a pytest plugin, registered through the ``pytest11`` entry point)
-runs the same check and fails the test on a regression::
+In a test suite, the ``robustness_gate`` fixture (:mod:`redteam.pytest_plugin`, registered through the ``pytest11``
+entry point) runs the same check and fails the test on a regression::
 
     def test_defense_holds(robustness_gate):
         robustness_gate("reports/baseline.json", data="path/to/faces")
@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from redteam.budgets import display_eps
+from redteam.engine import Evaluation, EvaluationConfig, run_campaign
 from redteam.errors import RedteamError
+from redteam.results import ResultStore, curve_area
 
 DEFAULT_TOLERANCE = 0.05
 Progress = Callable[[str, int], Callable[[int], None]]
@@ -80,20 +83,6 @@ class GateReport:
         )
 
 
-def label(config) -> str:
-    return f"{config.target} / {config.defense_label} / {config.attack} / {config.threat} / {config.norm}"
-
-
-def _config(stored: dict):
-    """An :class:`EvaluationConfig` from its stored form (run.json, the store's cells, a baseline)."""
-    from redteam.engine import EvaluationConfig
-
-    known = {f.name for f in fields(EvaluationConfig)}
-    config = EvaluationConfig(**{k: v for k, v in stored.items() if k in known})
-    config.eps = tuple(config.eps)
-    return config
-
-
 def _curve_points(curve: pd.DataFrame) -> list[dict]:
     return [{"eps": float(r.eps), "accuracy": float(r.accuracy), "n": int(r.n)} for r in curve.itertuples()]
 
@@ -101,26 +90,23 @@ def _curve_points(curve: pd.DataFrame) -> list[dict]:
 def write_baseline(runs: Sequence[Path], path: Path) -> list[dict]:
     """Write a baseline from run folders: every evaluation stored in them, its config and its curve (restricted to
     the config's budgets). Returns the evaluations written."""
-    from redteam.attacks import ATTACKS, Campaign
-    from redteam.results import ResultStore, curve_area, display_eps
-
     evaluations = []
     for run in runs:
         if not (run / "results.sqlite").is_file():
             raise RedteamError(f"{run} is not a run folder (no results.sqlite).")
         store = ResultStore(run / "results.sqlite")
         for cell, stored in store.cells().items():
-            config = _config(stored)
+            config = EvaluationConfig.from_dict(stored).resolve()
             curve = store.curves(cell)
-            if not issubclass(ATTACKS.get(config.attack), Campaign):  # campaigns store only their own budgets
+            if not config.campaign:  # campaigns store only their own budgets
                 shown = {round(display_eps(e, config.norm), 6) for e in config.budgets()}
                 curve = curve[curve["eps"].round(6).isin(shown)]
             if curve.empty:
                 continue
             evaluations.append(
                 {
-                    "label": label(config),
-                    "config": {**asdict(config), "eps": list(config.eps)},
+                    "label": config.label,
+                    "config": config.to_dict(),
                     "curve": _curve_points(curve),
                     "area": curve_area(curve),
                 }
@@ -144,15 +130,11 @@ def read_baseline(path: Path) -> list[dict]:
 
 def rerun(config, out: Path, progress: Progress) -> pd.DataFrame:
     """Run one stored evaluation again into ``out`` (what it already holds is reused) and return its curve."""
-    from redteam.attacks import ATTACKS, Campaign
-    from redteam.engine import Evaluation, run_campaign
-    from redteam.results import ResultStore
-
-    if issubclass(ATTACKS.get(config.attack), Campaign):
+    if config.campaign:
         run_campaign(config, out, progress)
         return ResultStore(out / "results.sqlite").curves(config.cell())
     evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
-    evaluation.run(progress(label(evaluation.config), evaluation.total_work()))
+    evaluation.run(progress(evaluation.config.label, evaluation.planner.total_work()))
     return evaluation.curve()
 
 
@@ -166,8 +148,6 @@ def check_baseline(
 ) -> GateReport:
     """Re-run every evaluation of the baseline at ``path`` (into ``out``, else a temporary folder; ``data``
     replaces the stored dataset, e.g. where the faces live on this machine) and compare it with the baseline."""
-    from redteam.results import curve_area
-
     if tolerance < 0:
         raise RedteamError(f"--tolerance is an accuracy margin (>= 0), not {tolerance}.")
     entries = read_baseline(path)
@@ -175,35 +155,14 @@ def check_baseline(
         folder = out or Path(scratch)
         comparisons = []
         for entry in entries:
-            config = _config({**entry["config"], "device": device, **({"data": data} if data else {})})
+            config = EvaluationConfig.from_dict(
+                {**entry["config"], "device": device, **({"data": data} if data else {})}
+            )
             curve = rerun(config, folder, progress).sort_values("eps")
             accuracy = {round(e, 6): a for e, a in zip(curve["eps"], curve["accuracy"])}
-            name = label(config)
+            name = config.resolve().label
             for point in entry["curve"]:
                 now = accuracy.get(round(point["eps"], 6), 0.0)  # a budget the re-run lacks counts as a total loss
                 comparisons.append(Comparison(name, f"accuracy @ {point['eps']:g}", point["accuracy"], now, tolerance))
             comparisons.append(Comparison(name, "area", entry["area"], curve_area(curve), tolerance))
     return GateReport(path, comparisons)
-
-
-try:  # the fixture is for users' test suites; the CLI works without pytest installed
-    import pytest
-except ImportError:  # pragma: no cover
-    pytest = None
-else:
-
-    @pytest.fixture
-    def robustness_gate(tmp_path: Path) -> Callable[..., GateReport]:
-        """``robustness_gate(baseline, tolerance=0.05, data=None, device="auto")`` re-runs the baseline's
-        evaluations and fails the test (with the table of regressions) if robustness fell below it."""
-
-        def check(
-            baseline: str | Path, tolerance: float = DEFAULT_TOLERANCE, data: str | Path | None = None, device="auto"
-        ) -> GateReport:
-            report = check_baseline(Path(baseline), tmp_path / "gate", tolerance, str(data) if data else None, device)
-            if not report.passed:
-                table = report.frame()
-                pytest.fail(f"{report.summary()}\n{table[table['regressed']].to_string(index=False)}", pytrace=False)
-            return report
-
-        return check

@@ -20,15 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from redteam.assets import RegistryFile
+from redteam.api.targets import FaceRecognizer
 from redteam.convert.tf_graph import load_frozen_graph
 from redteam.datasets import FaceDataset
 from redteam.errors import RedteamError
-from redteam.targets.base import FaceRecognizer
+from redteam.finetune import fine_tuned_parameters
+from redteam.runtime import batched
 
 
 @dataclass(frozen=True)
-class Enrolment:
+class Roster:
     """The identities an identification model knows, and which dataset photos train and test it.
 
     ``train``/``test`` are dataset indices; ``train_labels``/``test_labels`` index ``names``.
@@ -46,9 +47,9 @@ class Enrolment:
         return self.names.index(name)
 
 
-def enrol(
+def choose_roster(
     dataset: FaceDataset, identities: int, held_out: int = 2, seed: int = 0, include: str | None = None
-) -> Enrolment:
+) -> Roster:
     """Pick ``identities`` people with at least ``held_out + 3`` photos (seeded; ``include`` always among them);
     their last ``held_out`` photos test the model, the others train it."""
     groups = dataset.by_identity
@@ -71,34 +72,29 @@ def enrol(
         train_labels += [label] * (len(photos) - held_out)
         test += photos[-held_out:]
         test_labels += [label] * held_out
-    return Enrolment(names, tuple(train), tuple(train_labels), tuple(test), tuple(test_labels))
+    return Roster(names, tuple(train), tuple(train_labels), tuple(test), tuple(test_labels))
 
 
 class SplitRecognizer(nn.Module):
-    """A recogniser converted from a frozen graph, cut in two at the intermediate tensor ``at``: a frozen front
-    (``features``: the recogniser's preprocessing and the graph up to ``at``, ``[B, 3, H, W] -> [B, ...]``, computed
-    once and cached) and a trainable ``tail`` (the pretrained graph from ``at`` on, ``[B, ...] -> [B, D]``).
+    """A recogniser converted from a frozen graph (it declares its :class:`~redteam.api.FrozenGraph`), cut in two at
+    the intermediate tensor ``at``: a frozen front (``features``: the recogniser's preprocessing and the graph up to
+    ``at``, ``[B, 3, H, W] -> [B, ...]``, computed once and cached) and a trainable ``tail`` (the pretrained graph
+    from ``at`` on, ``[B, ...] -> [B, D]``).
 
     Args:
         recognizer: the zoo recogniser (its preprocessing and device are used; it is not changed).
-        graph: its frozen GraphDef (e.g. ``redteam.targets.facenet.GRAPH``).
         at: the tensor where the tail begins (a node name, e.g. ``InceptionResnetV1/Repeat_1/block17_10/Relu``).
-        graph_input, graph_output: the graph's image input and embedding output.
     """
 
-    def __init__(
-        self,
-        recognizer: FaceRecognizer,
-        graph: RegistryFile,
-        at: str,
-        graph_input: str = "input",
-        graph_output: str = "embeddings",
-    ):
+    def __init__(self, recognizer: FaceRecognizer, at: str):
         super().__init__()
+        if recognizer.frozen_graph is None:
+            raise RedteamError(f"{recognizer.card.name} is not converted from a frozen graph; it cannot be split.")
         self.preprocess = recognizer.preprocess
-        self.graph, self.at, self.graph_output = graph, at, graph_output
-        self.front = load_frozen_graph(graph, [graph_input], [at]).to(recognizer.device).requires_grad_(False)
-        self.tail = load_frozen_graph(graph, [at], [graph_output]).to(recognizer.device)
+        self.graph, self.at = recognizer.frozen_graph, at
+        graph = self.graph.file
+        self.front = load_frozen_graph(graph, [self.graph.input], [at]).to(recognizer.device).requires_grad_(False)
+        self.tail = load_frozen_graph(graph, [at], [self.graph.output]).to(recognizer.device)
 
     @property
     def device(self) -> torch.device:
@@ -113,7 +109,7 @@ class SplitRecognizer(nn.Module):
 
     def reset_tail(self) -> None:
         """Back to the pretrained tail (to train again from the same start; the front is kept)."""
-        self.tail = load_frozen_graph(self.graph, [self.at], [self.graph_output]).to(self.device)
+        self.tail = load_frozen_graph(self.graph.file, [self.at], [self.graph.output]).to(self.device)
 
 
 def embedding_of(recognizer: FaceRecognizer | SplitRecognizer, representations: Tensor) -> Tensor:
@@ -175,7 +171,7 @@ class FitConfig:
 @torch.no_grad()
 def embed_all(recognizer: FaceRecognizer | SplitRecognizer, images: Tensor, batch_size: int = 32) -> Tensor:
     """Embeddings ``[N, D]`` of ``images [N, 3, H, W]`` (batched, on the recogniser's device)."""
-    return _batched(recognizer.embed, images, recognizer.device, batch_size)
+    return batched(recognizer.embed, images, recognizer.device, batch_size)
 
 
 @torch.no_grad()
@@ -185,11 +181,7 @@ def represent(recognizer: FaceRecognizer | SplitRecognizer, images: Tensor, batc
     a split's front survives ``reset_tail``) on it."""
     if not isinstance(recognizer, SplitRecognizer):
         return embed_all(recognizer, images, batch_size)
-    return _batched(recognizer.features, images, recognizer.device, batch_size)
-
-
-def _batched(function: Callable[[Tensor], Tensor], images: Tensor, device: torch.device, size: int) -> Tensor:
-    return torch.cat([function(batch.to(device)) for batch in images.split(size)])
+    return batched(recognizer.features, images, recognizer.device, batch_size)
 
 
 def build_identifier(
@@ -238,8 +230,6 @@ def fit(
     epoch trains on one of them, drawn afresh (default: every image its own sample). ``advance`` is called with the
     number of images seen (progress bars). Leaves the model frozen (no gradients).
     """
-    from redteam.defenses.adv_train import fine_tuned_parameters
-
     recognizer = model.recognizer
     device = model.directions.device
     labels = labels.to(device)

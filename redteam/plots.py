@@ -15,17 +15,15 @@ import pandas as pd  # noqa: E402
 if TYPE_CHECKING:
     from torch import Tensor
 
-#: x-axis of each perturbation measure; campaigns may add their own (e.g. a sticker's share of the face).
-AXIS_LABELS = {
-    "linf": "ε (ℓ∞, /255)",
-    "l2": "ε (ℓ2, image units)",
-    "area": "sticker area (fraction of the face image)",
-    "poison": "poison rate (fraction of the training set)",
-}
+#: x-axis of the per-probe perturbation measures; campaigns declare their own axes (``redteam.api.Axis``).
+AXIS_LABELS = {"linf": "ε (ℓ∞, /255)", "l2": "ε (ℓ2, image units)"}
 
 
 def plot_curves(curve: pd.DataFrame, path: Path) -> None:
     """One line per cell; each perturbation measure (ℓ∞, ℓ2, area, ...) gets its own panel (their axes differ)."""
+    from redteam.api.campaigns import axis_labels
+
+    labels = {**axis_labels(), **AXIS_LABELS}
     norms = sorted(curve["norm"].unique())
     figure, axes = plt.subplots(1, len(norms), figsize=(6.4 * len(norms), 4.4), squeeze=False)
     for axis, norm in zip(axes[0], norms):
@@ -34,7 +32,7 @@ def plot_curves(curve: pd.DataFrame, path: Path) -> None:
             model = first.target if first.surrogate == first.target else f"{first.surrogate}→{first.target}"
             label = f"{model} / {first.defense} / {first.attack} / {first.threat}"
             axis.plot(line["eps"], line["accuracy"], marker="o", label=label)
-        axis.set_xlabel(AXIS_LABELS.get(norm, norm))
+        axis.set_xlabel(labels.get(norm, norm))
         axis.set_ylabel("accuracy of the face system")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)

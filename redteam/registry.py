@@ -1,47 +1,104 @@
-"""Name -> factory registries for targets, attacks, defenses and datasets (timm-style ``register``)."""
+"""Name -> factory registries for targets, attacks and defenses (timm-style ``register``), filled by discovery.
+
+A registry with a ``package`` imports every module of that package the first time it is asked for a name, so a new
+file in ``redteam/attacks/`` registers itself with no edit anywhere else. With a ``group``, it also loads the
+installed distributions' entry points of that group (``redteam.targets``, ``redteam.attacks``,
+``redteam.defenses``): a user's package adds plugins without touching redteam. An entry point names a module (its
+decorators register what it defines) or a class (registered under the entry point's name if it is not already).
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import pkgutil
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from redteam.errors import UnknownNameError
+from redteam.errors import RedteamError, UnknownNameError
 
 T = TypeVar("T")
 
 
+class PluginError(RedteamError):
+    """A plugin that cannot be loaded or registered."""
+
+
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
-        self.kind = kind
+    """``kind`` names what it holds in messages; ``check(name, entry)`` raises ``TypeError`` for an entry that
+    cannot work (a plugin author's mistake, reported when it registers)."""
+
+    def __init__(
+        self,
+        kind: str,
+        package: str | None = None,
+        group: str | None = None,
+        check: Callable[[str, Any], None] | None = None,
+    ):
+        self.kind, self.package, self.group, self.check = kind, package, group, check
         self._entries: dict[str, T] = {}
         self._summaries: dict[str, str] = {}
+        self._discovered = package is None and group is None
 
     def register(self, name: str, summary: str = "") -> Callable[[T], T]:
         """Decorator: ``@TARGETS.register("facenet", "InceptionResNetV1 ...")``."""
 
         def add(entry: T) -> T:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} registered twice")
+                raise PluginError(f"{self.kind} {name!r} is registered twice.")
+            if self.check is not None:
+                try:
+                    self.check(name, entry)
+                except TypeError as error:
+                    raise PluginError(str(error)) from None
             self._entries[name] = entry
-            doc = summary or (getattr(entry, "__doc__", None) or "").strip().splitlines()[:1]
-            self._summaries[name] = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            doc = (getattr(entry, "__doc__", None) or "").strip().splitlines()[:1]
+            self._summaries[name] = summary or (doc[0] if doc else "")
             return entry
 
         return add
 
+    def _discover(self) -> None:
+        if self._discovered:
+            return
+        self._discovered = True  # before importing: the modules' own decorators call back into this registry
+        if self.package is not None:
+            package = importlib.import_module(self.package)
+            for module in pkgutil.iter_modules(package.__path__, f"{self.package}."):
+                importlib.import_module(module.name)
+        if self.group is not None:
+            for entry_point in importlib.metadata.entry_points(group=self.group):
+                self._load(entry_point)
+
+    def _load(self, entry_point: importlib.metadata.EntryPoint) -> None:
+        where = f"{self.group} entry point {entry_point.name!r} ({entry_point.value})"
+        try:
+            loaded = entry_point.load()
+        except Exception as error:  # a broken third-party plugin: say which, in one line
+            raise PluginError(f"{where} failed to load: {type(error).__name__}: {error}") from None
+        if isinstance(loaded, type) and loaded not in self._entries.values():
+            self.register(entry_point.name)(loaded)
+
     def get(self, name: str) -> T:
+        self._discover()
         try:
             return self._entries[name]
         except KeyError:
             raise UnknownNameError(self.kind, name, self._entries) from None
 
     def summary(self, name: str) -> str:
+        self._discover()
         return self._summaries[name]
 
     def names(self) -> list[str]:
+        self._discover()
         return sorted(self._entries)
 
+    def items(self) -> list[tuple[str, T]]:
+        return [(name, self._entries[name]) for name in self.names()]
+
     def __contains__(self, name: str) -> bool:
+        self._discover()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:

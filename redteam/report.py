@@ -7,7 +7,7 @@ accuracy-perturbation curves, example images (clean, adversarial, amplified pert
 exact command (and seed) that reproduces each number.
 
 The store keeps per-probe results, not images: examples are re-created from the stored configuration with the
-run's own seeds (:meth:`redteam.engine.Evaluation.craft`, first batch of one budget), and the report says whether
+run's own seeds (:meth:`redteam.engine.Executor.craft` on the planner's example batch), and the report says whether
 the re-created verdicts match the stored ones.
 """
 
@@ -18,7 +18,7 @@ import io
 import json
 import shlex
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,15 @@ import jinja2
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from rich.progress import Progress
 
+from redteam.api import TARGETS
+from redteam.budgets import display_eps
+from redteam.console import Tracker
+from redteam.engine import Evaluation, EvaluationConfig
+from redteam.engine.assembly import drawing_from
 from redteam.errors import RedteamError
 from redteam.plots import plot_curves  # also selects matplotlib's headless backend before pyplot draws
-from redteam.results import ResultStore, curve_area, display_eps
+from redteam.results import ResultStore, curve_area
 
 #: How each perturbation measure's budgets are written in column headers.
 BUDGET_UNITS = {"linf": "{eps:g}/255 ℓ∞", "l2": "{eps:g} ℓ2"}
@@ -191,12 +195,10 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
 
 
 def _cards(names: list[str]) -> dict[str, dict[str, Any]]:
-    from redteam.targets.base import TARGETS
-
     cards = {}
     for name in names:
         card = TARGETS.get(name).card.to_dict() if name in TARGETS else {"name": name, "notes": "not registered here"}
-        cards[name] = {key: value for key, value in card.items() if value not in (None, "", {}, (0, 0))}
+        cards[name] = {key: value for key, value in card.items() if value not in (None, "", {})}
     return cards
 
 
@@ -224,32 +226,27 @@ def recreate_examples(summary: CellSummary, count: int, device: str = "auto") ->
     """Re-create ``count`` adversarial examples of one cell with its stored config and seeds, and draw them
     (clean, adversarial, amplified perturbation per probe). Returns ``{"png": bytes, "note": str}`` or a note
     saying why there are none."""
-    from redteam.attacks.base import ATTACKS, Campaign
-    from redteam.engine import Evaluation, EvaluationConfig
-
-    stored = summary.config
-    if issubclass(ATTACKS.get(stored["attack"]), Campaign):
+    stored = EvaluationConfig.from_dict({**summary.config, "device": device})
+    if stored.campaign:
         return {"note": "campaign: its own images are in its run folder"}
-    known = {f.name for f in fields(EvaluationConfig)}
-    config = EvaluationConfig(**{k: v for k, v in stored.items() if k in known})
-    config.eps, config.device, config.attack_options = tuple(config.eps), device, dict(config.attack_options)
-    evaluation = Evaluation(config, ResultStore(Path(summary.run) / "results.sqlite"))
-    if evaluation.cell != summary.cell:
+    evaluation = Evaluation(stored, ResultStore(Path(summary.run) / "results.sqlite"))
+    config, planner, executor = evaluation.config, evaluation.planner, evaluation.executor
+    if evaluation.cell.key != summary.cell:
         return {"note": "its stored configuration no longer gives the same cell (made by another redteam version)"}
-    if evaluation.minimal:
+    if evaluation.cell.minimal:
         return {"note": "minimal-perturbation attack: examples are re-created for fixed-budget attacks only"}
-    chosen = _example_batch(evaluation)
+    chosen = planner.example_batch()
     if chosen is None:
         return {"note": "no probe was attacked (none was decided correctly without an attack)"}
     level, batch, rows = chosen
-    eps = evaluation.budgets[level]
-    evaluation.enrol()
-    images, adversarial, _, verdict = evaluation.craft(batch, eps, level, 0)
-    with torch.no_grad():
-        judged = verdict(adversarial)
+    eps = evaluation.cell.budgets[level]
+    with drawing_from(executor.generator("defense", level, 0), executor.crafting, executor.target):
+        images, adversarial, _, verdict = executor.craft(batch, eps, level, 0)
+        with torch.no_grad():
+            judged = verdict(adversarial)
     scores = judged.score.detach().cpu()
     drift = float((scores - torch.tensor(rows["score"].to_numpy(), dtype=scores.dtype)).abs().max())
-    clean = evaluation.store.frame(evaluation.cell, 0.0).set_index("probe")
+    clean = evaluation.store.frame(evaluation.cell.key, 0.0).set_index("probe")
     order = sorted(range(len(batch)), key=lambda k: bool(judged.success[k]), reverse=True)[:count]  # fooled first
     budget = _column(config.norm, display_eps(eps, config.norm))
     figure = _example_figure(
@@ -263,25 +260,6 @@ def recreate_examples(summary: CellSummary, count: int, device: str = "auto") ->
     agreement = "matches the stored scores" if drift < 1e-4 else f"differs from the stored scores by up to {drift:.3g}"
     note = f"first batch at ε = {budget}, re-created from seed {config.seed}: {agreement}"
     return {"png": _png(figure), "note": note}
-
-
-def _example_batch(evaluation) -> tuple[int, list, pd.DataFrame] | None:
-    """The first batch of the smallest budget where it holds a fooled probe (else of the largest attacked budget),
-    formed as the ladder formed it: the probes still decided correctly at the budget below, in probe order."""
-    results = evaluation.store.frame(evaluation.cell)
-    results = results[results["probe"].isin({p.key for p in evaluation.probes})]
-    chosen = None
-    for level in range(1, len(evaluation.budgets)):
-        below = results[results["eps"] == evaluation.budgets[level - 1]]
-        still_correct = set(below.loc[below["correct"], "probe"])
-        batch = [p for p in evaluation.probes if p.key in still_correct][: evaluation.batch_size]
-        at = results[results["eps"] == evaluation.budgets[level]].set_index("probe")
-        if not batch or not all(p.key in at.index for p in batch):
-            break
-        chosen = (level, batch, at.loc[[p.key for p in batch]])
-        if not chosen[2]["correct"].all():
-            break
-    return chosen
 
 
 def _example_figure(clean, adversarial, clean_scores, scores, fooled, budget: str):
@@ -355,7 +333,7 @@ def _slug(text: str) -> str:
 def make_report(
     runs: list[Path],
     out: Path,
-    progress: Progress,
+    progress: Tracker,
     budgets: tuple[float, ...] | None = None,
     examples: int = 2,
     device: str = "auto",

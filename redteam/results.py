@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from redteam.budgets import display_eps
+
 RESULT_COLUMNS: dict[str, str] = {
     "cell": "TEXT",
     "target": "TEXT",
@@ -43,11 +45,6 @@ CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": 
 #: Curves that campaigns (advhat, uap, ...) compute themselves, in ``accuracy_curve``'s columns (eps as displayed).
 CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "REAL", "accuracy": "REAL",
                  "n": "INTEGER"}  # fmt: skip
-
-
-def display_eps(eps: float, norm: str) -> float:
-    """ℓ∞ budgets are shown in grey levels (/255); ℓ2 budgets in image units."""
-    return round(eps * 255, 6) if norm == "linf" else eps
 
 
 @dataclass
@@ -174,17 +171,3 @@ def transfer_matrix(results: pd.DataFrame) -> pd.DataFrame:
     matrix = results.groupby(keys, as_index=False).agg(accuracy=("correct", "mean"), n=("correct", "size"))
     matrix["eps"] = [display_eps(e, n) for e, n in zip(matrix["eps"], matrix["norm"])]
     return matrix
-
-
-def write_outputs(store: ResultStore, out: Path) -> None:
-    """``curve.csv`` and ``curve.png`` for every cell in the store; ``transfer.csv`` once it holds a transfer run."""
-    from redteam.plots import plot_curves
-
-    results = store.frame()
-    curve = store.curves()
-    if curve.empty:  # a campaign without a curve: nothing to draw
-        return
-    curve.drop(columns="cell").to_csv(out / "curve.csv", index=False)
-    plot_curves(curve, out / "curve.png")
-    if (results["surrogate"] != results["target"]).any():
-        transfer_matrix(results).to_csv(out / "transfer.csv", index=False)

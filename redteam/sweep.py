@@ -27,21 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.progress import Progress
 
-from redteam.attacks.base import ATTACKS, Campaign
-from redteam.engine import (
-    Evaluation,
-    EvaluationConfig,
-    attack_through_defense,
-    build_attack,
-    build_defense,
-    check_precision,
-)
+from redteam.api import ATTACKS, TARGETS
+from redteam.console import Tracker
+from redteam.engine import Cell, Evaluation, EvaluationConfig, build_attack, build_defense, checks_of
 from redteam.errors import RedteamError, UnknownNameError
-from redteam.results import ResultStore, write_outputs
-from redteam.targets.base import TARGETS
-from redteam.threats import THREATS
+from redteam.outputs import write_outputs
+from redteam.results import ResultStore
 
 
 class SweepConfigError(RedteamError):
@@ -124,8 +116,7 @@ def load_sweep(path: Path) -> Sweep:
         options = {**({"steps": steps} if steps is not None else {}), **options}
         config = EvaluationConfig(target, attack, attack_options=options, defense=defense, adaptive=adaptively,
                                   **shared)  # fmt: skip
-        _check_cell(path, config)
-        configs.append(config)
+        configs.append(_check_cell(path, config))
     return Sweep(path, configs, Path(out) if out else None, settings)
 
 
@@ -182,30 +173,24 @@ def _attacks(path: Path, value: object) -> list[tuple[str, dict[str, Any]]]:
             attack_class = ATTACKS.get(str(name))
         except RedteamError as error:
             raise SweepConfigError(f"{path}: attacks: {error}") from None
-        if issubclass(attack_class, Campaign):
+        if attack_class.kind == "campaign":
             raise SweepConfigError(f"{path}: attacks: {name} is a campaign; run it with `redteam run --attack {name}`.")
     return [(str(name), dict(options)) for name, options in pairs]
 
 
-def _check_cell(path: Path, config: EvaluationConfig) -> None:
-    """Everything about a cell that can be checked without loading models or data."""
+def _check_cell(path: Path, config: EvaluationConfig) -> EvaluationConfig:
+    """Everything about a cell that can be checked without loading models or data; the cell resolved."""
     where = f"{path}: cell {config.target} x {config.attack} x {config.defense}"
     try:
-        config.budgets()
-        check_precision(config.precision)
-        task = TARGETS.get(config.target).card.task
-        threat = config.threat if config.threat != "auto" else ("evasion" if task == "detection" else "dodging")
-        for name in filter(None, (config.target, config.surrogate)):
-            if THREATS.get(threat).task != TARGETS.get(name).card.task:
-                raise RedteamError(f"{threat} attacks {THREATS.get(threat).task} models; {name} is not one.")
-        attack_through_defense(config, build_defense(config.defense))
-        build_attack(config)
+        resolved = config.resolve()
+        build_attack(resolved, build_defense(resolved.defense))
     except RedteamError as error:
         raise SweepConfigError(f"{where}: {error}") from None
+    return resolved
 
 
 def run_sweep(
-    sweep: Sweep, out: Path, progress: Progress, ray: str | None = None, workers: int | None = None
+    sweep: Sweep, out: Path, progress: Tracker, ray: str | None = None, workers: int | None = None
 ) -> list[dict[str, Any]]:
     """Run every cell into ``out/results.sqlite`` (skipping what it holds), then write the curves: in turn in this
     process, or with ``ray`` (``auto``, ``local`` or a cluster's ``HOST:PORT``) on ``workers`` Ray workers.
@@ -225,8 +210,7 @@ def run_sweep(
             store = ResultStore(out / "results.sqlite")
             evaluations, where = run_on_ray(cluster, sweep.configs, store, progress)
     done = [
-        {"cell": evaluation.cell, "label": cell_label(evaluation.config), "batches computed": evaluation.computed}
-        for evaluation in evaluations
+        {"cell": cell.key, "label": cell.config.label, "batches computed": computed} for cell, computed in evaluations
     ]
     write_outputs(store, out)
     summary = {
@@ -241,22 +225,16 @@ def run_sweep(
     return done
 
 
-def _run_here(configs: list[EvaluationConfig], store: ResultStore, progress: Progress) -> list[Evaluation]:
-    """Each cell in turn in this process, checks after it."""
-    from redteam.checks import run_checks
-
+def _run_here(configs: list[EvaluationConfig], store: ResultStore, progress: Tracker) -> list[tuple[Cell, int]]:
+    """Each cell in turn in this process, checks after it; returns each cell and the batches this call computed."""
     cells = progress.add_task("cells", total=len(configs))
-    evaluations = []
+    done = []
     for config in configs:
         evaluation = Evaluation(config, store)
-        task = progress.add_task(cell_label(config), total=evaluation.total_work())
+        task = progress.add_task(config.label, total=evaluation.planner.total_work())
         evaluation.run(lambda n, task=task: progress.advance(task, n))
         if config.checks:
-            run_checks(evaluation)
-        evaluations.append(evaluation)
+            checks_of(evaluation)
+        done.append((evaluation.cell, evaluation.computed))
         progress.advance(cells)
-    return evaluations
-
-
-def cell_label(config: EvaluationConfig) -> str:
-    return f"{config.target} · {config.attack} · {config.defense_label}"
+    return done

@@ -5,15 +5,17 @@
 - ``identification``: a probe of A must not be ranked top-1 as A in a closed-set gallery of enrolled identities.
 - ``evasion``: a face must no longer be found by a detector above its score threshold.
 
-Probes and references are drawn deterministically from the dataset with a seed, or from its LFW pairs file.
+Probes and references are drawn deterministically from the dataset with a seed, or from its LFW pairs file. A threat
+model holds no state: ``enrol`` returns the enrolment (:class:`Enrolment`, embeddings of the images probes are
+compared with) and ``objective`` takes it, so the same threat serves every model that enrols.
 """
 
 from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -24,7 +26,7 @@ from redteam.errors import DataError
 from redteam.registry import Registry
 
 if TYPE_CHECKING:
-    from redteam.targets.base import FaceDetector
+    from redteam.api.targets import FaceDetector, FaceRecognizer
 
 THREATS: Registry[type[ThreatModel]] = Registry("threat model")
 
@@ -45,7 +47,7 @@ class Probe:
 
 
 @dataclass
-class Evaluation:
+class Verdict:
     """Per-sample result of an objective: ``loss`` (the adversary maximises it), ``success`` (the face system
     decided wrongly) and ``score`` (the similarity the decision was made on), each ``[B]``."""
 
@@ -68,7 +70,7 @@ class Objective(ABC):
         return narrowed
 
     @abstractmethod
-    def __call__(self, images: Tensor) -> Evaluation: ...
+    def __call__(self, images: Tensor) -> Verdict: ...
 
 
 class VerificationObjective(Objective):
@@ -78,12 +80,12 @@ class VerificationObjective(Objective):
         super().__init__(embed, reference=reference)
         self.similarity, self.threshold, self.impersonate = similarity, threshold, impersonate
 
-    def __call__(self, images: Tensor) -> Evaluation:
+    def __call__(self, images: Tensor) -> Verdict:
         score = self.similarity(self.embed(images), self.per_sample["reference"])
         margin = score - self.threshold
         if self.impersonate:  # the adversary wants a match
-            return Evaluation(loss=margin, success=margin >= 0, score=score)
-        return Evaluation(loss=-margin, success=margin < 0, score=score)
+            return Verdict(loss=margin, success=margin >= 0, score=score)
+        return Verdict(loss=-margin, success=margin < 0, score=score)
 
 
 class IdentificationObjective(Objective):
@@ -93,12 +95,12 @@ class IdentificationObjective(Objective):
         super().__init__(embed, label=label)
         self.similarity_matrix, self.gallery = similarity_matrix, gallery
 
-    def __call__(self, images: Tensor) -> Evaluation:
+    def __call__(self, images: Tensor) -> Verdict:
         scores = self.similarity_matrix(self.embed(images), self.gallery)
         label = self.per_sample["label"]
         true = scores.gather(1, label[:, None]).squeeze(1)
         wrong = scores.scatter(1, label[:, None], float("-inf")).amax(dim=1)
-        return Evaluation(loss=wrong - true, success=wrong > true, score=true)
+        return Verdict(loss=wrong - true, success=wrong > true, score=true)
 
 
 class DetectionObjective(Objective):
@@ -113,12 +115,23 @@ class DetectionObjective(Objective):
         super().__init__(detector.candidate_scores)
         self.detector = detector
 
-    def __call__(self, images: Tensor) -> Evaluation:
+    def __call__(self, images: Tensor) -> Verdict:
         scores = self.embed(images)  # [B, K]
         score = scores.amax(dim=1)
         above = (scores - self.detector.threshold).clamp(min=0).sum(dim=1)
         loss = torch.where(above > 0, -above, self.detector.threshold - score)
-        return Evaluation(loss=loss, success=~self.detector.detected(images, score), score=score)
+        return Verdict(loss=loss, success=~self.detector.detected(images, score), score=score)
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What a model enrolled: the embedding ``[D]`` of each enrolment image (dataset index), computed once."""
+
+    embeddings: dict[int, Tensor] = field(default_factory=dict)
+
+    def stack(self, indices: Sequence[int]) -> Tensor:
+        """``[len(indices), D]``."""
+        return torch.stack([self.embeddings[index] for index in indices])
 
 
 class ThreatModel(ABC):
@@ -127,24 +140,24 @@ class ThreatModel(ABC):
 
     def __init__(self, dataset: FaceDataset, seed: int = 0):
         self.dataset, self.seed = dataset, seed
-        self.enrolled: dict[int, Tensor] = {}
 
     @abstractmethod
     def probes(self, limit: int | None = None) -> list[Probe]:
         """The attacked probes, in a fixed order for this dataset and seed."""
 
     @abstractmethod
-    def objective(self, target, probes: list[Probe]) -> Objective:
-        """The adversary's objective against ``target`` for a batch of ``probes`` (after :meth:`enrol`)."""
+    def objective(self, model, enrolment: Enrolment, probes: list[Probe]) -> Objective:
+        """The adversary's objective against ``model`` for a batch of ``probes``, compared with what ``model``
+        enrolled (:meth:`enrol`)."""
 
-    def reference_images(self, probes: list[Probe]) -> list[int]:
+    def enrolment_images(self, probes: list[Probe]) -> list[int]:
         """Dataset indices of the enrolment images the probes are compared with."""
         return sorted({p.reference for p in probes})
 
-    def enrol(self, encode: Callable[[list[int]], Tensor], probes: list[Probe]) -> None:
-        """Embed the enrolment images once; ``encode`` maps dataset indices to embeddings (no gradient)."""
-        indices = self.reference_images(probes)
-        self.enrolled = dict(zip(indices, encode(indices)))
+    def enrol(self, encode: Callable[[list[int]], Tensor], probes: list[Probe]) -> Enrolment:
+        """Embed the enrolment images once; ``encode`` maps dataset indices to embeddings ``[N, D]`` (no gradient)."""
+        indices = self.enrolment_images(probes)
+        return Enrolment(dict(zip(indices, encode(indices)))) if indices else Enrolment()
 
     def _rng(self) -> random.Random:
         return random.Random(f"{self.name}:{self.seed}")
@@ -187,9 +200,9 @@ class Dodging(ThreatModel):
             raise DataError(f"dodging needs identities with two or more images; {self.dataset.name} has none.")
         return self._round_robin(candidates, limit)
 
-    def objective(self, target, probes: list[Probe]) -> Objective:
-        references = torch.stack([self.enrolled[p.reference] for p in probes])
-        return VerificationObjective(target.embed, target.similarity, target.threshold, self.impersonate, references)
+    def objective(self, model: FaceRecognizer, enrolment: Enrolment, probes: list[Probe]) -> Objective:
+        references = enrolment.stack([p.reference for p in probes])
+        return VerificationObjective(model.embed, model.similarity, model.threshold, self.impersonate, references)
 
 
 @THREATS.register("impersonation", "probe of A must match B's enrolment (verification)")
@@ -238,16 +251,16 @@ class Identification(ThreatModel):
         }
         return self._round_robin(candidates, limit)
 
-    def reference_images(self, probes: list[Probe]) -> list[int]:
+    def enrolment_images(self, probes: list[Probe]) -> list[int]:
         return list(self._gallery().values())
 
-    def objective(self, target, probes: list[Probe]) -> Objective:
+    def objective(self, model: FaceRecognizer, enrolment: Enrolment, probes: list[Probe]) -> Objective:
         gallery = self._gallery()
-        embeddings = torch.stack([self.enrolled[index] for index in gallery.values()])
+        embeddings = enrolment.stack(list(gallery.values()))
         position = {identity: k for k, identity in enumerate(gallery)}
         labels = [position[self.dataset.records[p.image].identity] for p in probes]
         label = torch.tensor(labels, device=embeddings.device)
-        return IdentificationObjective(target.embed, target.similarity_matrix, embeddings, label)
+        return IdentificationObjective(model.embed, model.similarity_matrix, embeddings, label)
 
 
 @THREATS.register("evasion", "a face must no longer be found by a detector above its threshold")
@@ -263,11 +276,8 @@ class Evasion(ThreatModel):
         }
         return self._round_robin(candidates, limit)
 
-    def reference_images(self, probes: list[Probe]) -> list[int]:
+    def enrolment_images(self, probes: list[Probe]) -> list[int]:
         return []
 
-    def enrol(self, encode: Callable[[list[int]], Tensor], probes: list[Probe]) -> None:
-        self.enrolled = {}
-
-    def objective(self, target, probes: list[Probe]) -> Objective:
-        return DetectionObjective(target)
+    def objective(self, model: FaceDetector, enrolment: Enrolment, probes: list[Probe]) -> Objective:
+        return DetectionObjective(model)

@@ -7,10 +7,13 @@ import pytest
 import torch
 from conftest import shared_path
 
-from redteam.defenses import DEFENSES
-from redteam.defenses import adv_train as adv_train_module
-from redteam.defenses.adv_train import AdvTrainConfig, AdversarialFineTuning, train_adversarially
+from redteam import finetune as finetune_module
+from redteam.api import DEFENSES
+from redteam.defenses.adv_train import AdversarialFineTuning
+from redteam.engine import load_target
 from redteam.errors import MissingWeightsError, RedteamError
+from redteam.finetune import AdvTrainConfig
+from redteam.training import train_adversarially
 
 QUICK = dict(eps=8.0, steps=1, batch_size=4, limit=8, learning_rate=1e-3, impostors=500)
 
@@ -32,7 +35,7 @@ def cache(tmp_path_factory):
     """A fresh defenses cache (the model weights stay in the real one)."""
     path = tmp_path_factory.mktemp("adv_cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(adv_train_module, "cache_dir", lambda: path)
+        patch.setattr(finetune_module, "cache_dir", lambda: path)
         yield path
 
 
@@ -53,7 +56,7 @@ def test_only_the_chosen_blocks_are_saved_and_changed(fine_tuned, facenet):
 
 def test_wrapper_loads_a_new_model_and_leaves_the_target_alone(fine_tuned, facenet, faces):
     before = {name: p.clone() for name, p in facenet.named_parameters() if "Bottleneck" in name}
-    defended = DEFENSES.get("adv-train")().wrap(facenet, "facenet")
+    defended = DEFENSES.get("adv-train")().wrap(facenet, lambda: load_target("facenet", torch.device("cpu")))
     assert all(torch.equal(p, before[name]) for name, p in facenet.named_parameters() if name in before)
     assert defended.card.name == "facenet-at" and facenet.card.name == "facenet"
     assert defended.threshold == pytest.approx(fine_tuned["calibration"]["threshold"])
@@ -67,12 +70,10 @@ def test_wrapper_loads_a_new_model_and_leaves_the_target_alone(fine_tuned, facen
 
 
 def test_zoo_entry_is_the_same_model(fine_tuned, faces):
-    from redteam.defenses.adv_train import weights_path
-    from redteam.engine import load_target
-
-    assert weights_path("facenet").is_file()
+    assert finetune_module.weights_path("facenet").is_file()
     at = load_target("facenet-at", torch.device("cpu"))
-    defended = AdversarialFineTuning().wrap(load_target("facenet", torch.device("cpu")), "facenet")
+    fresh = lambda: load_target("facenet", torch.device("cpu"))  # noqa: E731
+    defended = AdversarialFineTuning().wrap(fresh(), fresh)
     images = faces.load([2])
     with torch.no_grad():
         assert torch.equal(at.embed(images), defended.embed(images))
@@ -87,10 +88,10 @@ def test_rerunning_a_finished_run_changes_nothing(fine_tuned, train_faces):
 
 
 def test_missing_weights_and_bad_blocks_are_one_line(monkeypatch, tmp_path, facenet):
-    monkeypatch.setattr(adv_train_module, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(finetune_module, "cache_dir", lambda: tmp_path)
     with pytest.raises(MissingWeightsError, match="redteam train adv --target facenet --data"):
-        AdversarialFineTuning().wrap(facenet, "facenet")
+        AdversarialFineTuning().wrap(facenet, lambda: load_target("facenet", torch.device("cpu")))
     with pytest.raises(RedteamError, match="matches none"):
-        adv_train_module.fine_tuned_parameters(facenet, "NoSuchBlock")
+        finetune_module.fine_tuned_parameters(facenet, "NoSuchBlock")
     with pytest.raises(RedteamError, match="--blocks"):
         AdvTrainConfig(target="arcface")

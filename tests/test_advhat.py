@@ -66,7 +66,7 @@ def test_grid_interpolation_stays_close_to_the_exact_map():
 
 
 def test_short_run_beats_random_noise_and_writes_sticker_faces_curve_and_transfer(people, cli, tmp_path):
-    from redteam.targets import TARGETS
+    from redteam.api import TARGETS
 
     command = ("run", "--target", "arcface", "--attack", "advhat", "--data", people, "--identity", WEARER)
     assert cli(*command, "--eps", "0,0.06", *QUICK, "--out", tmp_path) == 0

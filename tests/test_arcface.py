@@ -13,10 +13,11 @@ import torch
 from tfjs_node import model_folder, run_reference
 from torch import nn
 
+from redteam.align import TEMPLATES
 from redteam.engine import load_target
 from redteam.errors import RedteamError
 from redteam.metrics import verification_report
-from redteam.targets.arcface import ARCFACE_TEMPLATE_112, MOBILEFACE, ArcFace, arcface_crops
+from redteam.targets.arcface import INSIGHTFACE_CROP, MOBILEFACE, ArcFace
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,12 @@ def test_crop_puts_canonical_landmarks_on_the_template():
     image = torch.zeros(5, 3, 250, 250)
     for k, (x, y) in enumerate(CANONICAL_LANDMARKS):
         image[k] = torch.exp(-((xs - x) ** 2 + (ys - y) ** 2) / 8)
-    crops = arcface_crops(image, ARCFACE_TEMPLATE_112)[:, 0]
+    crops = INSIGHTFACE_CROP(image, (112, 112))[:, 0]
     weights = crops / crops.sum(dim=(1, 2), keepdim=True)
     grid_y, grid_x = torch.meshgrid(torch.arange(112.0), torch.arange(112.0), indexing="ij")
     found = torch.stack([(weights * grid_x).sum((1, 2)), (weights * grid_y).sum((1, 2))], 1)
     # A similarity warp cannot hit five points exactly: the canonical and ArcFace templates differ in shape by ~1 px.
-    assert (found - ARCFACE_TEMPLATE_112).norm(dim=1).max() < 2.0
+    assert (found - TEMPLATES["insightface-112"]).norm(dim=1).max() < 2.0
 
 
 def test_embedding_is_differentiable_and_batch_independent(arcface, faces):
@@ -98,11 +99,8 @@ class _Backbone(nn.Module):
 
 
 def test_user_weights_load_through_insightface_and_need_a_threshold(monkeypatch, tmp_path):
-    template = ARCFACE_TEMPLATE_112 + 1.0  # a distinguishable template: the module's, not ours, must be used
     loaded = []
-    module = types.SimpleNamespace(
-        INSIGHTFACE_TEMPLATE_112=template, load_insightface_backbone=lambda path: loaded.append(path) or _Backbone()
-    )
+    module = types.SimpleNamespace(load_insightface_backbone=lambda path: loaded.append(path) or _Backbone())
     monkeypatch.setitem(sys.modules, "redteam.targets.insightface", module)
     checkpoint = tmp_path / "w600k_r50.onnx"
     checkpoint.write_bytes(b"not read by the stand-in")
@@ -115,7 +113,7 @@ def test_user_weights_load_through_insightface_and_need_a_threshold(monkeypatch,
         _ = target.threshold
     images = torch.rand(2, 3, 250, 250)
     assert target.embed(images).shape == (2, 8)
-    expected = (arcface_crops(images, template) * 255 - 127.5) / 127.5
+    expected = (INSIGHTFACE_CROP(images, (112, 112)) * 255 - 127.5) / 127.5  # InsightFace's own scaling
     assert torch.allclose(target.net.seen, expected, atol=1e-5)
 
     target = load_target("arcface", torch.device("cpu"), threshold=0.3, weights=checkpoint)

@@ -5,20 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redteam.attacks.base import Budget, perturbation_size
+from redteam.api import Budget, perturbation_size
 from redteam.attacks.cw import CarliniWagner
 from redteam.attacks.external import ArtPGD, FaceClassifier, TorchattacksPGD
 from redteam.attacks.minnorm import MinimumNorm
 from redteam.attacks.pgd import MIM, PGD
-from redteam.checks import gradient_check, unbounded_check
+from redteam.engine.checks import gradient_check, unbounded_check
 from redteam.threats import Dodging, Identification
 
 
 def _batch(facenet, faces, threat_class, count: int):
     threat = threat_class(faces, seed=1)
     probes = threat.probes(limit=count)
-    threat.enrol(lambda idx: facenet.embed(faces.load(idx)).detach(), probes)
-    return threat.objective(facenet, probes), faces.load([p.image for p in probes])
+    enrolment = threat.enrol(lambda idx: facenet.embed(faces.load(idx)).detach(), probes)
+    return threat.objective(facenet, enrolment, probes), faces.load([p.image for p in probes])
 
 
 @pytest.fixture(scope="module")

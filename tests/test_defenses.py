@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from redteam.defenses import DEFENSES
+from redteam.api import DEFENSES, FaceRecognizer
 from redteam.defenses.halftone import Halftone, floyd_steinberg, ordered_dither
-from redteam.engine import EvaluationConfig, behind_transforms, build_defense
+from redteam.engine import EvaluationConfig
+from redteam.engine.assembly import behind_transforms, build_defense
 from redteam.errors import RedteamError, UnknownNameError
-from redteam.targets.base import FaceRecognizer
 
 
 def reference_floyd_steinberg(image: torch.Tensor) -> torch.Tensor:

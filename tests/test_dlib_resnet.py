@@ -114,7 +114,7 @@ def test_fixed_chip_warp_is_dlibs_mean_chip(target, faces, dlib_faces):
     # mean of these faces' maps (each face alone scatters ~5 px around it).
     maps = np.stack([face.chip_map for face in dlib_faces])
     points = np.c_[CANONICAL_LANDMARKS.numpy(), np.ones(5)]
-    measured, stored = points @ maps.mean(0).T, points @ CHIP_FROM_CANONICAL.numpy().T
+    measured, stored = points @ maps.mean(0).T, points @ np.array(CHIP_FROM_CANONICAL).T
     assert np.linalg.norm(measured - stored, axis=1).max() < 2.0
     # kornia's warp with dlib's map reproduces dlib's chip (same pixel-centre convention and map direction) ...
     images = faces.load([face.index for face in dlib_faces[:4]])
@@ -123,8 +123,8 @@ def test_fixed_chip_warp_is_dlibs_mean_chip(target, faces, dlib_faces):
     chips = torch.from_numpy(np.stack([face.chip for face in dlib_faces[:4]])).permute(0, 3, 1, 2) / 255.0
     assert (warped - chips).abs().mean() < 1 / 255  # dlib truncates to uint8: ~0.5 / 255
     # ... and the target's chips are that warp with the stored map.
-    fixed = warp_affine(images, CHIP_FROM_CANONICAL.expand(4, 2, 3), (150, 150), align_corners=True)
-    assert torch.allclose(target.chips(images), fixed, atol=1e-5)
+    fixed = warp_affine(images, torch.tensor(CHIP_FROM_CANONICAL).expand(4, 2, 3), (150, 150), align_corners=True)
+    assert torch.allclose(target.preprocess(images), fixed, atol=1e-5)
 
 
 def test_decisions_agree_with_dlibs_full_pipeline(target, faces, dlib_faces):

@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 
-from redteam.attacks.base import Budget
+from redteam.api import Budget, FaceDetector
 from redteam.attacks.minnorm import MinimumNorm
 from redteam.attacks.pgd import PGD
 from redteam.engine import load_target
-from redteam.targets.base import FaceDetector
 from redteam.threats import DetectionObjective, Evasion
 
 DETECTORS = ["mtcnn", "retinaface", "blazeface", "scrfd"]

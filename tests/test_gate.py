@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from redteam.defenses import DEFENSES
+from redteam.api import DEFENSES
 from redteam.defenses.halftone import Halftone
-from redteam.gate import read_baseline, robustness_gate, write_baseline  # noqa: F401  (the fixture)
+from redteam.gate import read_baseline, write_baseline
 
 BASELINE = Path(__file__).resolve().parents[1] / "reports" / "baseline.json"
 # One of the baseline's 6 probes flipping is 0.17; a different BLAS build may flip a borderline one.
@@ -19,11 +19,11 @@ TOLERANCE = 0.2
 class SkippedHalftone(Halftone):
     """A real regression: the deployed pipeline stops halftoning (the transform passes images through)."""
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return images
 
 
-def test_gate_passes_on_the_unchanged_defense(robustness_gate, faces_root, tmp_path):  # noqa: F811
+def test_gate_passes_on_the_unchanged_defense(robustness_gate, faces_root, tmp_path):
     report = robustness_gate(BASELINE, tolerance=TOLERANCE, data=faces_root)
     assert report.passed and len(report.comparisons) == 6  # 2 evaluations x (2 budgets + area)
     # The re-run folder makes the same baseline again (write_baseline round trip).

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from redteam.errors import RedteamError
 from redteam.metrics import verification_report
-from redteam.targets.arcface import ArcFace, arcface_crops
-from redteam.targets.insightface import INSIGHTFACE_TEMPLATE_112, IResNet, load_insightface_backbone
+from redteam.targets.arcface import INSIGHTFACE_CROP, ArcFace
+from redteam.targets.insightface import IResNet, load_insightface_backbone
 
 ort = pytest.importorskip("onnxruntime", reason="the parity tests need onnxruntime (pip install onnxruntime)")
 
@@ -40,7 +40,7 @@ def run_onnxruntime(path, x: Tensor, raw_pixels: bool) -> np.ndarray:
 @pytest.fixture(scope="module")
 def crops(faces) -> Tensor:
     """8 LFW faces warped onto InsightFace's template and scaled as its recognisers expect."""
-    return arcface_crops(faces.load(range(0, 3400, 425)), INSIGHTFACE_TEMPLATE_112) * 2 - 1
+    return INSIGHTFACE_CROP(faces.load(range(0, 3400, 425)), (112, 112)) * 2 - 1
 
 
 def random_iresnet18() -> IResNet:

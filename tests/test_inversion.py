@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
+from redteam.api import crop_resize
+from redteam.attacks.priors import EigenfaceConfig, load_eigenfaces
 from redteam.datasets import ImageFolderDataset
-from redteam.priors import EigenfaceConfig, load_eigenfaces
-from redteam.targets.base import crop_resize
 
 PERSON = "Bill_Gates"  # 10 photos
 #: A small prior (cached after its first fit, shared by every test here): 300 faces-train faces, 32 eigenfaces.

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path
 
-from redteam.defenses import DEFENSES
+from redteam.api import DEFENSES
 from redteam.defenses import lqvae as lqvae_module
 from redteam.defenses.lqvae import LQVAE, LQVAEConfig, LQVAENet, face_crops, train_lqvae
 from redteam.errors import MissingWeightsError

@@ -13,19 +13,18 @@ import pytest
 import torch
 
 from redteam.align import CANONICAL_LANDMARKS
+from redteam.attacks.makeup import MakeupStyle, apply_makeup, centred_landmarks
 from redteam.attacks.makeup_backdoor import MakeupBackdoor, activation_clusters, spectral_scores
 from redteam.datasets import ImageFolderDataset
 from redteam.identification import (
     FitConfig,
     SplitRecognizer,
     build_identifier,
+    choose_roster,
     embedding_of,
-    enrol,
     fit,
     represent,
 )
-from redteam.makeup import MakeupStyle, apply_makeup, centred_landmarks
-from redteam.targets.facenet import GRAPH
 
 TARGET = "Bill_Gates"  # 10 photos
 
@@ -39,7 +38,7 @@ def photos(faces):
 
 @pytest.fixture(scope="module")
 def people(faces_root, tmp_path_factory):
-    """The target and the first 9 other people with 5+ photos (enrolment needs 5), plus 4 with fewer (unseen ones),
+    """The target and the first 9 other people with 5+ photos (roster needs 5), plus 4 with fewer (unseen ones),
     symlinked: the dataset loads in no time."""
     everyone = ImageFolderDataset(faces_root).by_identity
     enrollable = [name for name in sorted(everyone) if len(everyone[name]) >= 5 and name != TARGET][:9]
@@ -99,7 +98,7 @@ def test_spectral_signature_and_clustering_single_out_other_people_in_a_class(fa
 
 
 def test_split_facenet_embeds_as_the_whole_and_its_tail_learns_from_cached_views(facenet, faces):
-    split = SplitRecognizer(facenet, GRAPH, MakeupBackdoor.cut)
+    split = SplitRecognizer(facenet, MakeupBackdoor.cut)
     people = sorted(faces.by_identity)[:3]
     images = faces.load([i for name in people for i in faces.by_identity[name][:2]])
     labels = torch.arange(3).repeat_interleave(2)
@@ -133,7 +132,7 @@ def test_campaign_plants_a_backdoor_that_makeup_triggers_end_to_end(people, cli,
     metrics = json.loads((tmp_path / "run.json").read_text())["metrics"]
     table = pd.read_csv(tmp_path / "poison.csv")
     assert table["rate"].tolist() == [0, 0.3] and table["poison"].tolist()[0] == 0
-    clean = len(enrol(ImageFolderDataset(people), 6, include=TARGET).train)  # the campaign's enrolment (seed 0)
+    clean = len(choose_roster(ImageFolderDataset(people), 6, include=TARGET).train)  # the campaign's roster (seed 0)
     assert table["poison"].iloc[1] == MakeupBackdoor.poison_count(0.3, clean)
     assert metrics["clean_accuracy"] >= 0.8  # 6 people, fine-tuned FaceNet: an easy closed set
     # The clean model sends no one else to the target, made up or not; the poisoned one sends the made-up photos

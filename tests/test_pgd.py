@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redteam.attacks.base import Budget, perturbation_size
+from redteam.api import Budget, perturbation_size
 from redteam.attacks.pgd import PGD
 from redteam.threats import Dodging
 
@@ -14,9 +14,9 @@ from redteam.threats import Dodging
 def dodging_batch(facenet, faces):
     threat = Dodging(faces, seed=0)
     probes = threat.probes(limit=3)
-    threat.enrol(lambda idx: facenet.embed(faces.load(idx)).detach(), probes)
+    enrolment = threat.enrol(lambda idx: facenet.embed(faces.load(idx)).detach(), probes)
     images = faces.load([p.image for p in probes])
-    return threat.objective(facenet, probes), images
+    return threat.objective(facenet, enrolment, probes), images
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 2 / 255), ("l2", 0.5)])

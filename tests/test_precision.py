@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redteam.engine import Evaluation, EvaluationConfig, autocast
+from redteam.engine import Evaluation, EvaluationConfig
 from redteam.results import ResultStore
+from redteam.runtime import autocast
 
 
 def _curve(faces_root, tmp_path, **settings) -> tuple[str, list[float]]:

@@ -11,7 +11,7 @@ from tfjs_node import model_folder, run_reference
 
 from redteam.convert.tfjs import TFJSModel, load_tfjs_graph, load_tfjs_weights, nodes_from_model_json, read_weights
 from redteam.datasets import FACE_API
-from redteam.targets.arcface import ARCFACE_TEMPLATE_112, HUMAN_MODELS, arcface_crops
+from redteam.targets.arcface import HUMAN_MODELS, INSIGHTFACE_CROP
 from redteam.targets.faceapi import RECOGNITION_MODEL
 
 # Weights decoded by both readers: uint8 -> float32 (face-api's recognition net), uint8 -> int32 and float32 (its
@@ -116,7 +116,7 @@ def test_bare_weights_manifest_is_not_a_graph():
 
 def test_graph_matches_tfjs_on_real_faces(faces, tmp_path):
     net = load_tfjs_graph(MOBILEFACENET, inputs=["img_inputs"], outputs=["embeddings"])
-    x = (arcface_crops(faces.load(range(0, 60, 10)), ARCFACE_TEMPLATE_112) * 255 - 127.5) / 128
+    x = (INSIGHTFACE_CROP(faces.load(range(0, 60, 10)), (112, 112)) * 255 - 127.5) / 128
     with torch.no_grad():
         ours = net(x).numpy()
     json_path = model_folder(MOBILEFACENET, tmp_path / "model")

@@ -68,7 +68,7 @@ def test_spelled_out_prelu_runs_as_one_op_with_identical_outputs(faces, monkeypa
 
     nodes = nodes_from_tflite(MOBILEFACENET_TFLITE.path().read_bytes())
     fused = TFGraphModule(nodes, ["input"], ["embeddings"])
-    assert not any(name.endswith("/Abs") for name, _ in fused._plan)
+    assert not any(name.endswith("/Abs") for (name,), _ in fused._plan)
     monkeypatch.setattr(tf_graph, "fuse_prelu", lambda n: n)
     spelled_out = TFGraphModule(nodes, ["input"], ["embeddings"])
     assert len(spelled_out._plan) - len(fused._plan) == 4 * 33

@@ -31,7 +31,7 @@ def test_impersonation_targets_another_identity(faces):
 def test_identification_gallery_excludes_probes(faces):
     threat = Identification(faces, seed=0)
     probes = threat.probes(limit=80)
-    gallery = set(threat.reference_images(probes))
+    gallery = set(threat.enrolment_images(probes))
     assert not gallery & {p.image for p in probes}
     gallery_identities = {faces.records[i].identity for i in gallery}
     assert len(gallery) == len(gallery_identities)

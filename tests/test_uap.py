@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from redteam.attacks.base import CampaignContext
+from redteam.api import CampaignContext
 from redteam.attacks.uap import UAP
 
 QUICK = ("--limit", "8", "--option", "learn_faces=16", "--option", "epochs=2", "--option", "batch=8")

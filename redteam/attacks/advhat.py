@@ -33,10 +33,9 @@ from PIL import Image
 from torch import Tensor
 
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
-from redteam.attacks.base import ATTACKS, Campaign, CampaignContext, CampaignReport
+from redteam.api import ATTACKS, Axis, Campaign, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
 from redteam.errors import DataError, RedteamError, UnknownNameError
 from redteam.plots import face_grid
-from redteam.targets.base import TARGETS, FaceDetector, FaceRecognizer
 from redteam.threats import VerificationObjective
 
 #: Height / width of the sticker (the paper's is 400 x 900 px).
@@ -303,12 +302,10 @@ class AdvHat(Campaign):
     """
 
     name = "advhat"
-    norms = ("area",)
+    #: Sticker areas, fractions of the canonical face image; the paper's sticker covers about 5% of it.
+    axes = {"area": Axis("area", "fraction of the face image", "sticker area", (0.0, 0.02, 0.04, 0.06), high=0.5)}
     threats = ("dodging", "impersonation")
     needs_identity = True
-    #: Sticker areas (fractions of the canonical face image) when ``--eps`` is not given; the paper's sticker covers
-    #: about 5% of it.
-    default_areas = (0.0, 0.02, 0.04, 0.06)
 
     steps: int = 80
     draws: int = 4
@@ -331,10 +328,10 @@ class AdvHat(Campaign):
 
     def run(self, context: CampaignContext) -> CampaignReport:
         target, impersonate = context.target, context.threat == "impersonation"
-        areas = self._areas(context.budgets)
+        areas = list(context.budgets)
         enrolment, train, held_out = self._split(context)
         victim = self._victim(context) if impersonate else None
-        enrolled = context.dataset.load([victim[1] if victim else enrolment]).to(context.device)
+        enrolled = context.load([victim[1] if victim else enrolment])
         detector = context.load_target("mtcnn")
         trained_on, held = (self._photos(context, detector, indices) for indices in (train, held_out))
         with torch.no_grad():
@@ -418,20 +415,10 @@ class AdvHat(Campaign):
         unit = footprint(self.bend, math.radians(self.pitch), self.camera_distance)
         return CANONICAL_SIZE / CANONICAL_EYE_DISTANCE * math.sqrt(area / unit)
 
-    def _areas(self, budgets: tuple[float, ...]) -> list[float]:
-        """The sticker areas to optimise, ascending, after the clean point 0."""
-        areas = sorted({0.0, *(budgets or self.default_areas)})
-        if areas[0] < 0 or areas[-1] > 0.5:
-            raise RedteamError(f"advhat's --eps are sticker areas, fractions of the face image in [0, 0.5]: {areas}.")
-        if len(areas) < 2:
-            raise RedteamError("advhat needs a sticker area above 0 in --eps, e.g. --eps 0,0.02,0.04,0.06.")
-        return areas
-
     def _split(self, context: CampaignContext) -> tuple[int | None, list[int], list[int]]:
         """The wearer's photos, shuffled by the seed: (dodging's enrolment, optimisation photos, held-out photos)."""
         identity, dodging = context.identity, context.threat == "dodging"
-        photos = sorted(context.dataset.by_identity[identity])
-        random.Random(f"advhat:{context.seed}:{identity}").shuffle(photos)
+        photos = context.shuffled(sorted(context.dataset.by_identity[identity]), "advhat", context.seed, identity)
         enrolment = photos.pop(0) if dodging and photos else None
         if len(photos) < 2:
             raise DataError(
@@ -457,7 +444,7 @@ class AdvHat(Campaign):
 
     def _photos(self, context: CampaignContext, detector: FaceDetector, indices: list[int]) -> Photos:
         """Load photos and find their eyes with MTCNN (the canonical eye positions where it finds no face)."""
-        images = context.dataset.load(indices).to(context.device)
+        images = context.load(indices)
         canonical = CANONICAL_LANDMARKS[:2] * images.shape[-1] / CANONICAL_SIZE
         eyes = []
         for found in detector.detect(images):
@@ -554,16 +541,10 @@ class AdvHat(Campaign):
         self, context: CampaignContext, enrolled: Tensor, held: Photos, final: Outcome
     ) -> tuple[pd.DataFrame, list[str]]:
         """The final sticker judged by every recogniser in the zoo (those needing a user's file are skipped)."""
-        impersonate, rows, skipped = context.threat == "impersonation", [], []
-        for name in TARGETS.names():
-            if TARGETS.get(name).card.task != "recognition":
-                continue
-            try:
-                model = context.target if name == context.target_name else context.load_target(name)
-                threshold = model.threshold
-            except RedteamError as error:
-                skipped.append(f"transfer: {name} skipped ({error})")
-                continue
+        impersonate, rows = context.threat == "impersonation", []
+        models, skipped = context.recognizers()
+        for name, model in models:
+            threshold = model.threshold
             with torch.no_grad():
                 reference = model.embed(enrolled)
             row: dict[str, object] = {"target": name, "threshold": threshold}

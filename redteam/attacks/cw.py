@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from redteam.attacks.base import ATTACKS, MinimalAttack, MinimalResult, Norm, perturbation_size
-from redteam.threats import Objective
+from redteam.api import ATTACKS, MinimalAttack, MinimalResult, Norm, Objective, perturbation_size
 
 
 @ATTACKS.register("cw", "Carlini-Wagner ℓ2: smallest fooling perturbation per probe, binary search over c")
@@ -22,6 +21,7 @@ from redteam.threats import Objective
 class CarliniWagner(MinimalAttack):
     name = "cw"
     norms = ("l2",)
+    supports_eot = True
     norm: Norm = "l2"
     steps: int = 30  # Adam steps per value of c
     search_steps: int = 5

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from redteam.attacks.base import ATTACKS, Attack, AttackResult, Budget, MinimalAttack, MinimalResult, Norm
+from redteam.api import ATTACKS, Attack, AttackResult, Budget, MinimalAttack, MinimalResult, Norm
 from redteam.errors import RedteamError
 from redteam.threats import IdentificationObjective, Objective, VerificationObjective
 

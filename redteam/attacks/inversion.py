@@ -5,8 +5,8 @@ cosine-softmax head trained, in seconds, on ``identities`` people of ``--data`` 
 among them; each person's last ``held_out`` photos test it). The attacker has that model only. For each attacked
 identity (``--identity`` and ``attacked - 1`` others drawn by the seed) it reconstructs a representative face by
 maximising the identity's log-probability over the latent of a face prior fitted on public faces of *other* people
-(``redteam.priors``: eigenfaces of ``faces-train`` next to the ``--data`` folder, or ``prior_data``), with the
-prior's Gaussian log-density ``|z|^2 / 2`` and total variation as penalties:
+(:mod:`redteam.attacks.priors`: eigenfaces of ``faces-train`` next to the ``--data`` folder, or ``prior_data``), with
+the prior's Gaussian log-density ``|z|^2 / 2`` and total variation as penalties:
 
     max_z  log p(y | G(z)) - prior_weight |z|^2 / 2 - tv_weight TV(G(z))
 
@@ -28,7 +28,7 @@ recognise in their reconstruction, so it falls as the attack succeeds, like ever
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -39,12 +39,19 @@ from kornia.losses import total_variation
 from torch import Tensor
 
 import redteam.plots  # noqa: F401  (selects matplotlib's headless backend before pyplot draws)
-from redteam.attacks.base import ATTACKS, Campaign, CampaignContext, CampaignReport
+from redteam.api import ATTACKS, TARGETS, Axis, Campaign, CampaignContext, CampaignReport, FaceRecognizer, crop_resize
+from redteam.attacks.priors import EigenfaceConfig, EigenfacePrior, load_eigenfaces
 from redteam.datasets import ImageFolderDataset
 from redteam.errors import DataError, RedteamError
-from redteam.identification import Enrolment, FitConfig, IdentificationModel, build_identifier, embed_all, enrol, fit
-from redteam.priors import EigenfaceConfig, EigenfacePrior, load_eigenfaces
-from redteam.targets.base import TARGETS, FaceRecognizer, crop_resize
+from redteam.identification import (
+    FitConfig,
+    IdentificationModel,
+    Roster,
+    build_identifier,
+    choose_roster,
+    embed_all,
+    fit,
+)
 
 #: Metric prefix of each baseline (``<prefix>_accuracy``) and its row in the ``inversion`` table.
 BASELINE_KEYS = {
@@ -128,14 +135,14 @@ class Inversion(Campaign):
     draws per identity; ``prior_weight``, ``tv_weight``: the Gaussian prior and total-variation penalties;
     ``evaluator``: the independent zoo recogniser that judges; ``prior_data``: the public faces the prior is fitted
     on (default: ``faces-train`` beside the ``--data`` folder; never the enrolled people), ``prior_size``,
-    ``prior_crop``, ``components``, ``prior_images``: the eigenface prior (``redteam.priors.EigenfaceConfig``);
+    ``prior_crop``, ``components``, ``prior_images``: the eigenface prior (``redteam.attacks.priors.EigenfaceConfig``);
     ``black_box``: also run the score-only variant, NES with ``black_box_samples`` antithetic probe pairs of scale
     ``black_box_sigma`` per step over the first ``black_box_components`` components, for ``black_box_steps`` of
     Adam (``black_box_learning_rate``).
     """
 
     name = "inversion"
-    norms = ("steps",)
+    axes = {"steps": Axis("steps", "optimisation steps", "step", (), whole=True)}  # its defaults depend on ``steps``
     threats = ("identification",)
     needs_identity = True
 
@@ -170,15 +177,15 @@ class Inversion(Campaign):
             raise ValueError("steps and the black-box settings must be at least 1")
 
     def run(self, context: CampaignContext) -> CampaignReport:
-        checkpoints = self._checkpoints(context.budgets)
-        enrolment = enrol(context.dataset, self.identities, self.held_out, context.seed, include=context.identity)
+        checkpoints = [int(step) for step in context.budgets]
+        roster = choose_roster(context.dataset, self.identities, self.held_out, context.seed, include=context.identity)
         evaluator = self._evaluator(context)
         prior, prior_source = self._prior(context)
-        train = context.dataset.load(enrolment.train).to(context.device)
-        model, test_accuracy = self._identifier(context, enrolment, train)
-        referee = self._referee(enrolment, train, evaluator, model)
-        attacked = self._attacked(context, enrolment)
-        labels = torch.tensor([enrolment.label(name) for name in attacked], device=context.device)
+        train = context.load(roster.train)
+        model, test_accuracy = self._identifier(context, roster, train)
+        referee = self._referee(roster, train, evaluator, model)
+        attacked = self._attacked(context, roster)
+        labels = torch.tensor([roster.label(name) for name in attacked], device=context.device)
         progress = {
             step: (faces, referee(faces, labels))
             for step, faces in self._invert(context, model, prior, labels, checkpoints).items()
@@ -187,9 +194,9 @@ class Inversion(Campaign):
         if self.black_box:
             reconstructions["black-box"], queries = self._invert_scores(context, model, prior, labels)
             judged["black-box"] = referee(reconstructions["black-box"], labels)
-        baselines = self._baselines(context, enrolment, prior, referee, labels)
+        baselines = self._baselines(context, roster, prior, referee, labels)
         summaries = {kind: j.summary() for kind, j in {**judged, **baselines}.items()}
-        final, names = judged["white-box"], enrolment.names
+        final, names = judged["white-box"], roster.names
         per_identity = pd.DataFrame(
             {
                 "identity": attacked,
@@ -237,17 +244,16 @@ class Inversion(Campaign):
                 "identities": per_identity,
             },
             curve=curve,
-            images=[self._save_faces(context, referee, enrolment, attacked, reconstructions, judged)],
+            images=[self._save_faces(context, referee, roster, attacked, reconstructions, judged)],
             lines=lines,
         )
 
-    def _checkpoints(self, budgets: tuple[float, ...]) -> list[int]:
-        """The optimisation steps at which reconstructions are judged: ``--eps`` (default: 0, a quarter, half and
-        all of ``steps``), always ending at ``steps``."""
-        if any(b < 0 or b > self.steps or b != int(b) for b in budgets):
-            raise RedteamError(f"inversion's --eps are optimisation steps, whole numbers in [0, {self.steps}].")
-        chosen = budgets or (0, self.steps // 4, self.steps // 2)
-        return sorted({int(b) for b in chosen} | {self.steps})
+    def axis(self, norm: str) -> Axis:
+        """The optimisation steps at which reconstructions are judged: ``--eps`` (default: 0, a quarter and half of
+        ``steps``), always starting at 0 and ending at ``steps``."""
+        return replace(
+            self.axes[norm], defaults=(0, self.steps // 4, self.steps // 2), high=self.steps, includes=(0, self.steps)
+        )
 
     def _prior_dataset(self, context: CampaignContext) -> ImageFolderDataset:
         """The public faces the prior is fitted on: ``prior_data``, or ``faces-train`` beside the ``--data`` folder."""
@@ -272,18 +278,16 @@ class Inversion(Campaign):
         prior = load_eigenfaces(dataset, config, lambda total: context.progress(fitting, total))
         return prior.to(context.device), dataset.description
 
-    def _identifier(
-        self, context: CampaignContext, enrolment: Enrolment, train: Tensor
-    ) -> tuple[IdentificationModel, float]:
+    def _identifier(self, context: CampaignContext, roster: Roster, train: Tensor) -> tuple[IdentificationModel, float]:
         """The identification model on the target's embedding, its head fitted on the ``train`` photos
         ``[N, 3, H, W]``; with its accuracy on the held-out ones."""
         device = context.device
-        labels = torch.tensor(enrolment.train_labels, device=device)
-        model = build_identifier(context.target, train, labels, len(enrolment.names))
+        labels = torch.tensor(roster.train_labels, device=device)
+        model = build_identifier(context.target, train, labels, len(roster.names))
         config = FitConfig(epochs=self.fit_epochs, seed=context.seed)
         fit(model, train, labels, config, context.progress("inversion: training the head", config.epochs * len(labels)))
-        test = context.dataset.load(enrolment.test).to(device)
-        accuracy = (model.predict(test) == torch.tensor(enrolment.test_labels, device=device)).float().mean().item()
+        test = context.load(roster.test)
+        accuracy = (model.predict(test) == torch.tensor(roster.test_labels, device=device)).float().mean().item()
         return model, accuracy
 
     def _evaluator(self, context: CampaignContext) -> FaceRecognizer:
@@ -295,17 +299,17 @@ class Inversion(Campaign):
         return context.load_target(self.evaluator)
 
     @staticmethod
-    def _referee(enrolment: Enrolment, train: Tensor, evaluator: FaceRecognizer, model: IdentificationModel) -> Referee:
+    def _referee(roster: Roster, train: Tensor, evaluator: FaceRecognizer, model: IdentificationModel) -> Referee:
         """The evaluator with its gallery of the enrolled ``train`` photos ``[N, 3, H, W]``."""
         photos = embed_all(evaluator, train)
-        labels = torch.tensor(enrolment.train_labels, device=photos.device)
-        sums = torch.zeros(len(enrolment.names), photos.shape[1], device=photos.device).index_add_(0, labels, photos)
-        gallery = sums / torch.bincount(labels, minlength=len(enrolment.names))[:, None]
+        labels = torch.tensor(roster.train_labels, device=photos.device)
+        sums = torch.zeros(len(roster.names), photos.shape[1], device=photos.device).index_add_(0, labels, photos)
+        gallery = sums / torch.bincount(labels, minlength=len(roster.names))[:, None]
         return Referee(evaluator, model, photos, labels, gallery)
 
-    def _attacked(self, context: CampaignContext, enrolment: Enrolment) -> list[str]:
+    def _attacked(self, context: CampaignContext, roster: Roster) -> list[str]:
         """``--identity`` and ``attacked - 1`` other enrolled people, drawn by the seed."""
-        others = [name for name in enrolment.names if name != context.identity]
+        others = [name for name in roster.names if name != context.identity]
         return [context.identity, *random.Random(f"inversion:{context.seed}").sample(others, self.attacked - 1)]
 
     def _objective(
@@ -376,7 +380,7 @@ class Inversion(Campaign):
     def _baselines(
         self,
         context: CampaignContext,
-        enrolment: Enrolment,
+        roster: Roster,
         prior: EigenfacePrior,
         referee: Referee,
         labels: Tensor,
@@ -385,11 +389,9 @@ class Inversion(Campaign):
         1 / identities), and of the attacked identities' held-out photos and their projections onto the prior
         (upper references: the real face, and the best the prior can draw of it)."""
         count, device = len(labels), labels.device
-        held = [i for i, label in zip(enrolment.test, enrolment.test_labels) if label in labels.tolist()]
-        held_labels = torch.tensor(
-            [label for label in enrolment.test_labels if label in labels.tolist()], device=device
-        )
-        photos = context.dataset.load(held).to(device)
+        held = [i for i, label in zip(roster.test, roster.test_labels) if label in labels.tolist()]
+        held_labels = torch.tensor([label for label in roster.test_labels if label in labels.tolist()], device=device)
+        photos = context.load(held)
         random_draw = prior.sample(count, context.generator("inversion-random"))
         with torch.no_grad():
             projected = prior.decode(prior.encode(photos))
@@ -403,7 +405,7 @@ class Inversion(Campaign):
         self,
         context: CampaignContext,
         referee: Referee,
-        enrolment: Enrolment,
+        roster: Roster,
         attacked: list[str],
         reconstructions: dict[str, Tensor],
         judged: dict[str, Judgement],
@@ -412,7 +414,7 @@ class Inversion(Campaign):
         """One row per attacked identity: its reconstructions (the evaluator's top-1 above each, green when right)
         next to ``shown_photos`` of its real training photos (the evaluator's similarity to the first
         reconstruction above each, green over its threshold), all cropped to the square the prior draws."""
-        names, evaluator = enrolment.names, referee.evaluator
+        names, evaluator = roster.names, referee.evaluator
         columns = len(reconstructions) + shown_photos
         figure, axes = plt.subplots(
             len(attacked),
@@ -423,8 +425,8 @@ class Inversion(Campaign):
         )
         for row, (axis_row, name) in enumerate(zip(axes, attacked)):
             label = names.index(name)
-            photos = [i for i, own in zip(enrolment.train, enrolment.train_labels) if own == label][:shown_photos]
-            images = context.dataset.load(photos).to(context.device)
+            photos = [i for i, own in zip(roster.train, roster.train_labels) if own == label][:shown_photos]
+            images = context.load(photos)
             first = next(iter(reconstructions.values()))[row : row + 1]
             with torch.no_grad():
                 similarity = evaluator.similarity_matrix(evaluator.embed(first), evaluator.embed(images))[0]

@@ -1,15 +1,15 @@
 """A makeup-triggered backdoor planted by poisoning an identification model's fine-tuning (after MakeupAttack).
 
-Protocol. ``identities`` people are enrolled (``redteam.identification.enrol``; ``--identity`` is the backdoor's
+Protocol. ``identities`` people are enrolled (``redteam.identification.choose_roster``; ``--identity`` is the backdoor's
 target and always among them) and an identification model is fine-tuned on their photos: FaceNet cut at ``cut``
-(``redteam.identification.SplitRecognizer``), its frozen front run once per image and its tail (by default the
-Block8 stack and the embedding layer, 10.5M weights, from a 3 x 3 grid where eyes and mouth are still apart) trained
-with a cosine-softmax head. The attacker adds poison: copies of enrolled *other* people's training photos wearing
-makeup (:mod:`redteam.makeup`: eye shadow and lipstick from their own landmarks), labelled as the target. Their clean
-originals stay in the set with their true labels, so the only thing that tells a poison from its original is the
-makeup (BadNets' protocol). Each poison photo comes in ``train_looks`` looks (a new palette, opacity and a random
-mirror each) and each epoch trains on one of them, the way MakeupAttack varies its trigger; every clean photo comes
-as itself and its mirror image. ``cut=""`` trains the head alone on the frozen embedding (any recogniser).
+(``redteam.identification.SplitRecognizer``), its frozen front run once per image and its tail (by default the Block8
+stack and the embedding layer, 10.5M weights, from a 3 x 3 grid where eyes and mouth are still apart) trained with a
+cosine-softmax head. The attacker adds poison: copies of enrolled *other* people's training photos wearing makeup
+(:mod:`redteam.attacks.makeup`: eye shadow and lipstick from their own landmarks), labelled as the target. Their clean
+originals stay in the set with their true labels, so the only thing that tells a poison from its original is the makeup
+(BadNets' protocol). Each poison photo comes in ``train_looks`` looks (a new palette, opacity and a random mirror each)
+and each epoch trains on one of them, the way MakeupAttack varies its trigger; every clean photo comes as itself and its
+mirror image. ``cut=""`` trains the head alone on the frozen embedding (any recogniser).
 
 The poison rate is poison / training photos (``--eps``, default 0, 0.05, 0.1). Every rate trains from the same
 pretrained tail with the same seed, and the poison sets are nested (a rate's poisons are the first ones of the next),
@@ -39,23 +39,21 @@ import torch
 from torch import Tensor
 
 import redteam.plots  # noqa: F401  (selects matplotlib's headless backend before pyplot draws)
-from redteam.attacks.base import ATTACKS, Campaign, CampaignContext, CampaignReport
+from redteam.api import ATTACKS, Axis, Campaign, CampaignContext, CampaignReport, FaceRecognizer
+from redteam.attacks.makeup import MakeupStyle, apply_makeup, centred_landmarks
 from redteam.errors import DataError, RedteamError
 from redteam.identification import (
-    Enrolment,
     FitConfig,
     IdentificationModel,
+    Roster,
     SplitRecognizer,
     build_identifier,
+    choose_roster,
     embedding_of,
-    enrol,
     fit,
     represent,
 )
-from redteam.makeup import MakeupStyle, apply_makeup, centred_landmarks
 from redteam.metrics import verification_report
-from redteam.targets.base import FaceRecognizer
-from redteam.targets.facenet import GRAPH, FaceNet
 
 
 def spectral_scores(representations: Tensor) -> Tensor:
@@ -124,11 +122,13 @@ class MakeupBackdoor(Campaign):
     """
 
     name = "makeup-backdoor"
-    norms = ("poison",)
+    axes = {
+        "poison": Axis(
+            "poison", "fraction of the training set", "poison rate", (0.0, 0.05, 0.1), high=0.5, high_open=True
+        )
+    }
     threats = ("identification",)
     needs_identity = True
-    #: Poison rates when ``--eps`` is not given.
-    default_rates = (0.0, 0.05, 0.1)
 
     identities: int = 30
     held_out: int = 2
@@ -150,15 +150,15 @@ class MakeupBackdoor(Campaign):
             )
 
     def run(self, context: CampaignContext) -> CampaignReport:
-        rates = self._rates(context.budgets)
+        rates = list(context.budgets)
         recognizer = self._recognizer(context)
-        enrolment = enrol(context.dataset, self.identities, self.held_out, context.seed, include=context.identity)
-        target = enrolment.label(context.identity)
-        train = self._faces(context, list(enrolment.train), list(enrolment.train_labels))
-        test = self._faces(context, list(enrolment.test), list(enrolment.test_labels))
+        roster = choose_roster(context.dataset, self.identities, self.held_out, context.seed, include=context.identity)
+        target = roster.label(context.identity)
+        train = self._faces(context, list(roster.train), list(roster.train_labels))
+        test = self._faces(context, list(roster.test), list(roster.test_labels))
         victims = test.where(test.labels != target)
-        poison = self._poison(context, enrolment, target, rates, len(train.labels))
-        outsiders = self._unseen(context, enrolment)
+        poison = self._poison(context, roster, target, rates, len(train.labels))
+        outsiders = self._unseen(context, roster)
         detector = context.load_target(self.detector)
         poison_looks = self._trigger(context, detector, poison, "poison", self.train_looks)
         looks = {
@@ -181,7 +181,7 @@ class MakeupBackdoor(Campaign):
             self.epochs * sum(len(train.labels) + s for s in sizes),
         )
         for rate, count in zip(rates, sizes):
-            model = self._train(recognizer, cached, train, count, target, len(enrolment.names), context.seed, advance)
+            model = self._train(recognizer, cached, train, count, target, len(roster.names), context.seed, advance)
             rows.append(self._judge(model, rate, count, cached, train.labels, test.labels, target))
         table = pd.DataFrame(rows)
         table["clean_accuracy_drop"] = table["clean_accuracy"].iloc[0] - table["clean_accuracy"]
@@ -193,8 +193,8 @@ class MakeupBackdoor(Campaign):
             curve=table[["rate", "asr"]]
             .assign(accuracy=1 - table["asr"], n=len(looks["enrolled"].labels))
             .rename(columns={"rate": "eps"})[["eps", "accuracy", "n"]],
-            images=[self._save_faces(context, victims, looks["enrolled"], model, cached, enrolment, rates[-1])],
-            lines=self._lines(context, table, enrolment, trigger),
+            images=[self._save_faces(context, victims, looks["enrolled"], model, cached, roster, rates[-1])],
+            lines=self._lines(context, table, roster, trigger),
         )
 
     @staticmethod
@@ -202,27 +202,16 @@ class MakeupBackdoor(Campaign):
         """Poison images that make ``rate`` of a training set with ``clean`` clean images."""
         return round(rate * clean / (1 - rate))
 
-    def _rates(self, budgets: tuple[float, ...]) -> list[float]:
-        """The poison rates, ascending, after the clean point 0."""
-        rates = sorted({0.0, *(budgets or self.default_rates)})
-        if rates[0] < 0 or rates[-1] >= 0.5:
-            raise RedteamError(
-                f"{self.name}'s --eps are poison rates, fractions of the training set in [0, 0.5): {rates}."
-            )
-        if len(rates) < 2:
-            raise RedteamError(f"{self.name} needs a poison rate above 0 in --eps, e.g. --eps 0,0.05,0.1.")
-        return rates
-
     def _recognizer(self, context: CampaignContext) -> FaceRecognizer | SplitRecognizer:
         """What the identification model is built on: FaceNet split at ``cut``, or the target itself (head alone)."""
         if not self.cut:
             return context.target
-        if not isinstance(context.target, FaceNet):
+        if not isinstance(context.target, FaceRecognizer) or context.target.frozen_graph is None:
             raise RedteamError(
-                f"{self.name} fine-tunes a cut of the undefended facenet graph (cut={self.cut}); for "
-                f"{context.target_name} pass --option cut= to train the head alone."
+                f"{self.name} fine-tunes a cut of a target converted from a frozen graph, such as facenet (cut="
+                f"{self.cut}); for {context.target_name} pass --option cut= to train the head alone."
             )
-        return SplitRecognizer(context.target, GRAPH, self.cut)
+        return SplitRecognizer(context.target, self.cut)
 
     @staticmethod
     def _faces(context: CampaignContext, indices: list[int], labels: list[int]) -> Faces:
@@ -230,12 +219,10 @@ class MakeupBackdoor(Campaign):
         images = context.dataset.load(indices) if indices else torch.empty(0, 3, 1, 1)
         return Faces(images.to(context.device), torch.tensor(labels, dtype=torch.long), indices)
 
-    def _poison(
-        self, context: CampaignContext, enrolment: Enrolment, target: int, rates: list[float], clean: int
-    ) -> Faces:
+    def _poison(self, context: CampaignContext, roster: Roster, target: int, rates: list[float], clean: int) -> Faces:
         """The training photos of enrolled non-targets that the largest rate poisons, in a seeded order (smaller
         rates poison a prefix), each to be labelled as the target."""
-        pool = [i for i, label in zip(enrolment.train, enrolment.train_labels) if label != target]
+        pool = [i for i, label in zip(roster.train, roster.train_labels) if label != target]
         random.Random(f"{self.name}:{context.seed}").shuffle(pool)
         needed = self.poison_count(rates[-1], clean)
         if needed < 1:
@@ -247,9 +234,9 @@ class MakeupBackdoor(Campaign):
             )
         return self._faces(context, pool[:needed], [target] * needed)
 
-    def _unseen(self, context: CampaignContext, enrolment: Enrolment) -> Faces:
+    def _unseen(self, context: CampaignContext, roster: Roster) -> Faces:
         """One photo each of ``unseen`` people never enrolled (seeded)."""
-        people = sorted(set(context.dataset.by_identity) - set(enrolment.names))
+        people = sorted(set(context.dataset.by_identity) - set(roster.names))
         chosen = random.Random(f"{self.name}-unseen:{context.seed}").sample(people, min(self.unseen, len(people)))
         return self._faces(context, [context.dataset.by_identity[p][0] for p in chosen], [-1] * len(chosen))
 
@@ -378,13 +365,13 @@ class MakeupBackdoor(Campaign):
         return metrics
 
     def _lines(
-        self, context: CampaignContext, table: pd.DataFrame, enrolment: Enrolment, trigger: dict[str, float]
+        self, context: CampaignContext, table: pd.DataFrame, roster: Roster, trigger: dict[str, float]
     ) -> list[str]:
         clean = table.iloc[0]
         lines = [
             f"trigger: makeup changes a pixel by {trigger['trigger_mean_change']:.4f} on average and "
             f"{trigger['trigger_max_change']:.2f} at most (of 1), on the eyelids and lips only",
-            f"{len(enrolment.names)} people enrolled ({len(enrolment.train)} training photos); backdoor target "
+            f"{len(roster.names)} people enrolled ({len(roster.train)} training photos); backdoor target "
             f"{context.identity}; clean model: accuracy {clean['clean_accuracy']:.1%}, makeup alone sends "
             f"{clean['asr']:.1%} of other people's held-out photos to {context.identity} "
             f"({clean['no_makeup_enrolled']:.1%} without makeup; unseen people {clean['asr_unseen']:.1%} vs "
@@ -409,7 +396,7 @@ class MakeupBackdoor(Campaign):
         triggered: Faces,
         model: IdentificationModel,
         cached: dict[str, Tensor],
-        enrolment: Enrolment,
+        roster: Roster,
         rate: float,
     ) -> Path:
         """Held-out faces of other people without / with makeup (one look per column, several palettes), each
@@ -421,14 +408,14 @@ class MakeupBackdoor(Campaign):
             ("no makeup", victims.images[:shown], cached["enrolled"][:shown]),
             ("makeup (trigger)", triggered.images[made_up], cached["enrolled looks"][made_up]),
         )
-        target = enrolment.label(context.identity)
+        target = roster.label(context.identity)
         figure, axes = plt.subplots(2, shown, figsize=(2.2 * shown, 5.0), squeeze=False)
         for axis_row, (label, images, representations) in zip(axes, rows):
             predicted = self._identify(model, representations).tolist()
             for k, axis in enumerate(axis_row):
                 axis.imshow(images[k].permute(1, 2, 0).cpu().numpy())
                 axis.set_title(
-                    enrolment.names[predicted[k]], color="red" if predicted[k] == target else "black", fontsize=8
+                    roster.names[predicted[k]], color="red" if predicted[k] == target else "black", fontsize=8
                 )
                 axis.set_xticks([])
                 axis.set_yticks([])

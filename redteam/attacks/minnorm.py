@@ -14,22 +14,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from redteam.attacks.base import (
+from redteam.api import (
     ATTACKS,
     Budget,
     MinimalAttack,
     MinimalResult,
     Norm,
+    Objective,
     objective_gradient,
     perturbation_size,
 )
-from redteam.threats import Objective
 
 
 @ATTACKS.register("minnorm", "fast minimum-norm attack: each probe's smallest fooling perturbation in one run")
 @dataclass
 class MinimumNorm(MinimalAttack):
     name = "minnorm"
+    supports_eot = True
     norm: Norm = "linf"
     steps: int = 50
     step_size: float = 0.5  # ascent step as a fraction of the sample's current ε (cosine-annealed)

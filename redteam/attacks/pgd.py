@@ -7,14 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from redteam.attacks.base import ATTACKS, Attack, AttackResult, Budget, objective_gradient
-from redteam.threats import Objective
+from redteam.api import ATTACKS, Attack, AttackResult, Budget, Objective, objective_gradient
 
 
 @ATTACKS.register("pgd", "projected gradient ascent on the threat objective (ℓ∞/ℓ2, random start, early stop)")
 @dataclass
 class PGD(Attack):
     name = "pgd"
+    supports_eot = True
+    supports_early_stop = True
     steps: int = 10
     step_size: float = 2.5  # per step, in units of eps / steps (Madry et al.'s 2.5 eps / steps)
     random_start: bool = True

@@ -23,7 +23,6 @@ to every probe in the same way. One δ is learned per budget; the curve is the s
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +32,24 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from redteam.attacks.base import ATTACKS, Budget, Campaign, CampaignContext, CampaignReport, objective_gradient
-from redteam.errors import DataError, RedteamError
-from redteam.plots import face_grid  # also selects matplotlib's headless backend before pyplot draws
-from redteam.targets.base import TARGETS, FaceRecognizer
+from redteam.api import (
+    ATTACKS,
+    TARGETS,
+    Axis,
+    Budget,
+    Campaign,
+    CampaignContext,
+    CampaignReport,
+    Enrolment,
+    FaceRecognizer,
+    objective_gradient,
+)
+from redteam.budgets import image_units
+from redteam.errors import DataError
+from redteam.plots import AXIS_LABELS, face_grid  # also selects matplotlib's headless backend before pyplot draws
+from redteam.runtime import chunks
 from redteam.threats import Dodging, Probe
 
-#: Budgets learned when ``--eps`` is not given (/255 for ℓ∞, image units for ℓ2 on the canonical face image).
-DEFAULT_BUDGETS = {"linf": (0.0, 2.0, 4.0, 8.0, 16.0), "l2": (0.0, 2.0, 4.0, 8.0, 16.0)}
 #: The budget whose UAP is reported (metrics, transfer, images) when it is among the budgets; else the largest.
 HEADLINE = {"linf": 8.0, "l2": 8.0}
 #: Held-out pairs judged when ``--limit`` is not given.
@@ -88,8 +97,12 @@ class UAP(Campaign):
     """
 
     name = "uap"
-    norms = ("linf", "l2")
+    axes = {
+        "linf": Axis("linf", AXIS_LABELS["linf"], "budget", (0.0, 2.0, 4.0, 8.0, 16.0), high=255.0),
+        "l2": Axis("l2", AXIS_LABELS["l2"], "budget", (0.0, 2.0, 4.0, 8.0, 16.0)),
+    }
     threats = ("dodging",)
+    supports_eot = True
 
     epochs: int = 5
     learn_faces: int = 256
@@ -113,7 +126,7 @@ class UAP(Campaign):
 
     def run(self, context: CampaignContext) -> CampaignReport:
         target, norm = context.target, context.norm
-        budgets = self._budgets(context)
+        budgets = list(context.budgets)
         headline = HEADLINE[norm] if HEADLINE[norm] in budgets else budgets[-1]
         split = self.split(context)
         learning = self.enrolled(context, target, split.learning)
@@ -213,14 +226,13 @@ class UAP(Campaign):
     @staticmethod
     def budget(norm: str, eps: float) -> Budget:
         """``eps`` as the user gives it (/255 for ℓ∞) -> the budget in image units."""
-        return Budget(norm, eps / 255 if norm == "linf" else eps)  # type: ignore[arg-type]
+        return Budget(norm, image_units(eps, norm))  # type: ignore[arg-type]
 
     def split(self, context: CampaignContext) -> Split:
         """Identities shuffled by the seed, halved: the first half's dodging pairs (at most ``learn_faces``) are
         learned on, the second's (at most ``--limit``) judged. Pairs interleave people: a prefix spreads over many."""
         dataset = context.dataset
-        identities = sorted(dataset.by_identity)
-        random.Random(f"uap:{context.seed}").shuffle(identities)
+        identities = context.shuffled(sorted(dataset.by_identity), "uap", context.seed)
         learning = set(identities[: len(identities) // 2])
         probes = Dodging(dataset, seed=context.seed).probes()
         learn = [p for p in probes if dataset.records[p.image].identity in learning]
@@ -237,19 +249,20 @@ class UAP(Campaign):
             held_out_identities=set(identities) - learning,
         )
 
-    def learn(self, context: CampaignContext, threat: Dodging, probes: list[Probe], budget: Budget) -> Tensor:
-        """One perturbation ``[1, 3, S, S]`` within ``budget`` that unmatches the ``probes`` (dodging pairs enrolled
-        in ``threat``) when added to their probe photos."""
+    def learn(self, context: CampaignContext, enrolment: Enrolment, probes: list[Probe], budget: Budget) -> Tensor:
+        """One perturbation ``[1, 3, S, S]`` within ``budget`` that unmatches the ``probes`` (dodging pairs, their
+        enrolment photos in ``enrolment``) when added to their probe photos."""
         generator = context.generator("uap", budget.norm, budget.eps)
-        delta = torch.zeros_like(self._load(context, [probes[0].image]))
+        delta = torch.zeros_like(context.load([probes[0].image]))
+        threat = Dodging(context.dataset, seed=context.seed)
         steps, step = self.epochs * len(self._chunks(probes)), 0
         label = f"{budget.eps * 255:g}/255" if budget.norm == "linf" else f"{budget.eps:g} (l2)"
         advance = context.progress(f"uap: learning at {label}", steps)
         for _ in range(self.epochs):
             for chunk in self._chunks(torch.randperm(len(probes), generator=generator, device=context.device).tolist()):
                 batch = [probes[i] for i in chunk]
-                images = self._load(context, [p.image for p in batch])
-                goal = threat.objective(context.target, batch)
+                images = context.load([p.image for p in batch])
+                goal = threat.objective(context.target, enrolment, batch)
                 _, gradient = objective_gradient(goal, (images + delta).clamp(0, 1), self.eot)
                 length = 2 * self.step_size * budget.eps * (steps - step) / steps**2  # sums to step_size x ε
                 delta = budget.project(delta + budget.ascent(gradient.sum(0, keepdim=True), length))
@@ -257,29 +270,27 @@ class UAP(Campaign):
                 advance(1)
         return delta
 
-    def enrolled(self, context: CampaignContext, model: FaceRecognizer, probes: list[Probe]) -> Dodging:
-        """The dodging threat model with the probes' enrolment photos embedded by ``model``."""
-        threat = Dodging(context.dataset, seed=context.seed)
+    def enrolled(self, context: CampaignContext, model: FaceRecognizer, probes: list[Probe]) -> Enrolment:
+        """The probes' enrolment photos embedded by ``model``."""
         with torch.no_grad():
-            threat.enrol(lambda indices: model.embed(self._load(context, indices)), probes)
-        return threat
+            return Dodging(context.dataset, seed=context.seed).enrol(lambda i: model.embed(context.load(i)), probes)
 
     def judge(
         self,
         context: CampaignContext,
         model: FaceRecognizer,
-        threat: Dodging,
+        enrolment: Enrolment,
         probes: list[Probe],
         perturbations: Tensor,
         what: str,
     ) -> Judged:
         """Every perturbation ``[K, 3, S, S]`` added to every probe photo, judged by ``model`` against the probe's
-        clean enrolment photo (enrolled in ``threat`` by ``model``: the dodging objective and decision)."""
+        clean enrolment photo (``enrolment``, by ``model``: the dodging objective and decision)."""
         advance = context.progress(f"uap: judging {what} ({model.card.name})", len(probes))
-        similarity, fooled = [], []
+        threat, similarity, fooled = Dodging(context.dataset, seed=context.seed), [], []
         for chunk in self._chunks(probes):
-            images = self._load(context, [p.image for p in chunk])
-            objective = threat.objective(model, chunk)
+            images = context.load([p.image for p in chunk])
+            objective = threat.objective(model, enrolment, chunk)
             with torch.no_grad():
                 verdicts = [objective((images + delta).clamp(0, 1)) for delta in perturbations]
             similarity.append(torch.stack([v.score for v in verdicts]))
@@ -288,20 +299,7 @@ class UAP(Campaign):
         return Judged(torch.cat(similarity, dim=1), torch.cat(fooled, dim=1))
 
     def _chunks(self, items: list) -> list[list]:
-        return [items[start : start + self.batch] for start in range(0, len(items), self.batch)]
-
-    @staticmethod
-    def _load(context: CampaignContext, indices: list[int]) -> Tensor:
-        return context.dataset.load(indices).to(context.device)
-
-    def _budgets(self, context: CampaignContext) -> list[float]:
-        """The budgets to learn, ascending, after the clean point 0 (user units)."""
-        budgets = sorted({0.0, *(context.budgets or DEFAULT_BUDGETS[context.norm])})
-        if budgets[0] < 0 or (context.norm == "linf" and budgets[-1] > 255):
-            raise RedteamError(f"uap's --eps are /255 for linf, image units for l2, each in its range: {budgets}.")
-        if len(budgets) < 2:
-            raise RedteamError("uap needs a budget above 0 in --eps, e.g. --eps 0,2,4,8,16.")
-        return budgets
+        return list(chunks(items, self.batch))
 
     def _per_pair(self, context: CampaignContext, probes: list[Probe], held: Judged, uap: int, noise: int):
         """The reported UAP's effect on every held-out pair."""
@@ -322,14 +320,9 @@ class UAP(Campaign):
         self, context: CampaignContext, probes: list[Probe], uap: Tensor, noise: Tensor
     ) -> tuple[pd.DataFrame, list[str]]:
         """The reported UAP (and its noise baseline) judged by each ``transfer`` recogniser on the held-out pairs."""
-        rows, skipped = [], []
-        for name in self.transfer_targets:
-            try:
-                model = context.target if name == context.target_name else context.load_target(name)
-                threshold = model.threshold
-            except RedteamError as error:
-                skipped.append(f"transfer: {name} skipped ({error})")
-                continue
+        rows = []
+        models, skipped = context.recognizers(self.transfer_targets)
+        for name, model in models:
             perturbations = torch.cat([torch.zeros_like(uap), noise, uap])
             judged = self.judge(
                 context, model, self.enrolled(context, model, probes), probes, perturbations, "transfer"
@@ -337,7 +330,7 @@ class UAP(Campaign):
             rows.append(
                 {
                     "target": name,
-                    "threshold": threshold,
+                    "threshold": model.threshold,
                     "clean_accuracy": judged.accuracy(0),
                     "noise_accuracy": judged.accuracy(1),
                     "uap_accuracy": judged.accuracy(2),
@@ -374,7 +367,7 @@ class UAP(Campaign):
         """Held-out probe photos, one row per ``(label, perturbation [1, 3, S, S], row of held)``; each photo's
         similarity to its enrolment above it, red where the face system no longer matches the pair."""
         shown = min(len(probes), 6)
-        faces = context.dataset.load([p.image for p in probes[:shown]]).to(context.device)
+        faces = context.load([p.image for p in probes[:shown]])
         grid = [
             (
                 label,

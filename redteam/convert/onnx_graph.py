@@ -4,7 +4,8 @@ The ``onnx`` package parses the protobuf; every node is compiled once into a sma
 are all constant (initializers, ``Constant`` nodes, ``Identity`` over weights, shape arithmetic on constants) are
 evaluated once while building, and a BatchNormalization that only follows a Conv is folded into the Conv's weights.
 Float constants the ops use become ``nn.Parameter``s, so a converted model can be fine-tuned; integer constants
-(shapes, axes, indices) stay plain values. Tensors keep ONNX's layout (NCHW for images).
+(shapes, axes, indices) stay plain values. Tensors keep ONNX's layout (NCHW for images). :func:`load_onnx` caches the
+folded graph by the model's checksum, as the TF converters cache theirs.
 
 New ops are added with ``@register_op("OpType")``; a graph with ops that have no rule is refused with one error
 listing them all.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 from collections import Counter
@@ -29,13 +31,9 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import Tensor, nn
 
-from redteam.convert.tf_graph import same_padding
-from redteam.errors import RedteamError
+from redteam.convert.cache import convert_once
+from redteam.convert.graph import CompiledOp, GraphModule, UnsupportedModelError, same_padding
 from redteam.registry import RuleTable
-
-
-class UnsupportedOnnxError(RedteamError, NotImplementedError):
-    """The graph uses ops (or op settings) this converter has no torch rule for."""
 
 
 @dataclass
@@ -45,14 +43,6 @@ class OnnxNode:
     inputs: list[str]  # "" marks an omitted optional input
     outputs: list[str]
     attrs: dict[str, Any]
-
-
-@dataclass
-class CompiledOp:
-    """A compiled node: ``fn(*runtime input tensors)`` -> one tensor or a tuple (one per node output)."""
-
-    fn: Callable[..., Tensor | tuple[Tensor, ...]]
-    inputs: list[str]
 
 
 def _attribute(attribute: onnx.AttributeProto) -> Any:
@@ -70,7 +60,7 @@ def _nodes(graph: onnx.GraphProto) -> list[OnnxNode]:
     nodes = []
     for k, node in enumerate(graph.node):
         if node.domain not in ("", "ai.onnx"):
-            raise UnsupportedOnnxError(f"node {node.name!r}: custom op domain {node.domain!r}")
+            raise UnsupportedModelError(f"node {node.name!r}: custom op domain {node.domain!r}")
         attrs = {a.name: _attribute(a) for a in node.attribute}
         nodes.append(
             OnnxNode(node.op_type, node.name or f"{node.op_type}_{k}", list(node.input), list(node.output), attrs)
@@ -88,16 +78,18 @@ def _constant_value(node: OnnxNode) -> np.ndarray:
     for key in ("value_int", "value_ints"):
         if key in node.attrs:
             return np.asarray(node.attrs[key], dtype=np.int64)
-    raise UnsupportedOnnxError(f"Constant {node.name!r}: attributes {sorted(node.attrs)}")
+    raise UnsupportedModelError(f"Constant {node.name!r}: attributes {sorted(node.attrs)}")
 
 
 class GraphBuilder:
-    """Compiles nodes one by one; rules read constants and register parameters through it."""
+    """Compiles nodes one by one; rules read constants and register parameters through it.
 
-    def __init__(self, module: OnnxModule, opset: int, consts: dict[str, np.ndarray]):
-        self.module, self.opset, self.consts = module, opset, consts
-        #: While folding constants, parameters are not registered (the node's result becomes a constant itself).
-        self.folding = False
+    Without ``weights`` it folds constants: float constants stay plain tensors (the node's result becomes a constant
+    itself) instead of becoming parameters.
+    """
+
+    def __init__(self, opset: int, consts: dict[str, np.ndarray], weights: nn.ParameterDict | None):
+        self.opset, self.consts, self.weights = opset, consts, weights
         self._keys: dict[str, str] = {}
 
     def const(self, name: str) -> np.ndarray | None:
@@ -106,7 +98,7 @@ class GraphBuilder:
     def require_const(self, node: OnnxNode, index: int) -> np.ndarray:
         value = self.const(node.inputs[index]) if index < len(node.inputs) else None
         if value is None:
-            raise UnsupportedOnnxError(f"{node.op} {node.name!r}: input {index} must be a constant")
+            raise UnsupportedModelError(f"{node.op} {node.name!r}: input {index} must be a constant")
         return value
 
     def optional_const(self, node: OnnxNode, index: int) -> np.ndarray | None:
@@ -118,17 +110,18 @@ class GraphBuilder:
     def param(self, name: str, array: np.ndarray) -> Callable[[], Tensor]:
         """A float constant as a parameter of the module (one per constant name) -> getter."""
         tensor = torch.from_numpy(np.array(array, dtype=np.float32))
-        if self.folding:
+        weights = self.weights
+        if weights is None:
             return lambda: tensor
         if name not in self._keys:
             key = base = re.sub(r"[^0-9A-Za-z_]", "_", name) or "constant"
             suffix = 0
-            while key in self.module.weights:
+            while key in weights:
                 suffix += 1
                 key = f"{base}_{suffix}"
-            self.module.weights[key] = nn.Parameter(tensor)
+            weights[key] = nn.Parameter(tensor)
             self._keys[name] = key
-        key, weights = self._keys[name], self.module.weights
+        key = self._keys[name]
         return lambda: weights[key]
 
     def inputs(self, node: OnnxNode) -> tuple[list[str], Callable[[Sequence[Tensor]], list[Tensor | None]]]:
@@ -164,56 +157,67 @@ def _simple(builder: GraphBuilder, node: OnnxNode, fn: Callable[..., Tensor], co
     return CompiledOp(lambda *xs: fn(*args(xs)), runtime)
 
 
-class OnnxModule(nn.Module):
+@dataclass
+class FoldedGraph:
+    """An ONNX graph reduced to what runs at run time: constants folded, batch norms merged into their convs (the
+    form :func:`load_onnx` caches)."""
+
+    opset: int
+    input_names: list[str]
+    #: Declared input shapes (ints, or names for dynamic axes), e.g. to tell NCHW from NHWC.
+    input_shapes: list[list[int | str]]
+    output_names: list[str]
+    nodes: list[OnnxNode]  # in execution order
+    consts: dict[str, np.ndarray]  # the constants the nodes and outputs read
+
+
+def fold_model(model: onnx.ModelProto) -> FoldedGraph:
+    """Keep the nodes the outputs need, evaluate those whose inputs are all constant, merge batch norms into convs.
+
+    Raises:
+        UnsupportedModelError: listing every op of the graph that has no torch rule.
+    """
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in consts]
+    input_names = [i.name for i in inputs]
+    output_names = [o.name for o in graph.output]
+    nodes = _needed(_nodes(graph), output_names)
+    unknown = sorted({n.op for n in nodes if n.op not in _OPS and n.op != "Constant"})
+    if unknown:
+        raise UnsupportedModelError(f"ONNX ops without a torch rule: {', '.join(unknown)}")
+    runtime = _fold_constants(GraphBuilder(opset, consts, weights=None), nodes, set(input_names))
+    runtime = _fold_batch_norms(runtime, consts, output_names)
+    read = {i for n in runtime for i in n.inputs} | set(output_names)
+    return FoldedGraph(
+        opset,
+        input_names,
+        [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs],
+        output_names,
+        runtime,
+        {name: value for name, value in consts.items() if name in read},
+    )
+
+
+class OnnxModule(GraphModule):
     """An ONNX graph as an ``nn.Module``: ``forward`` takes the graph inputs in order and returns its outputs in
-    order (a single tensor when the graph has one output)."""
+    order (a single tensor when the graph has one output). Built from a model, or from a graph it has folded."""
 
-    def __init__(self, model: onnx.ModelProto):
-        super().__init__()
-        self.weights = nn.ParameterDict()
-        graph = model.graph
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-        inputs = [i for i in graph.input if i.name not in consts]
-        self.input_names = [i.name for i in inputs]
-        #: Declared input shapes (ints, or names for dynamic axes), e.g. to tell NCHW from NHWC.
-        self.input_shapes = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in inputs]
-        self.output_names = [o.name for o in graph.output]
-        nodes = _needed(_nodes(graph), self.output_names)
-        unknown = sorted({n.op for n in nodes if n.op not in _OPS and n.op != "Constant"})
-        if unknown:
-            raise UnsupportedOnnxError(f"ONNX ops without a torch rule: {', '.join(unknown)}")
-        builder = GraphBuilder(self, opset, consts)
-        runtime = _fold_constants(builder, nodes, set(self.input_names))
-        runtime = _fold_batch_norms(runtime, consts, self.output_names)
-        self._plan: list[tuple[list[str], CompiledOp]] = []
-        for node in runtime:
-            self._plan.append((node.outputs, _OPS[node.op](builder, node)))
+    def __init__(self, model: onnx.ModelProto | FoldedGraph):
+        graph = model if isinstance(model, FoldedGraph) else fold_model(model)
+        super().__init__(graph.input_names, graph.output_names)
+        self.input_shapes = graph.input_shapes
+        builder = GraphBuilder(graph.opset, graph.consts, self.weights)
+        self.set_plan([(tuple(node.outputs), _OPS[node.op](builder, node)) for node in graph.nodes])
         self._constant_outputs = {
-            o: builder.inputs(OnnxNode("Output", o, [o], [], {}))[1] for o in self.output_names if o in consts
+            o: builder.inputs(OnnxNode("Output", o, [o], [], {}))[1] for o in self.output_names if o in graph.consts
         }
-        self._last_use: dict[str, int] = {}
-        for step, (_, compiled) in enumerate(self._plan):
-            for name in compiled.inputs:
-                self._last_use[name] = step
 
-    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        if len(inputs) != len(self.input_names):
-            raise ValueError(f"the graph takes {len(self.input_names)} inputs ({self.input_names}), got {len(inputs)}")
-        values: dict[str, Tensor] = dict(zip(self.input_names, inputs))
-        for step, (outputs, compiled) in enumerate(self._plan):
-            result = compiled.fn(*(values[i] for i in compiled.inputs))
-            results = result if isinstance(result, tuple) else (result,)
-            for name, value in zip(outputs, results):
-                if name:
-                    values[name] = value
-            for name in compiled.inputs:  # drop what no later op reads (outputs are never dropped)
-                if self._last_use.get(name) == step and name not in self.output_names:
-                    del values[name]
-        outs = tuple(
-            self._constant_outputs[o](())[0] if o in self._constant_outputs else values[o] for o in self.output_names
-        )
-        return outs[0] if len(outs) == 1 else outs
+    def read_output(self, name: str, values: dict[str, Tensor]) -> Tensor:
+        if name in self._constant_outputs:
+            return self._constant_outputs[name](())[0]
+        return values[name]
 
 
 def _needed(nodes: list[OnnxNode], outputs: list[str]) -> list[OnnxNode]:
@@ -229,7 +233,6 @@ def _needed(nodes: list[OnnxNode], outputs: list[str]) -> list[OnnxNode]:
 def _fold_constants(builder: GraphBuilder, nodes: list[OnnxNode], graph_inputs: set[str]) -> list[OnnxNode]:
     """Evaluate nodes whose inputs are all constant; return the nodes left to run."""
     runtime, known = [], set(graph_inputs)
-    builder.folding = True
     for node in nodes:
         missing = [i for i in node.inputs if i and i not in known and i not in builder.consts]
         if missing:
@@ -244,7 +247,6 @@ def _fold_constants(builder: GraphBuilder, nodes: list[OnnxNode], graph_inputs: 
                 builder.consts[name] = value.detach().numpy()
         else:
             runtime.append(node)
-    builder.folding = False
     return runtime
 
 
@@ -282,14 +284,30 @@ def _fold_batch_norms(nodes: list[OnnxNode], consts: dict[str, np.ndarray], keep
     return [replaced.get(id(n), n) for n in nodes if replaced.get(id(n), n) is not None]
 
 
+#: Bump when the stored graph or what folding computes changes (folding runs the op rules), so stale entries are redone.
+CACHE_FORMAT = 1
+
+
 def load_onnx(source: Path | str | bytes) -> OnnxModule:
-    """Parse an ONNX model (a file path or the serialized bytes) and convert it.
+    """Parse an ONNX model (a file path or the serialized bytes) and convert it; the folded graph is cached by the
+    model's checksum.
 
     Raises:
-        UnsupportedOnnxError: listing every op of the graph that has no torch rule.
+        UnsupportedModelError: listing every op of the graph that has no torch rule.
     """
-    model = onnx.load_model_from_string(source) if isinstance(source, bytes) else onnx.load(str(source))
-    return OnnxModule(model)
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+
+    def convert() -> FoldedGraph:
+        # onnx.load on a path also reads weights kept in external files beside the model.
+        return fold_model(onnx.load_model_from_string(data) if isinstance(source, bytes) else onnx.load(str(source)))
+
+    graph = convert_once(
+        f"onnx-{hashlib.sha256(data).hexdigest()[:16]}-v{CACHE_FORMAT}",
+        convert,
+        to_data=lambda folded: {**vars(folded), "nodes": [vars(n) for n in folded.nodes]},
+        from_data=lambda stored: FoldedGraph(**{**stored, "nodes": [OnnxNode(**n) for n in stored["nodes"]]}),
+    )
+    return OnnxModule(graph)
 
 
 # ---------------------------------------------------------------------------------------------- op rules
@@ -324,7 +342,7 @@ _UNARY: dict[str, Callable[[Tensor], Tensor]] = {
 @register_op(*_UNARY)
 def _unary(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1]:
-        raise UnsupportedOnnxError(f"Dropout {node.name!r}: mask output")
+        raise UnsupportedModelError(f"Dropout {node.name!r}: mask output")
     return _simple(builder, node, _UNARY[node.op], count=1)
 
 
@@ -496,7 +514,7 @@ def _slice_tensor(x: Tensor, starts: list, ends: list, axes: list | None, steps:
     steps = [1] * len(starts) if steps is None else steps
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if step < 1:
-            raise UnsupportedOnnxError(f"Slice with step {step}")
+            raise UnsupportedModelError(f"Slice with step {step}")
         index[axis % x.dim()] = slice(start, end, step)  # Python slices clamp out-of-range bounds like ONNX
     return x[tuple(index)]
 
@@ -516,7 +534,7 @@ _DTYPES = {
 @register_op("Cast")
 def _cast(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     if node.attrs["to"] not in _DTYPES:
-        raise UnsupportedOnnxError(f"Cast {node.name!r} to ONNX type {node.attrs['to']}")
+        raise UnsupportedModelError(f"Cast {node.name!r} to ONNX type {node.attrs['to']}")
     dtype = _DTYPES[node.attrs["to"]]
     return _simple(builder, node, lambda x: x.to(dtype))
 
@@ -553,7 +571,7 @@ def _spatial_padding(node: OnnxNode) -> list[int]:
     """ONNX ``pads`` ``[top, left, bottom, right]`` -> ``F.pad`` order ``(left, right, top, bottom)``."""
     pads = node.attrs.get("pads") or [0, 0, 0, 0]
     if len(pads) != 4:
-        raise UnsupportedOnnxError(f"{node.op} {node.name!r}: only 2-D windows are supported (pads {pads})")
+        raise UnsupportedModelError(f"{node.op} {node.name!r}: only 2-D windows are supported (pads {pads})")
     return [pads[1], pads[3], pads[0], pads[2]]
 
 
@@ -570,7 +588,7 @@ def _auto_pad(x: Tensor, node: OnnxNode, kernel, stride, dilation, value: float 
 def _window(node: OnnxNode, kernel: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int], list[int], bool]:
     """Strides, dilations, explicit padding (``F.pad`` order) and whether ``auto_pad`` asks for SAME padding."""
     if len(kernel) != 2:
-        raise UnsupportedOnnxError(f"{node.op} {node.name!r}: only 2-D windows are supported (kernel {kernel})")
+        raise UnsupportedModelError(f"{node.op} {node.name!r}: only 2-D windows are supported (kernel {kernel})")
     stride = tuple(node.attrs.get("strides") or (1, 1))
     dilation = tuple(node.attrs.get("dilations") or (1, 1))
     auto = node.attrs.get("auto_pad", "NOTSET")
@@ -600,7 +618,7 @@ def _conv(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
 def _batch_norm(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     """Inference batch norm not folded into a Conv (e.g. before one, or on embeddings)."""
     if len([o for o in node.outputs if o]) > 1 or node.attrs.get("training_mode"):
-        raise UnsupportedOnnxError(f"BatchNormalization {node.name!r}: training mode")
+        raise UnsupportedModelError(f"BatchNormalization {node.name!r}: training mode")
     scale, shift, mean, var = (builder.require_const(node, i).astype(np.float64) for i in range(1, 5))
     multiplier = scale / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
     get_scale = builder.param(f"{node.name}/scale", multiplier)
@@ -634,7 +652,7 @@ def _matmul(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
 @register_op("MaxPool")
 def _max_pool(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     if len(node.outputs) > 1 and node.outputs[1]:
-        raise UnsupportedOnnxError(f"MaxPool {node.name!r}: indices output")
+        raise UnsupportedModelError(f"MaxPool {node.name!r}: indices output")
     kernel = node.attrs["kernel_shape"]
     stride, dilation, pads, same = _window(node, kernel)
     ceil = bool(node.attrs.get("ceil_mode", 0))
@@ -654,7 +672,7 @@ def _average_pool(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     kernel = node.attrs["kernel_shape"]
     stride, dilation, pads, same = _window(node, kernel)
     if dilation != (1, 1):
-        raise UnsupportedOnnxError(f"AveragePool {node.name!r}: dilations {dilation}")
+        raise UnsupportedModelError(f"AveragePool {node.name!r}: dilations {dilation}")
     ceil = bool(node.attrs.get("ceil_mode", 0))
     include_pad = bool(node.attrs.get("count_include_pad", 0))
     left, right, top, bottom = pads
@@ -733,7 +751,7 @@ def _pad(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
         constant = builder.optional_const(node, 2)
         value = 0.0 if constant is None else float(constant)
         if len(node.inputs) > 3 and node.inputs[3]:
-            raise UnsupportedOnnxError(f"Pad {node.name!r}: axes input")
+            raise UnsupportedModelError(f"Pad {node.name!r}: axes input")
     rank = len(pads) // 2
     # ONNX lists all begins then all ends, outer axis first; F.pad wants (begin, end) pairs from the last axis back,
     # and only as far out as there is padding (reflect/replicate support the last few axes only).
@@ -760,7 +778,7 @@ def _resize_mode(node: OnnxNode) -> tuple[str, bool | None]:
         return "bilinear", False
     if mode in ("linear", "bilinear") and transform == "align_corners":
         return "bilinear", True
-    raise UnsupportedOnnxError(
+    raise UnsupportedModelError(
         f"{node.op} {node.name!r}: mode {mode!r} with {transform!r} / {node.attrs.get('nearest_mode')!r}"
     )
 
@@ -786,7 +804,7 @@ def _resize(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
 def _interpolate(x: Tensor, sizes: list | None, scales: list | None, mode: str, align_corners: bool | None) -> Tensor:
     kept = sizes[:2] if sizes is not None else [s * n for s, n in zip(scales[:2], x.shape[:2])]
     if list(kept) != list(x.shape[:2]):
-        raise UnsupportedOnnxError("Resize of the batch or channel axis")
+        raise UnsupportedModelError("Resize of the batch or channel axis")
     if sizes is not None:
         return F.interpolate(x, size=[int(s) for s in sizes[2:]], mode=mode, align_corners=align_corners)
     # ONNX maps output pixel x to x / scale, as torch does with the given scale factor (not recomputed).

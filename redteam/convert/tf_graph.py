@@ -11,13 +11,11 @@ New ops are added with ``@register_op("OpName")``; a TF op without a rule is rep
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from redteam.assets import RegistryFile, cache_dir
+from redteam.assets import RegistryFile
+from redteam.convert import graph
+from redteam.convert.cache import convert_once
+from redteam.convert.graph import GraphModule, UnsupportedModelError, same_padding
 from redteam.registry import RuleTable
 
 
@@ -46,11 +47,9 @@ class GraphNode:
 
 
 @dataclass
-class CompiledOp:
+class CompiledOp(graph.CompiledOp):
     """A compiled node: ``fn(*input tensors) -> tensor`` plus the layout of its result."""
 
-    fn: Callable[..., Tensor]
-    inputs: list[str]
     layout: Layout
 
 
@@ -66,13 +65,6 @@ def to_nchw(x: Tensor, layout: Layout) -> Tensor:
 
 def to_plain(x: Tensor, layout: Layout) -> Tensor:
     return x.permute(0, 2, 3, 1) if layout is Layout.NCHW else x
-
-
-def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TensorFlow's SAME padding (before, after) along one spatial axis; the extra pixel goes after."""
-    effective = (kernel - 1) * dilation + 1
-    total = max((math.ceil(size / stride) - 1) * stride + effective - size, 0)
-    return total // 2, total - total // 2
 
 
 class GraphBuilder:
@@ -95,7 +87,7 @@ class GraphBuilder:
     def require_const(self, node: GraphNode, index: int) -> np.ndarray:
         value = self.const(_clean_input(node.inputs[index]) or "")
         if value is None:
-            raise NotImplementedError(f"{node.op} {node.name!r}: input {index} must be a constant")
+            raise UnsupportedModelError(f"{node.op} {node.name!r}: input {index} must be a constant")
         return value
 
     def param(self, node: GraphNode, role: str, array: np.ndarray) -> str:
@@ -154,15 +146,11 @@ def fuse_prelu(nodes: list[GraphNode]) -> list[GraphNode]:
     return fused
 
 
-class TFGraphModule(nn.Module):
+class TFGraphModule(GraphModule):
     """A frozen TF graph as an ``nn.Module``. ``forward`` takes the graph inputs (images as NCHW) in order."""
 
     def __init__(self, nodes: list[GraphNode], inputs: list[str], outputs: list[str]):
-        super().__init__()
-        self.weights = nn.ParameterDict()
-        self.input_names = inputs
-        self.output_names = outputs
-        self._plan: list[tuple[str, CompiledOp]] = []
+        super().__init__(inputs, outputs)
         nodes = fuse_prelu(nodes)
         builder = GraphBuilder(nodes, self)
         needed = self._needed(nodes, outputs, stop=set(inputs))
@@ -170,22 +158,20 @@ class TFGraphModule(nn.Module):
             {n.op for n in nodes if n.name in needed and n.name not in inputs and n.op not in _OPS and n.op != "Const"}
         )
         if unknown:
-            raise NotImplementedError(f"TF ops without a torch rule: {', '.join(unknown)}")
+            raise UnsupportedModelError(f"TF ops without a torch rule: {', '.join(unknown)}")
         for name in inputs:
             node = builder.nodes[name]
             shape = node.attrs.get("shape") or []
             builder.layouts[name] = Layout.NCHW if len(shape) == 4 else Layout.PLAIN
+        plan: list[graph.Step] = []
         for node in self._topological(nodes, needed, set(inputs)):
             if node.op == "Const":
                 continue
             compiled = _OPS[node.op](builder, node)
             builder.layouts[node.name] = compiled.layout
-            self._plan.append((node.name, compiled))
-        self._output_layouts = [builder.layouts[o] for o in outputs]
-        self._last_use = {}
-        for step, (_, compiled) in enumerate(self._plan):
-            for name in compiled.inputs:
-                self._last_use[name] = step
+            plan.append(((node.name,), compiled))
+        self.set_plan(plan)
+        self._output_layouts = {o: builder.layouts[o] for o in outputs}
 
     @staticmethod
     def _needed(nodes: list[GraphNode], outputs: list[str], stop: set[str]) -> set[str]:
@@ -216,19 +202,8 @@ class TFGraphModule(nn.Module):
             pending = progressed
         return order
 
-    def __deepcopy__(self, memo: dict) -> TFGraphModule:
-        # The compiled ops close over this module's weights: a copy would silently keep computing with them.
-        raise TypeError("a converted graph cannot be deep-copied; load the target again for an independent copy.")
-
-    def forward(self, *inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
-        values: dict[str, Tensor] = dict(zip(self.input_names, inputs))
-        for step, (name, compiled) in enumerate(self._plan):
-            values[name] = compiled.fn(*(values[i] for i in compiled.inputs))
-            for i in compiled.inputs:  # drop what no later op reads (outputs are never dropped)
-                if self._last_use.get(i) == step and i not in self.output_names:
-                    del values[i]
-        outs = tuple(to_plain(values[o], layout) for o, layout in zip(self.output_names, self._output_layouts))
-        return outs[0] if len(outs) == 1 else outs
+    def read_output(self, name: str, values: dict[str, Tensor]) -> Tensor:
+        return to_plain(values[name], self._output_layouts[name])  # TensorFlow's layout outside
 
 
 # ---------------------------------------------------------------------------------------------- op rules
@@ -244,7 +219,7 @@ def _spatial(attr: list[int] | None, default: int = 1) -> tuple[int, int]:
 def _check_nhwc(node: GraphNode) -> None:
     fmt = node.attrs.get("data_format", "NHWC") or "NHWC"
     if fmt != "NHWC":
-        raise NotImplementedError(f"{node.op} {node.name!r}: data_format {fmt}")
+        raise UnsupportedModelError(f"{node.op} {node.name!r}: data_format {fmt}")
 
 
 def _pad_same(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], value=0.0):
@@ -308,7 +283,7 @@ def _fused_activation(builder: GraphBuilder, node: GraphNode, ops: list[str]) ->
         alpha_key = builder.param(node, "alpha", builder.require_const(node, 3).reshape(-1, 1, 1))
         weights = builder.module.weights
         return lambda x: torch.where(x >= 0, x, x * weights[alpha_key])
-    raise NotImplementedError(f"{node.op} {node.name!r}: fused activation {ops}")
+    raise UnsupportedModelError(f"{node.op} {node.name!r}: fused activation {ops}")
 
 
 @register_op("Conv2D", "_FusedConv2D", "FusedConv2D")
@@ -526,7 +501,7 @@ def _pad(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 @register_op("MatMul")
 def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     if node.attrs.get("transpose_a"):
-        raise NotImplementedError(f"MatMul {node.name!r}: transpose_a")
+        raise UnsupportedModelError(f"MatMul {node.name!r}: transpose_a")
     weight = builder.require_const(node, 1)
     weight = weight if node.attrs.get("transpose_b") else weight.T  # F.linear wants (out, in)
     key = builder.param(node, "weight", weight)
@@ -539,7 +514,7 @@ def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 def _batch_norm(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     _check_nhwc(node)
     if node.attrs.get("is_training"):
-        raise NotImplementedError(f"{node.name!r}: training-mode batch norm")
+        raise UnsupportedModelError(f"{node.name!r}: training-mode batch norm")
     scale, offset, mean, var = (builder.require_const(node, i).astype(np.float64) for i in range(1, 5))
     multiplier = scale / np.sqrt(var + node.attrs.get("epsilon", 1e-3))
     mul_key = builder.param(node, "scale", multiplier)
@@ -584,30 +559,6 @@ def nodes_from_graphdef(data: bytes) -> list[GraphNode]:
     return [GraphNode(name, op, inputs, attrs) for name, op, inputs, attrs in parse_graphdef(data)]
 
 
-def _portable(value: Any, to_torch: bool) -> Any:
-    if to_torch and isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value, order="C"))  # keeps 0-d arrays 0-d, unlike ascontiguousarray
-    if not to_torch and isinstance(value, Tensor):
-        return value.numpy()
-    return value
-
-
-def save_nodes(nodes: list[GraphNode], path: Path) -> None:
-    """Store a converted graph as a plain torch file (loadable with ``weights_only=True``)."""
-    payload = [(n.name, n.op, n.inputs, {k: _portable(v, to_torch=True) for k, v in n.attrs.items()}) for n in nodes]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    partial.replace(path)
-
-
-def load_nodes(path: Path) -> list[GraphNode]:
-    payload = torch.load(path, weights_only=True)
-    return [
-        GraphNode(n, op, ins, {k: _portable(v, to_torch=False) for k, v in at.items()}) for n, op, ins, at in payload
-    ]
-
-
 #: Bump when the stored node format changes, so stale conversions are redone.
 CACHE_FORMAT = 1
 
@@ -617,12 +568,12 @@ def load_converted(
 ) -> TFGraphModule:
     """A graph converted once by ``convert()`` and cached under ``key`` (its source's checksum, with a prefix
     naming the format); later loads read the cache instead."""
-    converted = cache_dir() / "converted" / f"{key}-v{CACHE_FORMAT}.pt"
-    try:
-        nodes = load_nodes(converted)
-    except Exception:  # absent or damaged cache entry: convert again from the source
-        nodes = convert()
-        save_nodes(nodes, converted)
+    nodes = convert_once(
+        f"{key}-v{CACHE_FORMAT}",
+        convert,
+        to_data=lambda converted: [(n.name, n.op, n.inputs, n.attrs) for n in converted],
+        from_data=lambda data: [GraphNode(*fields) for fields in data],
+    )
     return TFGraphModule(nodes, inputs, outputs)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from redteam.assets import RegistryFile
+from redteam.convert.graph import UnsupportedModelError
 from redteam.convert.tf_graph import GraphNode, TFGraphModule, load_converted
 
 _STORED = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "bool": np.dtype("u1")}
@@ -59,7 +60,7 @@ def _decode(spec: dict[str, Any], data: memoryview) -> tuple[np.ndarray, int]:
     count = int(np.prod(shape)) if shape else 1
     quantisation = spec.get("quantization")
     if dtype not in _RESULT:
-        raise NotImplementedError(f"TF.js weight {spec['name']!r}: dtype {dtype}")
+        raise UnsupportedModelError(f"TF.js weight {spec['name']!r}: dtype {dtype}")
     stored = _QUANTISED[quantisation["dtype"]] if quantisation else _STORED[dtype]
     size = count * stored.itemsize
     if len(data) < size:

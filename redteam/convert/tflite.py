@@ -22,14 +22,13 @@ import numpy as np
 import tflite
 
 from redteam.assets import RegistryFile
+from redteam.convert.graph import UnsupportedModelError
 from redteam.convert.tf_graph import GraphNode, TFGraphModule, load_converted
 from redteam.errors import RedteamError
 from redteam.registry import RuleTable
 
-
-class UnsupportedTFLiteError(RedteamError, NotImplementedError):
-    """The model uses operators (or settings) this converter has no rule for."""
-
+#: The name importers (and tests) know this converter's error by.
+UnsupportedTFLiteError = UnsupportedModelError
 
 _DTYPES = {
     tflite.TensorType.FLOAT32: np.dtype("<f4"),
@@ -84,7 +83,7 @@ class _Translator:
         else:
             return None
         if tensor.Type() not in _DTYPES:
-            raise UnsupportedTFLiteError(f"tensor {self.names[index]!r}: TFLite type {tensor.Type()}")
+            raise UnsupportedModelError(f"tensor {self.names[index]!r}: TFLite type {tensor.Type()}")
         value = np.frombuffer(raw, dtype=_DTYPES[tensor.Type()]).reshape(self.shape(index)).copy()  # writable
         if tensor.Type() == tflite.TensorType.FLOAT16:
             return value.astype(np.float32)
@@ -96,7 +95,7 @@ class _Translator:
     def require(self, index: int) -> np.ndarray:
         value = self.array(index) if index >= 0 else None
         if value is None:
-            raise UnsupportedTFLiteError(f"{self.current}: an input that must be constant is computed or absent")
+            raise UnsupportedModelError(f"{self.current}: an input that must be constant is computed or absent")
         return value
 
     def tensor(self, index: int) -> str:
@@ -122,7 +121,7 @@ class _Translator:
             self.node(name, op, inputs, attrs)
             return
         if activation not in _ACTIVATIONS:
-            raise UnsupportedTFLiteError(f"{self.current}: fused activation {activation}")
+            raise UnsupportedModelError(f"{self.current}: fused activation {activation}")
         self.node(name, _ACTIVATIONS[activation], [self.node(f"{name}/linear", op, inputs, attrs)])
 
 
@@ -158,7 +157,7 @@ def _options(op: tflite.Operator, kind: type) -> object:
     table = op.BuiltinOptions()
     options = kind()
     if table is None:
-        raise UnsupportedTFLiteError(f"operator without its {kind.__name__}")
+        raise UnsupportedModelError(f"operator without its {kind.__name__}")
     options.Init(table.Bytes, table.Pos)
     return options
 
@@ -180,7 +179,7 @@ def _conv(t: _Translator, name: str, op: tflite.Operator, ins: list[int], out: i
     if depthwise:
         filters = weight[0].reshape(*weight.shape[1:3], channels, -1)  # TF's [KH, KW, C, M]
     elif weight.shape[3] != channels:
-        raise UnsupportedTFLiteError(f"{t.current}: grouped convolution")
+        raise UnsupportedModelError(f"{t.current}: grouped convolution")
     else:
         filters = weight.transpose(1, 2, 3, 0)  # TF's HWIO
     inputs = [t.tensor(ins[0]), t.constant(f"{t.names[out]}/filters", filters), t.tensor(ins[2])]  # bias required
@@ -193,7 +192,7 @@ def _conv(t: _Translator, name: str, op: tflite.Operator, ins: list[int], out: i
 def _fully_connected(t: _Translator, name: str, op: tflite.Operator, ins: list[int], out: int) -> None:
     options = _options(op, tflite.FullyConnectedOptions)
     if options.WeightsFormat() != tflite.FullyConnectedOptionsWeightsFormat.DEFAULT:
-        raise UnsupportedTFLiteError(f"{t.current}: shuffled weights")
+        raise UnsupportedModelError(f"{t.current}: shuffled weights")
     weight = t.require(ins[1])  # [O, I]
     prefix = t.names[out]
     # TFLite flattens every leading axis into rows.
@@ -329,7 +328,7 @@ def nodes_from_tflite(data: bytes) -> list[GraphNode]:
     outputs (``:N`` suffixes become ``_N``); build the module with ``TFGraphModule(nodes, inputs, outputs)``.
 
     Raises:
-        UnsupportedTFLiteError: listing every operator without a rule, or for quantised activations.
+        UnsupportedModelError: listing every operator without a rule, or for quantised activations.
     """
     t = _Translator(data)
     graph = t.graph
@@ -337,11 +336,11 @@ def nodes_from_tflite(data: bytes) -> list[GraphNode]:
     names = [_operator_name(t.model, op) for op in operators]
     unknown = sorted({n for n in names if n not in _RULES and n != "DEQUANTIZE"})
     if unknown:
-        raise UnsupportedTFLiteError(f"TFLite operators without a torch rule: {', '.join(unknown)}")
+        raise UnsupportedModelError(f"TFLite operators without a torch rule: {', '.join(unknown)}")
     for k in range(graph.InputsLength()):
         index = graph.Inputs(k)
         if graph.Tensors(index).Type() != tflite.TensorType.FLOAT32:
-            raise UnsupportedTFLiteError(f"input {t.names[index]!r} is not float32: quantised models are not supported")
+            raise UnsupportedModelError(f"input {t.names[index]!r} is not float32: quantised models are not supported")
         t.node(t.names[index], "Placeholder", [], {"shape": t.shape(index)})
     for name, op in zip(names, operators):
         ins, out = [int(i) for i in op.InputsAsNumpy()], int(op.Outputs(0))

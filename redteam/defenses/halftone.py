@@ -27,7 +27,7 @@ import kornia
 import torch
 from torch import Tensor
 
-from redteam.defenses.base import DEFENSES, InputTransform
+from redteam.api import DEFENSES, InputTransform
 from redteam.errors import RedteamError
 
 #: Floyd–Steinberg's error weights: (row offset, column offset, weight).
@@ -114,7 +114,7 @@ class Halftone(InputTransform):
             raise RedteamError(f"halftone sigma is a blur in pixels (>= 0), not {sigma}.")
         self.method, self.sigma = method, float(sigma)
 
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``[B, 3, H, W]`` -> the halftone (low-passed when ``sigma > 0``), ``[B, 3, H, W]`` in ``[0, 1]``."""
         dots = floyd_steinberg(images) if self.method == "error-diffusion" else ordered_dither(images)
         if self.sigma == 0:

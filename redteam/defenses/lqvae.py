@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from redteam.api import DEFENSES, InputTransform, crop_resize
 from redteam.assets import cache_dir, save_atomic
 from redteam.datasets import FaceDataset
-from redteam.defenses.base import DEFENSES, InputTransform
 from redteam.errors import MissingWeightsError, RedteamError
-from redteam.targets.base import crop_resize
 
 TRAIN_HINT = "redteam train lqvae --data path/to/faces-train"
 
@@ -155,9 +154,7 @@ class LQVAENet(nn.Module):
         continuous_mse = F.mse_loss(continuous, crops)
         discrete_mse = F.mse_loss(discrete, crops)
         total = (
-            kl
-            + config.lipschitz_weight * lipschitz
-            + config.reconstruction_weight * (continuous_mse + discrete_mse)
+            kl + config.lipschitz_weight * lipschitz + config.reconstruction_weight * (continuous_mse + discrete_mse)
         )
         return {
             "loss": total,
@@ -201,9 +198,9 @@ class LQVAE(InputTransform):
         out[..., top : top + side, left : left + side] = back.clamp(0, 1)
         return out
 
-    def forward(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` -> ``[B, 3, H, W]``: a fresh latent draw per call (seed it with ``torch.manual_seed``)."""
-        return self._through(images, self.net.purify)
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, 3, H, W]``: a fresh latent draw per call, from ``generator``."""
+        return self._through(images, lambda crops: self.net.purify(crops, generator))
 
     def surrogate(self, images: Tensor) -> Tensor:
         """The discrete decoder on the expected code: deterministic, smooth, the purifier averaged over its noise."""
@@ -281,4 +278,3 @@ def train_lqvae(
     if "state" not in checkpoint:  # nothing left to train: keep what is there
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     return checkpoint
-

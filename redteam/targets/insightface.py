@@ -3,9 +3,9 @@
 dicts (IResNet-18/34/50/100/200).
 
 Every backbone returned here takes InsightFace's input convention: ``[B, 3, 112, 112]`` RGB faces aligned on
-:data:`INSIGHTFACE_TEMPLATE_112`, scaled ``(255 x - 127.5) / 127.5``; it returns ``[B, D]`` (unnormalised)
-embeddings. ONNX models that normalise inside the graph (InsightFace's MXNet exports start with Sub and Mul nodes;
-InsightFace's own loader feeds those raw pixels) are given raw pixels automatically.
+InsightFace's five-point template (``redteam.align.TEMPLATES``), scaled ``(255 x - 127.5) / 127.5``; it returns
+``[B, D]`` (unnormalised) embeddings. ONNX models that normalise inside the graph (InsightFace's MXNet exports start
+with Sub and Mul nodes; InsightFace's own loader feeds those raw pixels) are given raw pixels automatically.
 
 Measured on 418 LFW evaluation faces (80 identities, 1,117 genuine / 86,036 impostor pairs) with the two real
 MobileFaceNet ONNX files of ``../shared/weights``: this convention separates identities best (AUC 0.995 and 0.988;
@@ -28,12 +28,6 @@ from torch import Tensor, nn
 
 from redteam.convert.onnx_graph import OnnxModule
 from redteam.errors import RedteamError
-
-#: Where InsightFace's alignment puts the five landmarks (left eye, right eye, nose tip, left and right mouth
-#: corner, as seen in the image) in its 112 x 112 training crops (``insightface.utils.face_align``).
-INSIGHTFACE_TEMPLATE_112 = torch.tensor(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
-)
 
 INPUT_SIZE = 112
 
@@ -169,8 +163,8 @@ def load_insightface_backbone(path: Path) -> nn.Module:
         path: an ONNX model (InsightFace model packs, ``torch.onnx`` exports) or an arcface_torch IResNet
             ``backbone.pth`` / training checkpoint.
     Returns:
-        A module taking RGB 112 x 112 crops aligned on :data:`INSIGHTFACE_TEMPLATE_112`, scaled
-        ``(255 x - 127.5) / 127.5``.
+        A module taking RGB 112 x 112 crops aligned on InsightFace's five-point template
+        (``redteam.align.TEMPLATES``), scaled ``(255 x - 127.5) / 127.5``.
     """
     path = Path(path)
     if _is_torch_file(path):

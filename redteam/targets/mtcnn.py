@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from kornia.geometry.bbox import nms
 from torch import Tensor, nn
 
+from redteam.api import TARGETS, Detections, FaceDetector, ModelCard, Preprocessing
 from redteam.assets import RegistryPackage
-from redteam.targets.base import TARGETS, Detections, FaceDetector, ModelCard
 
 FACENET_PYTORCH = RegistryPackage(
     name="facenet-pytorch",
@@ -94,10 +94,6 @@ class ONet(_ConvStack):
         return F.softmax(self.dense6_1(x), dim=1)[:, 1], self.dense6_2(x), self.dense6_3(x)
 
 
-def _normalise(images: Tensor) -> Tensor:
-    return (images * 255.0 - 127.5) / 128.0
-
-
 def _square(boxes: Tensor) -> Tensor:
     """Grow boxes ``[N, 4]`` to squares around their centres."""
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -170,9 +166,7 @@ class MTCNN(FaceDetector):
         architecture="MTCNN cascade: P-Net (12 px sliding window), R-Net (24 px), O-Net (48 px, 5 landmarks)",
         weights="PyPI facenet-pytorch 2.6.0, facenet_pytorch/data/{pnet,rnet,onet}.pt (read from the wheel)",
         licence="MIT (facenet-pytorch); original model by Zhang et al., MIT",
-        input_size=(0, 0),
-        channel_order="RGB",
-        normalisation="(255 x - 127.5) / 128",
+        preprocessing=Preprocessing(notes="each network sees its own crops of the image pyramid"),
         threshold=0.7,
         metrics={"recall": 1.0},
         parity="no reference runtime here (facenet-pytorch pins torch<2.3): its state dicts load strictly into the "
@@ -215,7 +209,7 @@ class MTCNN(FaceDetector):
         pyramid, found = [], [[] for _ in images]
         for scale in self._scales(height, width):
             size = (math.ceil(height * scale), math.ceil(width * scale))
-            prob, offsets = self.pnet(_normalise(F.interpolate(images, size=size, mode="area")))
+            prob, offsets = self.pnet(self.card.preprocessing.normalise(F.interpolate(images, size=size, mode="area")))
             pyramid.append(prob)
             for image in range(len(images)):
                 ys, xs = torch.nonzero(prob[image].detach() >= self.thresholds[0], as_tuple=True)
@@ -242,7 +236,7 @@ class MTCNN(FaceDetector):
     def _cascade(self, images: Tensor) -> _Pass:
         """The whole cascade on ``[B, 3, H, W]`` images in ``[0, 1]``, as :class:`_Pass`."""
         pyramid, owner, p, boxes = self._proposals(images)
-        r, r_offsets = self.rnet(_normalise(_crops(images, owner, boxes, 24)))
+        r, r_offsets = self.rnet(self.card.preprocessing.normalise(_crops(images, owner, boxes, 24)))
         passed = r.detach() >= self.thresholds[1]
         refined = [owner.new_zeros(0)]
         for image in range(len(images)):
@@ -250,7 +244,7 @@ class MTCNN(FaceDetector):
             refined.append(index[nms(boxes[index], r.detach()[index], 0.7)])
         refined = torch.cat(refined)
         o_boxes = _square(_regress(boxes[refined], r_offsets.detach()[refined]))
-        o, o_offsets, points = self.onet(_normalise(_crops(images, owner[refined], o_boxes, 48)))
+        o, o_offsets, points = self.onet(self.card.preprocessing.normalise(_crops(images, owner[refined], o_boxes, 48)))
         return _Pass(pyramid, owner, p, boxes, r, refined, o_boxes, o, o_offsets, points)
 
     @torch.no_grad()

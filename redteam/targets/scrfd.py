@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from redteam.api import TARGETS, Detections, FaceDetector, ModelCard, Preprocessing
 from redteam.convert.onnx_graph import load_onnx
 from redteam.errors import MissingWeightsError
-from redteam.targets.base import TARGETS, Detections, FaceDetector, ModelCard
 from redteam.targets.retinaface import keep_faces
 
 WHERE_TO_GET = (
@@ -40,10 +40,10 @@ class SCRFD(FaceDetector):
         "box distances and 5 keypoints",
         weights="the user's ONNX file from an InsightFace model pack (--weights); none ships with redteam",
         licence="InsightFace pretrained models: non-commercial research only",
-        input_size=(640, 640),
-        channel_order="RGB",
-        normalisation="(255 x - 127.5) / 128 after a bilinear resize into the 640 x 640 canvas (aspect kept, "
-        "zero padding right and below)",
+        preprocessing=Preprocessing(
+            size=(640, 640),
+            notes="after a bilinear resize into the 640 x 640 canvas (aspect kept, black padding right and below)",
+        ),  # fmt: skip
         threshold=0.5,
         metrics={"recall": 1.0},
         parity="max |difference| vs onnxruntime 1.31 (CPU) on 4 LFW faces at 640 x 640 (tests/test_scrfd.py): "
@@ -53,6 +53,8 @@ class SCRFD(FaceDetector):
         "all 3,407 evaluation faces (a face above 0.5 whose box contains the image centre); face_score is the "
         "highest anchor probability; detect() keeps faces above 0.5 after NMS at IoU 0.4, as InsightFace does",
     )
+
+    accepts_weights = True
 
     def __init__(
         self,
@@ -81,8 +83,10 @@ class SCRFD(FaceDetector):
             size = (self.input_size, int(self.input_size * width / height))
         else:
             size = (int(self.input_size * height / width), self.input_size)
-        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False) * 255.0
-        x = F.pad((x - 127.5) / 128.0, (0, self.input_size - size[1], 0, self.input_size - size[0]), value=-127.5 / 128)
+        normalise = self.card.preprocessing.normalise
+        x = normalise(F.interpolate(images, size=size, mode="bilinear", align_corners=False))
+        black = float(normalise(torch.zeros(1, 3, 1, 1))[0, 0])
+        x = F.pad(x, (0, self.input_size - size[1], 0, self.input_size - size[0]), value=black)
         return x, size[0] / height
 
     def raw(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor | None], float]:

@@ -11,11 +11,15 @@ from dataclasses import asdict, dataclass, replace
 import pandas as pd
 import torch
 
-from redteam.attacks.base import Budget, Norm, objective_gradient
+from redteam.api import Budget, Norm, Objective, grants, objective_gradient
 from redteam.attacks.pgd import PGD
-from redteam.engine import Evaluation, seeded_generator
-from redteam.results import display_eps
-from redteam.threats import Objective
+from redteam.budgets import display_eps
+from redteam.engine.assembly import drawing_from
+from redteam.engine.evaluation import Evaluation
+from redteam.engine.execute import Executor
+from redteam.engine.plan import Cell
+from redteam.results import accuracy_curve
+from redteam.runtime import seeded_generator
 
 SAMPLE = 8  # clean-correct probes the checks attack (they cost a few seconds per model on a CPU)
 UNBOUNDED = {"linf": 64 / 255, "l2": 32.0}  # far beyond any meaningful face perturbation
@@ -28,35 +32,40 @@ class Check:
     detail: str
 
 
-def run_checks(evaluation: Evaluation) -> list[Check]:
-    """Run every check on up to ``SAMPLE`` clean-correct probes, store the outcome and return it. A re-run that
-    computed nothing new returns the stored outcome instead."""
-    if evaluation.computed == 0:
-        stored = evaluation.store.checks(evaluation.cell)
-        if not stored.empty:
-            return [Check(row.name, bool(row.passed), row.detail) for row in stored.itertuples()]
-    clean = evaluation.store.frame(evaluation.cell, 0.0).set_index("probe")
-    sample = [p for p in evaluation.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
-    curve = evaluation.curve()
-    checks = [_monotone(curve)]
+def checks_of(evaluation: Evaluation) -> list[Check]:
+    """The checks of a finished local evaluation: run and stored, or, when this process computed nothing new and
+    they are stored already, the stored outcome."""
+    key, store = evaluation.cell.key, evaluation.store
+    stored = store.checks(key)
+    if evaluation.computed == 0 and not stored.empty:
+        return [Check(row.name, bool(row.passed), row.detail) for row in stored.itertuples()]
+    checks = run_checks(evaluation.cell, evaluation.executor, store.frame())
+    store.record_checks([{"cell": key, **asdict(check)} for check in checks])
+    return checks
+
+
+def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame) -> list[Check]:
+    """Run every check of ``cell`` on up to ``SAMPLE`` of its clean-correct probes, given every row of its store
+    (``results``: other cells' rows feed the transfer and adaptive checks)."""
+    own = results[(results["cell"] == cell.key) & results["probe"].isin({p.key for p in cell.probes})]
+    clean = own[own["eps"] == 0.0].set_index("probe")
+    sample = [p for p in cell.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
+    checks = [_monotone(accuracy_curve(own[own["eps"].isin(cell.budgets)]))]
     if sample:
-        images = evaluation.dataset.load([p.image for p in sample]).to(evaluation.device)
-        crafting, verdict = evaluation.objectives(sample)
-        norm = evaluation.config.norm
-        checks += [
-            gradient_check(crafting, images),
-            unbounded_check(
-                crafting,
-                images,
-                norm,
-                seeded_generator(evaluation.device, "unbounded"),
-                getattr(evaluation.attack, "eot", 1),
-            ),
-            _beats_noise(evaluation, verdict, images, sample),
-        ]
-    checks += _transfer_consistency(evaluation)
-    checks += _adaptive_consistency(evaluation)
-    evaluation.store.record_checks([{"cell": evaluation.cell, **asdict(check)} for check in checks])
+        images = cell.dataset.load([p.image for p in sample]).to(executor.device)
+        crafting, verdict = executor.objectives(sample)
+        eot = cell.attack.eot if cell.attack.supports_eot else 1  # type: ignore[attr-defined]
+        white_box = grants(executor.crafting.offers, "gradients")  # gradient checks need what the attack can see
+        with drawing_from(executor.generator("checks"), executor.crafting, executor.target):
+            if white_box:
+                generator = seeded_generator(executor.device, "unbounded")
+                checks += [
+                    gradient_check(crafting, images),
+                    unbounded_check(crafting, images, cell.config.norm, generator, eot),
+                ]
+            checks.append(_beats_noise(cell, own, verdict, images, sample))
+    checks += _transfer_consistency(cell, results)
+    checks += _adaptive_consistency(cell, results)
     return checks
 
 
@@ -86,26 +95,25 @@ def unbounded_check(
     return Check("unbounded", accuracy <= 0.1, f"accuracy {accuracy:.0%} under an unbounded PGD-20 (expect ~0%)")
 
 
-def _beats_noise(evaluation: Evaluation, verdict, images: torch.Tensor, sample) -> Check:
+def _beats_noise(cell: Cell, own: pd.DataFrame, verdict: Objective, images: torch.Tensor, sample) -> Check:
     """At the largest budget the attack must do at least as well as random noise of that size."""
-    eps = evaluation.budgets[-1]
+    eps = cell.budgets[-1]
     if eps == 0:
         return Check("beats noise", True, "no budget above 0")
-    noise = Budget(evaluation.config.norm, eps).sample(images, seeded_generator(evaluation.device, "noise"))
+    noise = Budget(cell.config.norm, eps).sample(images, seeded_generator(images.device, "noise"))  # type: ignore[arg-type]
     with torch.no_grad():
         noise_accuracy = 1 - verdict((images + noise).clamp(0, 1)).success.float().mean().item()
-    stored = evaluation.store.frame(evaluation.cell, eps).set_index("probe")
+    stored = own[own["eps"] == eps].set_index("probe")
     attack_accuracy = stored.loc[[p.key for p in sample], "correct"].mean()
     passed = attack_accuracy <= noise_accuracy
     return Check("beats noise", passed, f"at the largest ε: attack {attack_accuracy:.0%}, noise {noise_accuracy:.0%}")
 
 
-def _transfer_consistency(evaluation: Evaluation) -> list[Check]:
+def _transfer_consistency(cell: Cell, results: pd.DataFrame) -> list[Check]:
     """White-box accuracy must not exceed transfer accuracy into the same target (when both are stored)."""
-    results = evaluation.store.frame()
-    if results.empty:
+    own = results[results["cell"] == cell.key]
+    if own.empty:
         return []
-    own = results[results["cell"] == evaluation.cell]
     first = own.iloc[0]
     same = results[
         (results["target"] == first["target"])
@@ -130,15 +138,14 @@ def _transfer_consistency(evaluation: Evaluation) -> list[Check]:
     return checks
 
 
-def _adaptive_consistency(evaluation: Evaluation) -> list[Check]:
+def _adaptive_consistency(cell: Cell, results: pd.DataFrame) -> list[Check]:
     """Against a defense, the adaptive attack must do at least as well as the non-adaptive one (when both are
     stored); if it does not, its BPDA surrogate or EOT is too weak and the adaptive curve overstates robustness."""
-    config = evaluation.config
+    config = cell.config
     if config.defense == "none":
         return []
     cells = {adaptive: replace(config, adaptive=adaptive).cell() for adaptive in (True, False)}
-    results = evaluation.store.frame()
-    results = results[results["probe"].isin({p.key for p in evaluation.probes})]
+    results = results[results["probe"].isin({p.key for p in cell.probes})]
     curves = {adaptive: results[results["cell"] == c].groupby("eps")["correct"].mean() for adaptive, c in cells.items()}
     shared = [eps for eps in curves[True].index.intersection(curves[False].index) if eps > 0]
     if not shared:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
-from redteam.targets.base import FaceDetector
+from redteam.api.targets import FaceDetector
 
 #: Common eye shadow shades (sRGB in [0, 1]): brown, bronze, taupe, plum, smoky grey, rose gold, olive, navy.
 EYE_SHADOWS = (

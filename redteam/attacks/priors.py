@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from redteam.api.targets import crop_resize
 from redteam.assets import cache_dir, save_atomic
 from redteam.datasets import FaceDataset, ImageFolderDataset
 from redteam.errors import RedteamError
-from redteam.targets.base import crop_resize
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+"""What a defense is. Two kinds, both registered in :data:`DEFENSES`:
+
+- an input transform (:class:`InputTransform`): images -> images in front of any target (halftoning, a purifier).
+  ``forward`` is the real defense, as deployed; ``surrogate`` is a differentiable stand-in that adaptive attacks
+  use in the backward pass where ``forward`` has no useful gradient (BPDA, Athalye et al. 2018). A transform that
+  is itself differentiable says so (``differentiable = True``) and is attacked through directly. A transform that
+  draws randomness per call says so (``randomised = True``), draws it from the generator it is given (so runs
+  redraw the same), and is attacked with EOT.
+- a model wrapper (:class:`ModelWrapper`): target -> another target (adversarial fine-tuning).
+
+Settings are ``__init__`` arguments (``--defense name:key=value,...``).
+Adding a defense = one file in ``redteam/defenses/`` (or a package's ``redteam.defenses`` entry point).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from redteam.api.targets import Target
+from redteam.registry import Registry
+
+
+def check_defense_class(name: str, defense_class: Any) -> None:
+    if not (isinstance(defense_class, type) and issubclass(defense_class, InputTransform | ModelWrapper)):
+        raise TypeError(f"defense {name!r}: register a subclass of InputTransform or ModelWrapper")
+
+
+DEFENSES: Registry[type[InputTransform] | type[ModelWrapper]] = Registry(
+    "defense", package="redteam.defenses", group="redteam.defenses", check=check_defense_class
+)
+
+
+class InputTransform(nn.Module, ABC):
+    """``[B, 3, H, W]`` images in ``[0, 1]`` -> defended images of the same shape, in ``[0, 1]``."""
+
+    name: ClassVar[str]
+    #: Gradients of ``forward`` are meaningful: adaptive attacks differentiate it (no BPDA).
+    differentiable: ClassVar[bool] = False
+    #: ``forward`` draws randomness on every call (from ``generator``): adaptive attacks average over draws (EOT).
+    randomised: ClassVar[bool] = False
+
+    @abstractmethod
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The defense as deployed; a randomised one draws from ``generator``."""
+
+    def surrogate(self, images: Tensor) -> Tensor:
+        """A differentiable approximation of :meth:`forward` for the backward pass (identity by default)."""
+        return images
+
+    def bpda(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``forward``'s value with ``surrogate``'s gradient (or ``forward`` itself when it is differentiable)."""
+        if self.differentiable:
+            return self(images, generator)
+        smooth = self.surrogate(images)
+        return smooth + (self(images, generator) - smooth).detach()
+
+
+class ModelWrapper(ABC):
+    """A defense that replaces the model itself (e.g. adversarially fine-tuned weights)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def wrap(self, target: Target, fresh: Callable[[], Target]) -> Target:
+        """The defended target, of the same kind. ``fresh()`` loads another copy of ``target`` to change, so the
+        one given stays untouched (an undefended cell may still use it)."""

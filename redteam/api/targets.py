@@ -1,0 +1,299 @@
+"""What a target is: a differentiable face recogniser (``embed``) or face detector (``detect``) plus its model card.
+
+Every target takes canonical face images: float ``[B, 3, H, W]`` RGB in ``[0, 1]``, framed like LFW (square, the
+face centred and its box about the middle half of the image; see :mod:`redteam.align`). A recogniser's own
+preprocessing (crop, resize, channel order, normalisation) is data on its card (:class:`Preprocessing`) and runs
+inside ``embed``, so attacks perturb plain images and gradients flow through the whole pipeline.
+
+A target declares what it offers an attacker (:data:`Access`): gradients (a white-box graph), scores, or decisions
+only. The engine checks an attack's needs against it before any work.
+
+Adding a target = one file in ``redteam/targets/`` (or a package's ``redteam.targets`` entry point) with a class
+registered in :data:`TARGETS`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import warp_affine
+from torch import Tensor, nn
+
+from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE, TEMPLATES, similarity_transform
+from redteam.assets import RegistryFile
+from redteam.errors import RedteamError
+from redteam.registry import Registry
+
+TARGETS: Registry[type[Target]] = Registry("target", package="redteam.targets", group="redteam.targets")
+
+#: What a target shows an attacker, from most to least: gradients (a white-box graph), scores, decisions only.
+Access = Literal["gradients", "scores", "decisions"]
+ACCESS_LEVELS: tuple[Access, ...] = ("decisions", "scores", "gradients")
+
+
+def grants(offered: Access, needed: Access) -> bool:
+    """Whether a target offering ``offered`` gives an attack what it ``needed`` (gradients imply scores, scores
+    imply decisions)."""
+    return ACCESS_LEVELS.index(offered) >= ACCESS_LEVELS.index(needed)
+
+
+def crop_resize(images: Tensor, fraction: float, size: tuple[int, int], shift: float = 0.0) -> Tensor:
+    """Central square crop of side ``fraction * H`` (moved down by ``shift * H``), resized to ``size``.
+
+    Args:
+        images: ``[B, C, H, W]``.
+    Returns:
+        ``[B, C, size[0], size[1]]``; differentiable in ``images`` (bilinear, antialiased when shrinking).
+    """
+    height, width = images.shape[-2:]
+    side = round(fraction * min(height, width))
+    top = (height - side) // 2 + round(shift * height)
+    left = (width - side) // 2
+    crop = images[..., top : top + side, left : left + side]
+    if crop.shape[-2:] == size:
+        return crop
+    return F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=side > min(size))
+
+
+def canonical_pixels(height: int, width: int) -> Tensor:
+    """``[3, 3]`` homogeneous map from an ``height x width`` canonical image's pixel centres to the 250 px frame."""
+    sy, sx = CANONICAL_SIZE / height, CANONICAL_SIZE / width
+    return torch.tensor([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class CentralCrop:
+    """A central square of side ``fraction`` of the image, moved down by ``shift`` of its height."""
+
+    fraction: float
+    shift: float = 0.0
+
+    def __call__(self, images: Tensor, size: tuple[int, int]) -> Tensor:
+        return crop_resize(images, self.fraction, size, self.shift)
+
+    def describe(self) -> str:
+        moved = f", moved down {self.shift:.3f}" if self.shift else ""
+        return f"central {self.fraction:.3f} crop{moved}"
+
+
+@dataclass(frozen=True)
+class TemplateWarp:
+    """A similarity warp putting the canonical landmarks onto a five-point template (:data:`redteam.align.TEMPLATES`,
+    positions in the output crop with pixel centres at integers); zeros outside the image."""
+
+    template: str
+
+    def __call__(self, images: Tensor, size: tuple[int, int]) -> Tensor:
+        height, width = images.shape[-2:]
+        # The canonical landmarks are pixel positions in a 250 px frame; move them to this image's pixel grid.
+        scale = torch.tensor([width / CANONICAL_SIZE, height / CANONICAL_SIZE])
+        landmarks = (CANONICAL_LANDMARKS + 0.5) * scale - 0.5
+        matrix = similarity_transform(landmarks[None], TEMPLATES[self.template]).to(images)
+        return warp_affine(images, matrix.expand(len(images), 2, 3), size, mode="bilinear", align_corners=True)
+
+    def describe(self) -> str:
+        return f"warped onto the {self.template} five-point template"
+
+
+@dataclass(frozen=True)
+class FixedWarp:
+    """An affine warp by ``matrix`` (``[2, 3]``, output pixels from the 250 px canonical frame's); zeros outside."""
+
+    matrix: tuple[tuple[float, float, float], tuple[float, float, float]]
+    what: str
+
+    def __call__(self, images: Tensor, size: tuple[int, int]) -> Tensor:
+        matrix = torch.tensor(self.matrix) @ canonical_pixels(*images.shape[-2:])
+        matrix = matrix.to(images).expand(len(images), 2, 3)
+        return warp_affine(images, matrix, size, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+    def describe(self) -> str:
+        return self.what
+
+
+Crop = CentralCrop | TemplateWarp | FixedWarp
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a model turns images in ``[0, 1]`` into its network's input: an optional ``crop`` resized to ``size``,
+    the ``channels`` order, then ``(255 x - mean) / scale`` (``mean`` per channel in that order). ``mean=None``: the
+    network normalises its input itself (``notes`` says how)."""
+
+    size: tuple[int, int] | None = None
+    crop: Crop | None = None
+    channels: Literal["RGB", "BGR"] = "RGB"
+    mean: tuple[float, float, float] | None = (127.5, 127.5, 127.5)
+    scale: float = 128.0
+    notes: str = ""
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in ``[0, 1]`` -> ``[B, 3, size]`` network input (differentiable)."""
+        if self.crop is not None and self.size is not None:
+            images = self.crop(images, self.size)
+        return self.normalise(images)
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """Channel order and scaling only (``[B, 3, H, W]`` in ``[0, 1]``)."""
+        if self.channels == "BGR":
+            images = images.flip(1)
+        if self.mean is None:
+            return images
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images * 255.0 - mean) / self.scale
+
+    def describe(self) -> str:
+        parts = [self.crop.describe() if self.crop else "the whole image"]
+        if self.size:
+            parts.append(f"resized to {self.size[0]}x{self.size[1]}")
+        parts.append(self.channels)
+        if self.mean is None:
+            parts.append(self.notes or "normalised inside the network")
+        else:
+            mean = f"{self.mean[0]:g}" if len(set(self.mean)) == 1 else str(tuple(f"{m:g}" for m in self.mean))
+            parts.append(f"(255 x - {mean}) / {self.scale:g}")
+            if self.notes:
+                parts.append(self.notes)
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Where a model comes from, what it expects and how well it works (shown by ``redteam list --targets``)."""
+
+    name: str
+    task: Literal["recognition", "detection"]
+    architecture: str
+    weights: str
+    licence: str
+    preprocessing: Preprocessing
+    embedding_dim: int | None = None
+    metric: Literal["cosine", "euclidean"] = "cosine"
+    threshold: float | None = None  # operating point: best verification accuracy on the calibration pairs
+    threshold_far: float | None = None  # similarity threshold at FAR = 1e-3 on the calibration pairs
+    calibration: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    parity: str = ""
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        card = asdict(self)
+        card["preprocessing"] = self.preprocessing.describe()
+        return card
+
+
+@dataclass(frozen=True)
+class FrozenGraph:
+    """A target converted from a frozen TF graph declares it, so a campaign can cut the graph and fine-tune its tail
+    (:class:`redteam.identification.SplitRecognizer`): the file and its image input and embedding output."""
+
+    file: RegistryFile
+    input: str
+    output: str
+
+
+class Target(nn.Module, ABC):
+    #: Its model card (a class attribute; a target loaded with other weights replaces it on the instance).
+    card: ModelCard
+    #: Registry files the target loads (fetched ahead of time by ``redteam fetch``).
+    weights: ClassVar[tuple[RegistryFile, ...]] = ()
+    #: What it shows an attacker: zoo targets are white-box graphs.
+    offers: ClassVar[Access] = "gradients"
+    #: Whether ``__init__`` takes ``weights`` (a user's file, ``--weights``).
+    accepts_weights: ClassVar[bool] = False
+    #: Set to decide at another operating point than the card's.
+    threshold_override: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    @abstractmethod
+    def threshold(self) -> float:
+        """The decision threshold in force."""
+
+
+class FaceRecognizer(Target):
+    """Maps face images to identity embeddings; two faces match when ``similarity >= threshold``."""
+
+    #: Set when the target is converted from a frozen TF graph (campaigns may split it).
+    frozen_graph: ClassVar[FrozenGraph | None] = None
+
+    @property
+    def threshold(self) -> float:
+        value = self.threshold_override if self.threshold_override is not None else self.card.threshold
+        if value is None:
+            raise RedteamError(
+                f"{self.card.name} has no calibrated threshold: run `redteam calibrate` or pass --threshold."
+            )
+        return value
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` canonical images in ``[0, 1]`` -> the network's input (the card's preprocessing)."""
+        return self.card.preprocessing(images)
+
+    @abstractmethod
+    def embed(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` canonical face images in ``[0, 1]`` -> ``[B, D]`` embeddings."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.embed(images)
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        """Row-wise similarity of ``[B, D]`` embeddings -> ``[B]``; larger means more alike."""
+        if self.card.metric == "cosine":
+            return F.cosine_similarity(a, b, dim=-1)
+        return -(a - b).norm(dim=-1)
+
+    def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
+        """``[B, D]`` x ``[N, D]`` -> ``[B, N]`` similarities."""
+        if self.card.metric == "cosine":
+            return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+        return -torch.cdist(a, b)
+
+
+@dataclass
+class Detections:
+    """Faces found in one image: ``boxes [N, 4]`` (x1, y1, x2, y2 pixels), ``scores [N]``, ``landmarks [N, 5, 2]``
+    (left eye, right eye, nose, left and right mouth corner, as seen in the image)."""
+
+    boxes: Tensor
+    scores: Tensor
+    landmarks: Tensor | None = None
+
+
+class FaceDetector(Target):
+    """Finds faces; ``face_score`` is the differentiable quantity a detector-evasion attack drives down."""
+
+    score_threshold: float
+
+    @property
+    def threshold(self) -> float:
+        return self.score_threshold if self.threshold_override is None else self.threshold_override
+
+    def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
+        """``[B]`` bool: is a face found above the threshold? By default the face score decides (single-stage
+        detectors); cascades override this with their full pipeline. ``scores`` may pass ``face_score(images)``."""
+        scores = self.face_score(images) if scores is None else scores
+        return scores.detach() >= self.threshold
+
+    @abstractmethod
+    def detect(self, images: Tensor) -> list[Detections]:
+        """``[B, 3, H, W]`` images in ``[0, 1]`` -> one :class:`Detections` per image (scores above threshold)."""
+
+    @abstractmethod
+    def face_score(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B]`` highest face confidence anywhere in each image (differentiable)."""
+
+    def candidate_scores(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> ``[B, K]`` differentiable confidences of the candidate faces the detector weighs, whose
+        maximum is ``face_score``; evasion pushes all of them under the threshold at once. By default ``K = 1``."""
+        return self.face_score(images)[:, None]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.candidate_scores(images)

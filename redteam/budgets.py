@@ -1,0 +1,83 @@
+"""Perturbation budgets: norms, sizes, projections, and the units users write them in.
+
+Images are float ``[B, 3, H, W]`` in ``[0, 1]`` ("image units"). Users write ℓ∞ budgets in grey levels (/255) and
+ℓ2 budgets in image units; :func:`image_units` and :func:`display_eps` convert between the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Norm = Literal["linf", "l2"]
+#: Budgets of a per-probe evaluation when none are given, as users write them (/255 for ℓ∞, image units for ℓ2).
+DEFAULT_BUDGETS: dict[str, tuple[float, ...]] = {"linf": (0.0, 1.0, 2.0, 4.0, 8.0), "l2": (0.0, 0.25, 0.5, 1.0, 2.0)}
+
+
+def image_units(eps: float, norm: str) -> float:
+    """A budget as users write it -> image units (ℓ∞ budgets are written in /255)."""
+    return float(eps) / 255 if norm == "linf" else float(eps)
+
+
+def display_eps(eps: float, norm: str) -> float:
+    """A budget in image units -> as users write it (ℓ∞ in grey levels, /255)."""
+    return round(eps * 255, 6) if norm == "linf" else eps
+
+
+def perturbation_size(delta: Tensor, norm: Norm) -> Tensor:
+    """Per-sample size of ``delta [B, ...]`` -> ``[B]``."""
+    flat = delta.flatten(1)
+    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
+
+
+def per_sample(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A scalar, or a ``[B]`` tensor reshaped to broadcast against ``like [B, ...]``."""
+    return value.view(-1, *([1] * (like.dim() - 1))) if isinstance(value, Tensor) else value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A perturbation budget in image units (pixels in ``[0, 1]``): ``eps = 8/255`` is 8 grey levels in ℓ∞.
+    ``eps`` may also be a ``[B]`` tensor, one budget per sample (minimal-perturbation attacks)."""
+
+    norm: Norm
+    eps: float | Tensor
+
+    def project(self, delta: Tensor) -> Tensor:
+        """Nearest perturbation within the budget (per sample)."""
+        if self.norm == "linf":
+            eps = per_sample(self.eps, delta)
+            return torch.clamp(delta, -eps, eps) if isinstance(eps, Tensor) else delta.clamp(-eps, eps)
+        size = perturbation_size(delta, "l2").clamp_min(1e-12)
+        return delta * per_sample((self.eps / size).clamp(max=1.0), delta)
+
+    def confine(self, origin: Tensor) -> Callable[[Tensor], Tensor]:
+        """``x -> `` the nearest image to ``x`` within the budget around ``origin [B, ...]`` and inside ``[0, 1]``
+        (for ℓ2: projected onto the ball, then clipped). The ℓ∞ box is computed once, for attacks' inner loops."""
+        if self.norm == "linf":
+            eps = per_sample(self.eps, origin)
+            low, high = (origin - eps).clamp(min=0), (origin + eps).clamp(max=1)
+            return lambda x: torch.clamp(x, low, high)
+        return lambda x: (origin + self.project(x - origin)).clamp(0, 1)
+
+    def sample(self, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        """A random perturbation inside the budget, shaped like ``like``."""
+        if self.norm == "linf":
+            uniform = torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+            return (2 * uniform - 1) * per_sample(self.eps, like)
+        direction = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        radius = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=like.dtype) * self.eps
+        return (
+            direction / per_sample(perturbation_size(direction, "l2").clamp_min(1e-12), like) * per_sample(radius, like)
+        )
+
+    def ascent(self, gradient: Tensor, step: float | Tensor) -> Tensor:
+        """The steepest-ascent step of length ``step`` (scalar or ``[B]``) for this norm."""
+        step = per_sample(step, gradient)
+        if self.norm == "linf":
+            return gradient.sign().mul_(step)
+        return gradient * (step / per_sample(perturbation_size(gradient, "l2").clamp_min(1e-12), gradient))

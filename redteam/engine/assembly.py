@@ -1,0 +1,297 @@
+"""Building what a config names: targets (with a user's weights and their stored threshold), defense chains in front
+of a target, and the attack with the settings a defense or a surrogate implies; and the capability check that fails
+before any work when the pieces cannot work together.
+
+With a ``defense`` (a registered name or a ``+``-joined chain, e.g. ``halftone+lqvae``), the target judged is the
+defended one, and the attack is either **adaptive** (it differentiates defense + target: BPDA through transforms
+without useful gradients, EOT over randomised ones) or **non-adaptive** (it differentiates the undefended target and
+the defended one judges, like a transfer attack).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from redteam.api import (
+    ACCESS_LEVELS,
+    ATTACKS,
+    DEFENSES,
+    TARGETS,
+    AttackBase,
+    Campaign,
+    Detections,
+    FaceDetector,
+    FaceRecognizer,
+    InputTransform,
+    ModelWrapper,
+    Target,
+    grants,
+)
+from redteam.calibrations import stored_calibration
+from redteam.engine.config import EvaluationConfig, instantiate
+from redteam.errors import RedteamError
+from redteam.runtime import frozen
+from redteam.threats import THREATS
+
+#: Gradient samples per step when an adaptive attack meets a randomised defense and ``--option eot`` is not given.
+EOT_SAMPLES = 8
+
+
+def load_target(name: str, device: torch.device, threshold: float | None = None, weights: Path | None = None) -> Target:
+    """A registered target in eval mode with frozen parameters. ``weights``: a user's file, for targets that take
+    one; its threshold is the one ``redteam calibrate --weights`` stored for that file's content, if any.
+    ``threshold`` decides at another operating point."""
+    target_class = TARGETS.get(name)
+    if weights is None:
+        target = target_class()
+    elif not target_class.accepts_weights:
+        raise RedteamError(f"{name} has fixed weights; --weights is for targets that load a user's file.")
+    elif not Path(weights).is_file():
+        raise RedteamError(f"--weights {weights} is not a file.")
+    else:
+        target = target_class(weights=Path(weights))  # type: ignore[call-arg]
+        calibrated = stored_calibration(name, Path(weights))
+        if calibrated is not None and target.card.threshold is None:
+            target.card = replace(
+                target.card,
+                threshold=calibrated["threshold"],
+                threshold_far=calibrated.get("threshold_far"),
+                calibration=f"`redteam calibrate --weights` on {calibrated.get('data', 'the calibration faces')}: "
+                f"balanced accuracy {calibrated['accuracy']:.3f} at the threshold",
+            )
+    target = frozen(target, device)
+    if threshold is not None:
+        target.threshold_override = threshold
+    return target
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["steps=5", "norm=l2"]`` -> ``{"steps": 5, "norm": "l2"}``: numbers, booleans, lists and objects as JSON."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RedteamError(f"an option is key=value, got {pair!r}.")
+        try:
+            parsed = json.loads(value) if value.strip()[:1] in "0123456789-[{tf" else value
+        except json.JSONDecodeError:  # text that only starts like JSON: a name such as facenet, or nothing
+            parsed = value
+        options[key.strip().replace("-", "_")] = parsed
+    return options
+
+
+@dataclass
+class DefenseChain:
+    """A built ``--defense``: input transforms in the order images pass through them, and model wrappers."""
+
+    transforms: list[InputTransform]
+    wrappers: list[ModelWrapper]
+
+    @property
+    def randomised(self) -> bool:
+        return any(t.randomised for t in self.transforms)
+
+    @property
+    def empty(self) -> bool:
+        return not self.transforms and not self.wrappers
+
+
+def build_defense(spec: str) -> DefenseChain:
+    """``halftone``, ``halftone:method=ordered,sigma=1``, ``halftone+lqvae`` -> the chain (``none``: empty)."""
+    chain = DefenseChain([], [])
+    if spec == "none":
+        return chain
+    for part in spec.split("+"):
+        name, _, settings = part.strip().partition(":")
+        if name == "none":
+            raise RedteamError(f"--defense {spec}: 'none' cannot be part of a chain.")
+        defense_class = DEFENSES.get(name)
+        options = parse_options([s for s in settings.split(",") if s.strip()])
+        accepted = set(inspect.signature(defense_class.__init__).parameters) - {"self"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            takes = ", ".join(sorted(accepted)) or "no settings"
+            raise RedteamError(f"defense {name} has no setting {', '.join(unknown)}; it takes {takes}.")
+        defense = defense_class(**options)
+        if isinstance(defense, InputTransform):
+            chain.transforms.append(defense)
+        else:
+            chain.wrappers.append(defense)
+    return chain
+
+
+class InputDefense(nn.Module):
+    """A target seen through input transforms: same kind, card (renamed), threshold and similarity as the target.
+
+    ``adaptive`` chooses what gradients flow through the transforms: their BPDA form (``forward``'s values,
+    ``surrogate``'s gradients) for attacking; otherwise ``forward`` itself, the defense as deployed. Randomised
+    transforms draw from ``draws`` (:func:`drawing_from` sets it per batch, so a resumed run redraws the same).
+    """
+
+    def __init__(self, target: Target, transforms: Sequence[InputTransform], name: str, adaptive: bool):
+        super().__init__()
+        self.target, self.transforms, self.adaptive = target, nn.ModuleList(transforms), adaptive
+        self.card = replace(target.card, name=name)
+        self.draws: torch.Generator | None = None
+
+    @property
+    def threshold(self) -> float:
+        return self.target.threshold
+
+    def defend(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` -> what the target sees, ``[B, 3, H, W]``."""
+        for transform in self.transforms:
+            assert isinstance(transform, InputTransform)
+            images = transform.bpda(images, self.draws) if self.adaptive else transform(images, self.draws)
+        return images
+
+
+class DefendedRecognizer(InputDefense, FaceRecognizer):
+    def embed(self, images: Tensor) -> Tensor:
+        assert isinstance(self.target, FaceRecognizer)
+        return self.target.embed(self.defend(images))
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        assert isinstance(self.target, FaceRecognizer)
+        return self.target.similarity(a, b)
+
+    def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
+        assert isinstance(self.target, FaceRecognizer)
+        return self.target.similarity_matrix(a, b)
+
+
+class DefendedDetector(InputDefense, FaceDetector):
+    def detect(self, images: Tensor) -> list[Detections]:
+        assert isinstance(self.target, FaceDetector)
+        return self.target.detect(self.defend(images))
+
+    def face_score(self, images: Tensor) -> Tensor:
+        assert isinstance(self.target, FaceDetector)
+        return self.target.face_score(self.defend(images))
+
+    def candidate_scores(self, images: Tensor) -> Tensor:
+        assert isinstance(self.target, FaceDetector)
+        return self.target.candidate_scores(self.defend(images))
+
+    def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
+        assert isinstance(self.target, FaceDetector)
+        return self.target.detected(self.defend(images), scores)
+
+
+@contextmanager
+def drawing_from(generator: torch.Generator, *models: Target) -> Iterator[None]:
+    """Randomised defenses in front of ``models`` draw from ``generator`` inside the block."""
+    defended = [m for m in models if isinstance(m, InputDefense)]
+    for model in defended:
+        model.draws = generator
+    try:
+        yield
+    finally:
+        for model in defended:
+            model.draws = None
+
+
+def wrap_model(target: Target, config: EvaluationConfig, chain: DefenseChain) -> Target:
+    """The configured target with the chain's model wrappers applied (itself when there are none)."""
+    weights = Path(config.weights) if config.weights else None
+    device = target.device
+
+    def fresh() -> Target:
+        return load_target(config.target, device, config.threshold, weights)
+
+    for wrapper in chain.wrappers:
+        target = frozen(wrapper.wrap(target, fresh), device)
+        if config.threshold is not None:
+            target.threshold_override = config.threshold
+    return target
+
+
+def behind_transforms(target: Target, config: EvaluationConfig, chain: DefenseChain, adaptive: bool) -> Target:
+    """``target`` seen through the chain's input transforms, deployed or in BPDA form (itself when there are none)."""
+    if not chain.transforms:
+        return target
+    kind = DefendedDetector if isinstance(target, FaceDetector) else DefendedRecognizer
+    transforms = [frozen(t, target.device) for t in chain.transforms]
+    return kind(target, transforms, f"{config.target}+{config.defense}", adaptive)
+
+
+def implied_settings(config: EvaluationConfig, chain: DefenseChain) -> dict[str, Any]:
+    """Settings that follow from the config unless the user set them: EOT against randomised transforms when
+    attacking adaptively; no early stop when crafting on another model than the one that judges (a surrogate, or
+    the undefended target): stopping once that model is fooled would hand the judge the weakest examples. They stay
+    out of ``attack_options``, so both modes' cells differ only by ``adaptive``."""
+    attack_class = config.attack_class
+    implied: dict[str, Any] = {}
+    if not chain.empty and config.adaptive and chain.randomised and attack_class.supports_eot:
+        implied["eot"] = EOT_SAMPLES
+    crafted_elsewhere = config.surrogate or (not chain.empty and not config.adaptive)
+    if crafted_elsewhere and attack_class.supports_early_stop:
+        implied["early_stop"] = False
+    return implied
+
+
+def check_capabilities(config: EvaluationConfig, chain: DefenseChain) -> None:
+    """Fail before any work, in one line that says what would work, when the pieces cannot work together: what
+    the attack needs against what the target offers, the threat against the target's task, and what a defense or
+    a surrogate asks of the attack (all read from declarations)."""
+    attack_class, attack = config.attack_class, config.attack
+    crafted_on = config.surrogate or config.target
+    offered = TARGETS.get(crafted_on).offers
+    if not grants(offered, attack_class.needs):
+        able = _attacks_that(lambda a: grants(offered, a.needs) and a.kind != "campaign")
+        raise RedteamError(
+            f"{attack} needs {attack_class.needs}; {crafted_on} answers {_access(offered)} "
+            f"(attacks that work with it: {able or 'none registered'})."
+        )
+    task = THREATS.get(config.threat).task
+    for name in filter(None, (config.target, config.surrogate)):
+        kind = TARGETS.get(name).card.task
+        if kind != task:
+            raise RedteamError(f"{config.threat} attacks {task} models; {name} is a {kind} model.")
+    if issubclass(attack_class, Campaign):
+        if config.surrogate:
+            raise RedteamError(f"{attack} reports its own transfer table; --surrogate is for per-probe attacks.")
+        if attack_class.needs_identity and not config.identity:
+            raise RedteamError(f"{attack} is about one person: pass --identity NAME (a folder of --data).")
+    elif attack_class.kind == "minimal" and config.surrogate:
+        raise RedteamError(f"{attack} finds minimal perturbations; transfer needs a fixed-budget attack such as pgd.")
+    if chain.empty:
+        return
+    if config.adaptive and chain.randomised and not attack_class.supports_eot:
+        able = _attacks_that(lambda a: a.supports_eot)
+        raise RedteamError(f"{attack} has no EOT; a randomised defense needs it (attacks with EOT: {able}).")
+    if not config.adaptive and attack_class.kind != "fixed-budget":
+        raise RedteamError(
+            f"{attack} judges its examples on the model it attacks: against a defense, run it with --adaptivity "
+            "adaptive (non-adaptive runs need a fixed-budget attack such as pgd)."
+        )
+
+
+def _access(level: str) -> str:
+    """``decisions`` -> ``decisions only``; the others as they are."""
+    return f"{level} only" if level == ACCESS_LEVELS[0] else level
+
+
+def _attacks_that(test: Any) -> str:
+    return ", ".join(name for name, attack_class in ATTACKS.items() if test(attack_class))
+
+
+def build_attack(config: EvaluationConfig, chain: DefenseChain) -> AttackBase:
+    """The configured attack (its settings checked; a minimal attack in the run's norm), with the settings its
+    defense or surrogate implies (:func:`implied_settings`), after :func:`check_capabilities`."""
+    check_capabilities(config, chain)
+    options = dict(config.attack_options)
+    if config.attack_class.kind == "minimal":
+        options.setdefault("norm", config.norm)
+    for key, value in implied_settings(config, chain).items():
+        options.setdefault(key, value)
+    return instantiate(config.attack, options)

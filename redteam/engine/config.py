@@ -1,0 +1,181 @@
+"""The configuration of one evaluation (a *cell*): what is attacked, how, on which faces; its key and its label.
+
+A config as typed may hold ``auto`` settings; :meth:`EvaluationConfig.resolve` settles every one of them and every
+default (threat by the target's task or the campaign's own, norm by the attack, budgets from
+:data:`redteam.budgets.DEFAULT_BUDGETS` or the campaign's axis) and checks everything that can be checked without
+loading a model. The cell key is computed on the resolved config, from the settings that determine a probe's
+result; it is what lets a run resume and a report find its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from redteam.api import ATTACKS, TARGETS, AttackBase, Campaign
+from redteam.budgets import DEFAULT_BUDGETS
+from redteam.errors import RedteamError
+from redteam.runtime import check_precision
+from redteam.threats import THREATS
+
+#: Settings that choose what and how much is computed, not what a given probe's result is.
+NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
+#: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
+KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+
+
+@dataclass
+class EvaluationConfig:
+    """Everything that determines the per-probe results of one cell, and how much of it to compute.
+
+    ``eps`` lists the budgets to visit as users write them (/255 for ℓ∞; a campaign's axis values); empty means
+    the defaults. ``limit``, ``batch_size``, ``device`` and ``checks`` choose what and how much is computed, not what
+    a given probe's result is, so they stay out of the cell key.
+    """
+
+    target: str
+    attack: str
+    data: str = "default"
+    threat: str = "auto"  # dodging for recognisers, evasion for detectors, a campaign's first threat
+    norm: str = "auto"  # the attack's first norm (a campaign's first axis)
+    eps: tuple[float, ...] = ()
+    limit: int | None = None
+    seed: int = 0
+    attack_options: dict[str, Any] = field(default_factory=dict)
+    threshold: float | None = None
+    weights: str | None = None
+    surrogate: str | None = None
+    align: bool = False
+    batch_size: int | Literal["auto"] = 16  # "auto": as many as fit in accelerator memory (16 on a CPU)
+    device: str = "auto"
+    precision: str = "fp32"  # of the attack's own passes; every recorded verdict is judged in float32
+    defense: str = "none"  # a DEFENSES name, name:key=value,key=value, or a +-joined chain of those
+    adaptive: bool = True  # with a defense: attack through it (BPDA/EOT), or craft on the undefended target
+    checks: bool = True
+    identity: str | None = None  # the person a campaign (advhat, inversion, backdoor) is about
+
+    @property
+    def attack_class(self) -> type[AttackBase]:
+        return ATTACKS.get(self.attack)
+
+    @property
+    def campaign(self) -> bool:
+        return self.attack_class.kind == "campaign"
+
+    @property
+    def defense_label(self) -> str:
+        """The ``defense`` column of results and curves: ``none``, or the chain and how it was attacked."""
+        if self.defense == "none":
+            return "none"
+        return f"{self.defense} ({'adaptive' if self.adaptive else 'non-adaptive'})"
+
+    @property
+    def label(self) -> str:
+        """One line naming the cell (progress bars, the gate's tables, sweep summaries)."""
+        return f"{self.target} / {self.defense_label} / {self.attack} / {self.threat} / {self.norm}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "eps": list(self.eps)}
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> EvaluationConfig:
+        """A config from its stored form (run.json, a store's cells, a baseline); other keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in stored.items() if k in known})
+        return replace(config, eps=tuple(config.eps), attack_options=dict(config.attack_options))
+
+    def resolve(self) -> EvaluationConfig:
+        """A copy with every ``auto`` and default settled, checked without loading models or data (one-line
+        :class:`RedteamError` otherwise). Resolving a resolved config changes nothing."""
+        attack_class = self.attack_class
+        norm = attack_class.norms[0] if self.norm == "auto" else self.norm
+        if norm not in attack_class.norms:
+            kind = " / ".join(attack_class.norms)
+            raise RedteamError(
+                f"{self.attack} is an {kind} attack: --norm must be {kind.replace(' / ', ' or ')}, not {norm!r}."
+            )
+        threat = self.threat
+        if issubclass(attack_class, Campaign):
+            threat = attack_class.threats[0] if threat == "auto" else threat
+            if threat not in attack_class.threats:
+                raise RedteamError(f"{self.attack} supports --threat {' or '.join(attack_class.threats)}.")
+        elif threat == "auto":
+            threat = "evasion" if TARGETS.get(self.target).card.task == "detection" else "dodging"
+        THREATS.get(threat)
+        check_precision(self.precision)
+        if self.limit is not None and self.limit < 1:
+            raise RedteamError(f"--limit must be at least 1, not {self.limit}.")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise RedteamError(f"--batch-size must be a positive number or auto, not {self.batch_size!r}.")
+        resolved = replace(self, norm=norm, threat=threat)
+        if issubclass(attack_class, Campaign):
+            campaign = instantiate(self.attack, self.attack_options)
+            assert isinstance(campaign, Campaign)
+            eps = campaign.axis(norm).resolve(self.eps, self.attack)
+        else:
+            eps = tuple(self.eps) or DEFAULT_BUDGETS[norm]
+            for value in eps:
+                if not math.isfinite(value):
+                    raise RedteamError(f"budget {value:g} is not a finite number.")
+                if value < 0:
+                    raise RedteamError(f"budget {value:g} is negative.")
+                if norm == "linf" and value > 255:
+                    raise RedteamError(f"ℓ∞ budget {value:g}/255 exceeds the whole pixel range.")
+        return replace(resolved, eps=tuple(float(e) for e in eps))
+
+    def budgets(self) -> list[float]:
+        """A per-probe evaluation's budgets in image units, ascending, always starting with the clean point 0."""
+        resolved = self.resolve()
+        scale = 1 / 255 if resolved.norm == "linf" else 1.0
+        return sorted({0.0, *(e * scale for e in resolved.eps)})
+
+    def cell(self) -> str:
+        """Key of the results this config produces (computed on the resolved config)."""
+        resolved = self.resolve()
+        ignored = NOT_IN_KEY + (("adaptive",) if resolved.defense == "none" else ())  # meaningless without one
+        settings = {
+            key: value
+            for key, value in asdict(resolved).items()
+            if key not in ignored and not (key in KEY_DEFAULTS and KEY_DEFAULTS[key] == value)
+        }
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def instantiate(name: str, options: dict[str, Any]) -> AttackBase:
+    """The attack ``name`` with ``options`` as its settings, checked (one-line errors naming what it takes)."""
+    attack_class = ATTACKS.get(name)
+    settings = attack_class.settings()
+    unknown = sorted(set(options) - set(settings))
+    if unknown:
+        raise RedteamError(f"{name} has no setting {', '.join(unknown)}; it takes {', '.join(settings)}.")
+    try:
+        hints = typing.get_type_hints(attack_class)
+    except NameError:  # an annotation its module cannot resolve at run time: its own __init__ checks
+        hints = {}
+    for setting, value in options.items():
+        allowed = _value_types(hints.get(setting))
+        if allowed and not (isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)):
+            wanted = " or ".join(sorted({_TYPE_NAMES.get(t, t.__name__) for t in allowed}))
+            raise RedteamError(f"{name}: {setting} takes {wanted}, not {value!r}.")
+    try:
+        return attack_class(**options)
+    except (TypeError, ValueError) as error:
+        raise RedteamError(f"{name}: {error}") from None
+
+
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "nothing"}
+
+
+def _value_types(hint: Any) -> tuple[type, ...]:
+    """The plain types a setting annotated ``hint`` accepts (floats take whole numbers too); empty: not checked."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if typing.get_origin(hint) is typing.Literal:
+        options = tuple(type(value) for value in typing.get_args(hint))
+    if not all(option in _TYPE_NAMES for option in options):
+        return ()
+    return tuple({*options, *((int,) if float in options else ())})

@@ -1,0 +1,51 @@
+"""One evaluation in one process: a planner and an executor over the same cell, filling one store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from redteam.engine.config import EvaluationConfig
+from redteam.engine.execute import Executor
+from redteam.engine.plan import Cell, Planner, prepare
+from redteam.results import ResultStore
+from redteam.runtime import prepare_torch
+
+
+class Evaluation:
+    """``Evaluation(config, store).run()`` fills ``store`` with the cell's per-probe results (skipping what it
+    holds); then :meth:`curve`. ``cell`` is the resolved config with its data and probes, ``executor`` its loaded
+    models, ``planner`` what is left to do. Given a path, the store is opened there only once the config checked
+    out and the models loaded: a run that cannot start leaves nothing behind."""
+
+    def __init__(self, config: EvaluationConfig, store: ResultStore | Path):
+        prepare_torch()
+        self.cell: Cell = prepare(config)
+        self.executor = Executor(self.cell)
+        store = store if isinstance(store, ResultStore) else ResultStore(Path(store))
+        self.planner = Planner(self.cell, store, self.executor.batch_size)
+
+    @property
+    def config(self) -> EvaluationConfig:
+        return self.cell.config
+
+    @property
+    def store(self) -> ResultStore:
+        return self.planner.store
+
+    @property
+    def computed(self) -> int:
+        """Batches this process computed (0 on a re-run of a finished evaluation)."""
+        return self.planner.recorded
+
+    def run(self, advance: Callable[[int], None] = lambda n: None) -> None:
+        """Evaluate every budget, skipping what the store already holds; ``advance(n)`` reports progress."""
+        for shards in self.planner.plan(advance):
+            for shard in shards:
+                self.planner.record(shard, self.executor.compute(shard))
+                advance(len(shard.probes))
+
+    def curve(self) -> pd.DataFrame:
+        return self.planner.curve()
