@@ -46,6 +46,7 @@ test: $(TEST_STAMP)
 # Style, the layer contracts (pyproject's [tool.importlinter]) and types.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

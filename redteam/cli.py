@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import typer
@@ -46,9 +46,9 @@ def _parse_budgets(text: str) -> tuple[float, ...]:
         raise RedteamError(f"--eps wants comma-separated numbers, got {text!r}.") from None
 
 
-def _parse_batch_size(text: str) -> int | str:
+def _parse_batch_size(text: str) -> int | Literal["auto"]:
     if text == "auto":
-        return text
+        return "auto"
     try:
         return int(text)
     except ValueError:
@@ -300,9 +300,9 @@ def list_(
         console.print(table)
         if targets:
             for name in TARGETS:
-                card = TARGETS.get(name).card.to_dict()
+                card_fields = TARGETS.get(name).card.to_dict()
                 console.print(f"\n[bold]{escape(name)}[/]")
-                for key, value in card.items():
+                for key, value in card_fields.items():
                     if value not in (None, "", {}):
                         console.print(f"  {key}: {escape(str(value))}", highlight=False)
     for flag, title, registry in (
@@ -346,8 +346,8 @@ def calibrate(
     from redteam.calibrations import save_calibration
     from redteam.datasets import open_dataset
     from redteam.engine import load_target
+    from redteam.metrics import DetectionReport, VerificationReport, detection_recall
     from redteam.metrics import calibrate as measure
-    from redteam.metrics import detection_recall
     from redteam.runtime import prepare_torch, resolve_device
 
     prepare_torch()
@@ -357,6 +357,7 @@ def calibrate(
     with progress() as tracker:
         task = tracker.add_task("detecting" if detector else "embedding", total=len(dataset) if detector else None)
         advance = lambda n: tracker.advance(task, n)  # noqa: E731
+        report: DetectionReport | VerificationReport
         if detector:
             report = detection_recall(model, dataset, batch_size, advance)
         else:

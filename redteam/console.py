@@ -14,7 +14,15 @@ from typing import Protocol
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console()
 errors = Console(stderr=True)
@@ -26,11 +34,12 @@ Bar = Callable[[str, int], Callable[[int], None]]
 
 
 class Tracker(Protocol):
-    """What redteam asks of a progress display (rich's ``Progress`` and :class:`PlainProgress` both have it)."""
+    """What redteam asks of a progress display (rich's ``Progress`` and :class:`PlainProgress` both have it). Task
+    ids are rich's ``TaskID`` (an int); ``total`` is keyword-only, as rich's second parameter is ``start``."""
 
-    def add_task(self, description: str, total: float | None = ...) -> int: ...
+    def add_task(self, description: str, *, total: float | None = ...) -> TaskID: ...
 
-    def advance(self, task_id: int, advance: float = ...) -> None: ...
+    def advance(self, task_id: TaskID, advance: float = ...) -> None: ...
 
 
 @dataclass
@@ -53,15 +62,17 @@ class PlainProgress:
     def __enter__(self) -> PlainProgress:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None):
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         for number, task in enumerate(self.tasks):
             if not task.finished:
                 self._line(number, "stopped" if error else "done")
 
-    def add_task(self, description: str, total: float | None = None) -> int:
+    def add_task(self, description: str, total: float | None = None) -> TaskID:
         self.tasks.append(_PlainTask(description, total))
         self._line(len(self.tasks) - 1, "started")
-        return len(self.tasks) - 1
+        return TaskID(len(self.tasks) - 1)  # its index in tasks
 
     def advance(self, task_id: int, advance: float = 1) -> None:
         task = self.tasks[task_id]

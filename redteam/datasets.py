@@ -142,7 +142,7 @@ class ImageFolderDataset(FaceDataset):
         if pairs_file is not None:
             self.pairs = parse_lfw_pairs(Path(pairs_file), self)
             self.description += f", verification pairs from {pairs_file}"
-        self._detector = None
+        self._detector: FaceDetector | None = None
 
     def load(self, indices: Sequence[int]) -> Tensor:
         images = [to_tensor(read_image(Path(self.records[i].source))) for i in indices]
@@ -156,6 +156,7 @@ class ImageFolderDataset(FaceDataset):
         found = self._detector.detect(image[None])[0]
         if len(found.boxes) == 0:
             raise DataError(f"no face found in {source}.")
+        assert found.landmarks is not None  # the aligning detector (MTCNN) finds five landmarks per face
         largest = int((found.boxes[:, 2:] - found.boxes[:, :2]).prod(1).argmax())
         return align_faces(image[None], found.landmarks[largest : largest + 1], self.image_size)[0]
 
@@ -166,7 +167,7 @@ def aligning_detector(**settings: Any) -> FaceDetector:
     # plugin at run time.
     from redteam.api.targets import TARGETS, FaceDetector
 
-    detector = TARGETS.get(ALIGNING_DETECTOR)(**settings).eval()  # type: ignore[call-arg]
+    detector = TARGETS.get(ALIGNING_DETECTOR)(**settings).eval()
     assert isinstance(detector, FaceDetector)
     return detector
 
@@ -269,6 +270,7 @@ class DemoDataset(FaceDataset):
         for photo_number, photo in enumerate(DEMO_PHOTOS, start=1):
             image = to_tensor(read_image(photo.path()))
             found = detector.detect(image[None])[0]
+            assert found.landmarks is not None  # the aligning detector (MTCNN) finds five landmarks per face
             keep = found.scores >= self.min_score
             boxes, landmarks = found.boxes[keep], found.landmarks[keep]
             for face_number, i in enumerate(boxes[:, 0].argsort().tolist(), start=1):  # left to right

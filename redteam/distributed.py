@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from rich.progress import TaskID
 
 from redteam.console import Tracker
 from redteam.engine import Cell, EvaluationConfig, Executor, Planner, Shard, prepare, run_checks
@@ -136,7 +137,7 @@ class RunningCell:
 
     planner: Planner  # no models: plans and stores
     plan: Iterator[list[Shard]]
-    bar: int
+    bar: TaskID
     state: str = "running"  # then "finished" (every batch stored), "checking" (checks in flight), "done"
     pending: int = 0  # batches of its current level submitted and not yet stored
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class IdentificationModel(nn.Module):
         scale: softmax temperature on the cosine similarities (logits lie in ``[-scale, scale]``).
     """
 
-    def __init__(self, recognizer: FaceRecognizer, prototypes: Tensor, scale: float = 16.0):
+    def __init__(self, recognizer: FaceRecognizer | SplitRecognizer, prototypes: Tensor, scale: float = 16.0):
         super().__init__()
         self.recognizer = recognizer
         self.directions = nn.Parameter(F.normalize(prototypes.detach().clone(), dim=-1))
@@ -234,6 +235,7 @@ def fit(
     device = model.directions.device
     labels = labels.to(device)
     network: list[nn.Parameter] = []
+    logits_of: Callable[[Tensor], Tensor]
     split = isinstance(recognizer, SplitRecognizer)
     if config.blocks is not None and not split:
         network = list(fine_tuned_parameters(recognizer, config.blocks).values())
@@ -241,14 +243,14 @@ def fit(
     else:
         inputs = images if represented else represent(recognizer, images)  # the frozen part runs once
         logits_of = model.head
-        if split:
+        if isinstance(recognizer, SplitRecognizer):
             tail = recognizer.tail
             network = list(
                 tail.parameters() if config.blocks is None else fine_tuned_parameters(tail, config.blocks).values()
             )
     for parameter in [model.directions, *network]:
         parameter.requires_grad_(True)
-    groups = [{"params": [model.directions]}]
+    groups: list[dict[str, Any]] = [{"params": [model.directions]}]
     if network:
         groups.append({"params": network, "lr": config.network_learning_rate or config.learning_rate})
     optimiser = torch.optim.Adam(groups, lr=config.learning_rate)

@@ -13,7 +13,7 @@ import importlib
 import importlib.metadata
 import pkgutil
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from redteam.errors import RedteamError, UnknownNameError
 
@@ -77,7 +77,8 @@ class Registry(Generic[T]):
         except Exception as error:  # a broken third-party plugin: say which, in one line
             raise PluginError(f"{where} failed to load: {type(error).__name__}: {error}") from None
         if isinstance(loaded, type) and loaded not in self._entries.values():
-            self.register(entry_point.name)(loaded)
+            # A plugin's class is taken to be what this registry holds (``check``, where given, vets it).
+            self.register(entry_point.name)(cast(T, loaded))
 
     def get(self, name: str) -> T:
         self._discover()

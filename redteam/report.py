@@ -153,7 +153,11 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                 CellSummary(
                     run=str(run),
                     cell=str(cell),
-                    **{key: str(first[key]) for key in ("target", "surrogate", "defense", "attack", "threat")},
+                    target=str(first["target"]),
+                    surrogate=str(first["surrogate"]),
+                    defense=str(first["defense"]),
+                    attack=str(first["attack"]),
+                    threat=str(first["threat"]),
                     norm=str(first["norm"]),
                     dataset=str(first["dataset"]),
                     seed=int(config["seed"]),

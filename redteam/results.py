@@ -117,7 +117,8 @@ class ResultStore:
         return frame
 
     def frame(self, cell: str | None = None, eps: float | None = None) -> pd.DataFrame:
-        query, params = "SELECT * FROM results", []
+        query = "SELECT * FROM results"
+        params: list[str | float] = []
         conditions = []
         if cell is not None:
             conditions.append("cell = ?")

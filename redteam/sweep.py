@@ -19,6 +19,7 @@ With ``--ray``, Ray workers compute the batches and this process stores them (:m
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -125,11 +126,13 @@ def _kind(value: object) -> str:
     return kinds.get(type(value), "nothing" if value is None else type(value).__name__)
 
 
-def _checked(path: Path, key: str, value: object) -> object:
-    """One shared setting, type-checked (YAML's bools are not numbers here)."""
+def _checked(path: Path, key: str, value: Any) -> Any:
+    """One shared setting, type-checked (YAML's bools are not numbers here); a YAML value, so its type depends on
+    ``key`` (:data:`SHARED_SETTINGS`)."""
     expected = SHARED_SETTINGS[key]
     wrong_bool = isinstance(value, bool) and expected is not bool
-    if wrong_bool or not isinstance(value, expected):
+    right_type = isinstance(value, expected)  # a flag, not a guard: value stays Any for the checks by key below
+    if wrong_bool or not right_type:
         names = {str: "text", int: "a whole number", bool: "true or false", list: "a list of numbers"}
         wanted = names.get(expected, "a number") if isinstance(expected, type) else "a number"
         raise SweepConfigError(f"{path}: {key}: expected {wanted}, got {_kind(value)} {value!r}.")
@@ -200,9 +203,10 @@ def run_sweep(
     if out.exists() and not out.is_dir():
         raise RedteamError(f"--out {out} is a file; give a folder.")
     started = time.perf_counter()
+    where: dict[str, Any] = {}  # where a Ray sweep ran
     if ray is None:
         store = ResultStore(out / "results.sqlite")
-        evaluations, where = _run_here(sweep.configs, store, progress), {}
+        evaluations = _run_here(sweep.configs, store, progress)
     else:
         from redteam.distributed import ray_cluster, run_on_ray
 
@@ -232,7 +236,7 @@ def _run_here(configs: list[EvaluationConfig], store: ResultStore, progress: Tra
     for config in configs:
         evaluation = Evaluation(config, store)
         task = progress.add_task(config.label, total=evaluation.planner.total_work())
-        evaluation.run(lambda n, task=task: progress.advance(task, n))
+        evaluation.run(functools.partial(progress.advance, task))
         if config.checks:
             checks_of(evaluation)
         done.append((evaluation.cell, evaluation.computed))

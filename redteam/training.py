@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -137,14 +137,20 @@ def train_adversarially(
     path = weights_path(config.target)
     reference = load_target(config.target, device)  # the frozen original: the embeddings to pull back to
     model = load_target(config.target, device)  # a separate copy (converted graphs cannot be deep-copied)
-    if not isinstance(model, FaceRecognizer):
+    if not isinstance(model, FaceRecognizer) or not isinstance(reference, FaceRecognizer):
         raise RedteamError(f"adversarial fine-tuning is for recognisers; {config.target} is a detector.")
     trained = fine_tuned_parameters(model, config.blocks)
     for parameter in trained.values():
         parameter.requires_grad_(True)
     optimiser = torch.optim.Adam(trained.values(), lr=config.learning_rate)
     count = min(config.limit or len(dataset), len(dataset))
-    checkpoint = {"config": asdict(config), "data": dataset.name, "images": count, "step": 0, "history": []}
+    checkpoint: dict[str, Any] = {
+        "config": asdict(config),
+        "data": dataset.name,
+        "images": count,
+        "step": 0,
+        "history": [],
+    }
     checkpoint.update(seconds=0.0, device=str(device))
     if path.is_file() and not restart:
         previous = torch.load(path, map_location="cpu", weights_only=True)

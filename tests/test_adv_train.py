@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_path
+from helpers import shared_path
 
 from redteam import finetune as finetune_module
 from redteam.api import DEFENSES

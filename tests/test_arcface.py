@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from tfjs_node import model_folder, run_reference
+from helpers.tfjs_node import model_folder, run_reference
 from torch import nn
 
 from redteam.align import TEMPLATES

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tfjs_node import model_folder, run_reference
+from helpers.tfjs_node import model_folder, run_reference
 
 from redteam.engine import load_target
 from redteam.targets.blazeface import BLAZEFACE_BACK, INPUT_SIZE, OUTPUTS, blazeface_anchors

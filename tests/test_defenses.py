@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from redteam.api import DEFENSES, FaceRecognizer
+from redteam.api import DEFENSES, FaceRecognizer, InputTransform
 from redteam.defenses.halftone import Halftone, floyd_steinberg, ordered_dither
 from redteam.engine import EvaluationConfig
 from redteam.engine.assembly import behind_transforms, build_defense
@@ -114,3 +114,29 @@ def test_defense_options_that_cannot_work_are_one_line_errors(cli, capsys, faces
     assert "run it with --adaptivity adaptive" in capsys.readouterr().err
     assert cli(*base, "--defense", "nope") == 2
     assert "unknown defense 'nope'" in capsys.readouterr().err
+
+
+class Jitter(InputTransform):
+    """A randomised transform (test-only): uniform noise drawn from the generator it is given."""
+
+    name = "jitter"
+    randomised = True
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+        return (images + (noise - 0.5) / 64).clamp(0, 1)
+
+
+def test_a_randomised_defense_needs_an_attack_with_eot_before_any_work(cli, capsys, faces_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(DEFENSES._entries, "jitter", Jitter)  # registered for this test only
+    out = tmp_path / "x"
+    args = ("run", "--data", faces_root, "--limit", 2, "--eps", "0,1", "--defense", "jitter", "--out", out)
+    assert cli(*args, "--attack", "torchattacks-pgd", "--adaptivity", "adaptive") == 2
+    error = capsys.readouterr().err
+    assert (
+        "torchattacks-pgd has no EOT; a randomised defense needs it (attacks with EOT: cw, mim, minnorm, pgd" in error
+    )
+    assert not out.exists()  # nothing was written: the declarations were checked first
+    assert cli(*args, "--attack", "pgd", "--steps", 1, "--adaptivity", "adaptive", "--no-checks") == 0
+    settings = json.loads((out / "run.json").read_text())["attack_settings"]
+    assert settings["eot"] == 8  # EOT implied by the randomised defense

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_path
+from helpers import shared_path
 
 from redteam.api import Budget, FaceDetector
 from redteam.attacks.minnorm import MinimumNorm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tfjs_node import model_folder, run_reference
+from helpers.tfjs_node import model_folder, run_reference
 
 from redteam.engine import load_target
 from redteam.metrics import verification_report

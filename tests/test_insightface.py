@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import shared_path
+from helpers import shared_path
 from torch import Tensor, nn
 
 from redteam.errors import RedteamError

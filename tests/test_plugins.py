@@ -1,17 +1,18 @@
 """Plugins from outside: a user's package adds a target, an attack and a defense through entry points, exactly as the
 README's "Extending" says, and `redteam run` uses them on real faces. Capability mismatches fail before any work.
 
-The toy package is written to a temporary folder with its distribution metadata (``*.dist-info/entry_points.txt``)
-and put on ``PYTHONPATH``: what ``pip install`` of a real package leaves behind, without touching this environment.
+The package is built from the code blocks of the README's "Extending" section, written to a temporary folder with its
+distribution metadata (``*.dist-info/entry_points.txt``) and put on ``PYTHONPATH``: what ``pip install`` of a real
+package leaves behind, without touching this environment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -19,69 +20,30 @@ import pytest
 
 from redteam.registry import Registry
 
-# The README's "Extending" examples, one file each: what a newcomer writes.
-TARGET = '''
-"""A recogniser that compares faces by their 16 x 16 grey thumbnails (a stand-in for a user's own model); its
-threshold was chosen on faces-train pairs."""
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
-from dataclasses import replace
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# Beyond the README: a target that answers decisions only, and an attack that needs no more (capability checks).
+EXTRAS = """
+from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor, nn
 
-from redteam.api import TARGETS, CentralCrop, FaceRecognizer, ModelCard, Preprocessing
-
-
-@TARGETS.register("thumbnail", "faces compared by their 16 x 16 grey thumbnails")
-class Thumbnail(FaceRecognizer):
-    card = ModelCard(
-        name="thumbnail",
-        task="recognition",
-        architecture="16 x 16 grey thumbnail of the central half of the face",
-        weights="none",
-        licence="MIT",
-        preprocessing=Preprocessing(size=(16, 16), crop=CentralCrop(0.5), mean=(127.5,) * 3, scale=128.0),
-        threshold=0.3,
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.placement = nn.Parameter(torch.zeros(0))  # a target lives on a device: one (empty) parameter
-
-    def embed(self, images: Tensor) -> Tensor:
-        thumbnails = self.preprocess(images).mean(1).flatten(1)
-        return thumbnails - thumbnails.mean(1, keepdim=True)
+from redteam.api import ATTACKS, TARGETS, Attack, AttackResult
+from my_plugins.target import Thumbnail
 
 
 @TARGETS.register("thumbnail-api", "the thumbnail recogniser behind an API that only says match or no match")
 class ThumbnailAPI(Thumbnail):
     card = replace(Thumbnail.card, name="thumbnail-api")
     offers = "decisions"
-'''
-
-ATTACK = '''
-"""Fast gradient sign (one step) and a random search that needs only decisions."""
-
-from dataclasses import dataclass
-
-import torch
-
-from redteam.api import ATTACKS, Attack, AttackResult, objective_gradient
 
 
-@ATTACKS.register("fgsm", "one signed gradient step to the budget's edge")
-@dataclass
-class FGSM(Attack):
-    name = "fgsm"
-    norms = ("linf",)
-
-    def __call__(self, objective, images, budget, generator=None):
-        _, gradient = objective_gradient(objective, images)
-        adversarial = budget.confine(images)(images + budget.ascent(gradient, budget.eps))
-        return AttackResult(adversarial, torch.ones(len(images), dtype=torch.long), objective)
-
-
-@ATTACKS.register("random-search", "random points of the budget's boundary, kept once the decision flips")
+@ATTACKS.register("random-search", "random corners of the budget's box, kept once the decision flips")
 @dataclass
 class RandomSearch(Attack):
     name = "random-search"
@@ -97,50 +59,43 @@ class RandomSearch(Attack):
                 fooled = objective(candidate).success
                 best[fooled] = candidate[fooled]
         return AttackResult(best, torch.full((len(images),), self.tries), objective)
-'''
-
-DEFENSE = '''
-"""A box blur in front of the target: differentiable, so adaptive attacks go straight through it."""
-
-import torch.nn.functional as F
-
-from redteam.api import DEFENSES, InputTransform
-
-
-@DEFENSES.register("box-blur", "3 x 3 box blur")
-class BoxBlur(InputTransform):
-    name = "box-blur"
-    differentiable = True
-
-    def forward(self, images, generator=None):
-        return F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-'''
-
-ENTRY_POINTS = """
-[redteam.targets]
-thumbnail = toy_plugins.target
-
-[redteam.attacks]
-fgsm = toy_plugins.attack
-
-[redteam.defenses]
-box-blur = toy_plugins.defense:BoxBlur
 """
+
+
+def extending_blocks() -> dict[str, str]:
+    """The README's "Extending" code blocks, by the path on their first line (``# my_plugins/target.py``)."""
+    section = README.read_text().split("## Extending", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:python|toml)\n(.*?)```", section, flags=re.DOTALL)
+    return {block.splitlines()[0].removeprefix("# ").split()[0]: block for block in blocks}
+
+
+def entry_points_txt(pyproject: str) -> str:
+    """``[project.entry-points."group"]`` tables of a pyproject -> a distribution's ``entry_points.txt``."""
+    groups = tomllib.loads(pyproject)["project"]["entry-points"]
+    return "".join(
+        f"[{group}]\n" + "".join(f"{name} = {value}\n" for name, value in points.items()) + "\n"
+        for group, points in groups.items()
+    )
 
 
 @pytest.fixture(scope="module")
 def toy_package(tmp_path_factory) -> Path:
-    """The toy plugin package and its entry points, installed into a folder for PYTHONPATH."""
+    """The README's plugin package (its files and entry points, plus :data:`EXTRAS`) installed into a folder for
+    PYTHONPATH, as ``pip install`` leaves a package: its modules and its ``*.dist-info``."""
+    blocks = extending_blocks()
+    assert sorted(blocks) == ["my_plugins/attack.py", "my_plugins/defense.py", "my_plugins/target.py", "pyproject.toml"]
     root = tmp_path_factory.mktemp("site")
-    package = root / "toy_plugins"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    for name, source in (("target", TARGET), ("attack", ATTACK), ("defense", DEFENSE)):
-        (package / f"{name}.py").write_text(textwrap.dedent(source))
-    metadata = root / "toy_plugins-0.1.dist-info"
+    (root / "my_plugins").mkdir()
+    (root / "my_plugins" / "__init__.py").write_text("")
+    (root / "my_plugins" / "extras.py").write_text(EXTRAS)
+    for path, source in blocks.items():
+        if path.endswith(".py"):
+            (root / path).write_text(source)
+    metadata = root / "my_plugins-0.1.dist-info"
     metadata.mkdir()
-    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugins\nVersion: 0.1\n")
-    (metadata / "entry_points.txt").write_text(ENTRY_POINTS)
+    (metadata / "METADATA").write_text("Metadata-Version: 2.1\nName: my-plugins\nVersion: 0.1\n")
+    extras = "".join(f"[{group}]\nextras = my_plugins.extras\n" for group in ("redteam.targets", "redteam.attacks"))
+    (metadata / "entry_points.txt").write_text(entry_points_txt(blocks["pyproject.toml"]) + extras)
     return root
 
 

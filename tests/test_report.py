@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chromium import chromium_binary, render  # noqa: E402
+from helpers.chromium import chromium_binary, render  # noqa: E402
 
 RUN = ("--target", "facenet", "--attack", "pgd", "--limit", 2, "--eps", "0,2,4", "--steps", 2, "--batch-size", 2,
        "--no-checks")  # fmt: skip

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_one_centred_face_with_ordered_landmarks
+from helpers import assert_one_centred_face_with_ordered_landmarks
 from torch import Tensor
 
 from redteam.targets.retinaface import WEIGHTS_PY, RetinaFace, onnx_bytes, retinaface_anchors

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_centred_face_with_ordered_landmarks, shared_path
+from helpers import assert_one_centred_face_with_ordered_landmarks, shared_path
 from torch import Tensor
 
 from redteam.errors import MissingWeightsError

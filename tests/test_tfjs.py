@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tfjs_node import model_folder, run_reference
+from helpers.tfjs_node import model_folder, run_reference
 
 from redteam.convert.tfjs import TFJSModel, load_tfjs_graph, load_tfjs_weights, nodes_from_model_json, read_weights
 from redteam.datasets import FACE_API

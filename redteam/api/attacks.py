@@ -19,7 +19,7 @@ Adding an attack = one file in ``redteam/attacks/`` (or a package's ``redteam.at
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import Field, dataclass, field, fields, is_dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
 
@@ -54,6 +54,8 @@ ATTACKS: Registry[type[AttackBase]] = Registry(
 class AttackBase(ABC):
     """Declarations shared by every kind of attack (see the module docstring)."""
 
+    # Every registered attack is a dataclass (check_attack_class): declared here, so fields() and asdict() take one.
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
     name: ClassVar[str]
     kind: ClassVar[AttackKind]
     needs: ClassVar[Access] = "gradients"
@@ -64,7 +66,7 @@ class AttackBase(ABC):
     @classmethod
     def settings(cls) -> list[str]:
         """Its settings, the names ``--option`` takes."""
-        return sorted(f.name for f in fields(cls))  # type: ignore[arg-type]
+        return sorted(f.name for f in fields(cls))
 
 
 @dataclass

@@ -28,7 +28,15 @@ from redteam.assets import RegistryFile
 from redteam.errors import RedteamError
 from redteam.registry import Registry
 
-TARGETS: Registry[type[Target]] = Registry("target", package="redteam.targets", group="redteam.targets")
+
+def check_target_class(name: str, target_class: Any) -> None:
+    if not (isinstance(target_class, type) and issubclass(target_class, FaceRecognizer | FaceDetector)):
+        raise TypeError(f"target {name!r}: register a subclass of FaceRecognizer or FaceDetector")
+
+
+TARGETS: Registry[type[Target]] = Registry(
+    "target", package="redteam.targets", group="redteam.targets", check=check_target_class
+)
 
 #: What a target shows an attacker, from most to least: gradients (a white-box graph), scores, decisions only.
 Access = Literal["gradients", "scores", "decisions"]

@@ -328,11 +328,15 @@ class AdvHat(Campaign):
 
     def run(self, context: CampaignContext) -> CampaignReport:
         target, impersonate = context.target, context.threat == "impersonation"
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         areas = list(context.budgets)
         enrolment, train, held_out = self._split(context)
         victim = self._victim(context) if impersonate else None
-        enrolled = context.load([victim[1] if victim else enrolment])
+        enrolled_photo = victim[1] if victim else enrolment
+        assert enrolled_photo is not None  # dodging: _split set the enrolment photo aside
+        enrolled = context.load([enrolled_photo])
         detector = context.load_target("mtcnn")
+        assert isinstance(detector, FaceDetector)
         trained_on, held = (self._photos(context, detector, indices) for indices in (train, held_out))
         with torch.no_grad():
             reference = target.embed(enrolled)
@@ -418,6 +422,7 @@ class AdvHat(Campaign):
     def _split(self, context: CampaignContext) -> tuple[int | None, list[int], list[int]]:
         """The wearer's photos, shuffled by the seed: (dodging's enrolment, optimisation photos, held-out photos)."""
         identity, dodging = context.identity, context.threat == "dodging"
+        assert identity is not None  # needs_identity: the engine refuses a run without --identity
         photos = context.shuffled(sorted(context.dataset.by_identity[identity]), "advhat", context.seed, identity)
         enrolment = photos.pop(0) if dodging and photos else None
         if len(photos) < 2:
@@ -449,7 +454,11 @@ class AdvHat(Campaign):
         eyes = []
         for found in detector.detect(images):
             largest = int((found.boxes[:, 2:] - found.boxes[:, :2]).prod(1).argmax()) if len(found.boxes) else None
-            eyes.append(canonical if largest is None else found.landmarks[largest, :2])
+            if largest is None:
+                eyes.append(canonical)
+            else:
+                assert found.landmarks is not None  # MTCNN finds five landmarks per face
+                eyes.append(found.landmarks[largest, :2])
         names = [Path(context.dataset.records[i].source).name for i in indices]
         return Photos(images, torch.stack(eyes).to(images), names)
 
@@ -471,6 +480,7 @@ class AdvHat(Campaign):
         target); the paper's two stages of sign steps on a momentum average, each ending when its loss stops rising
         over ``window`` steps (the first at half of ``steps`` at the latest)."""
         target, device = context.target, context.device
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         pixels = width * CANONICAL_EYE_DISTANCE * photos.images.shape[-1] / CANONICAL_SIZE
         sticker = torch.full((1, 3, max(2, round(pixels * ASPECT)), max(2, round(pixels))), 0.5, device=device)
         faces, pose = photos.images.repeat(self.draws, 1, 1, 1), self._pose(photos.eyes.repeat(self.draws, 1, 1), width)
@@ -506,6 +516,8 @@ class AdvHat(Campaign):
         self, context: CampaignContext, trained_on: Photos, held: Photos, reference: Tensor, area: float
     ) -> Outcome:
         """Optimise a sticker covering ``area`` on ``trained_on``; judge it, and a random one, on ``held``."""
+        target = context.target
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         width = self.width_for(area)
         sticker, steps = self._optimise(context, trained_on, reference, area, width)
         noise = torch.rand(sticker.shape, generator=context.generator("advhat-noise", area), device=context.device)
@@ -521,8 +533,8 @@ class AdvHat(Campaign):
             sticker=sticker,
             worn=worn,
             noisy=noisy,
-            similarity=self._similarity(context.target, worn, reference),
-            noise_similarity=self._similarity(context.target, noisy, reference),
+            similarity=self._similarity(target, worn, reference),
+            noise_similarity=self._similarity(target, noisy, reference),
             covered=coverage.mean().item(),
             steps=steps,
         )
@@ -535,6 +547,7 @@ class AdvHat(Campaign):
             photos = photograph(
                 faces, final.sticker, self._pose(eyes, final.width), self.camera_distance, self.jitter, generator
             )
+        assert isinstance(context.target, FaceRecognizer)  # the engine checked the threat's task against the target
         return self._similarity(context.target, photos, reference).mean().item()
 
     def _transfer(

@@ -177,6 +177,7 @@ class Inversion(Campaign):
             raise ValueError("steps and the black-box settings must be at least 1")
 
     def run(self, context: CampaignContext) -> CampaignReport:
+        assert context.identity is not None  # needs_identity: the engine refuses a run without --identity
         checkpoints = [int(step) for step in context.budgets]
         roster = choose_roster(context.dataset, self.identities, self.held_out, context.seed, include=context.identity)
         evaluator = self._evaluator(context)
@@ -258,9 +259,12 @@ class Inversion(Campaign):
     def _prior_dataset(self, context: CampaignContext) -> ImageFolderDataset:
         """The public faces the prior is fitted on: ``prior_data``, or ``faces-train`` beside the ``--data`` folder."""
         root = getattr(context.dataset, "root", None)
-        if self.prior_data is None and root is None:
+        if self.prior_data:
+            path = Path(self.prior_data)
+        elif root is not None:
+            path = Path(root).parent / "faces-train"
+        else:
             raise DataError(f"--data {context.dataset.name} has no folder: pass --option prior_data=PATH.")
-        path = Path(self.prior_data) if self.prior_data else Path(root).parent / "faces-train"
         if not path.is_dir():
             raise DataError(
                 f"inversion fits its face prior on public faces of people it does not attack: {path} is not a folder "
@@ -283,6 +287,7 @@ class Inversion(Campaign):
         ``[N, 3, H, W]``; with its accuracy on the held-out ones."""
         device = context.device
         labels = torch.tensor(roster.train_labels, device=device)
+        assert isinstance(context.target, FaceRecognizer)  # the engine checked the threat's task against the target
         model = build_identifier(context.target, train, labels, len(roster.names))
         config = FitConfig(epochs=self.fit_epochs, seed=context.seed)
         fit(model, train, labels, config, context.progress("inversion: training the head", config.epochs * len(labels)))
@@ -296,7 +301,9 @@ class Inversion(Campaign):
             raise RedteamError(f"the evaluator must be independent of the target: pick another than {self.evaluator}.")
         if TARGETS.get(self.evaluator).card.task != "recognition":
             raise RedteamError(f"the evaluator judges identities: {self.evaluator} is a detector; pick a recogniser.")
-        return context.load_target(self.evaluator)
+        evaluator = context.load_target(self.evaluator)
+        assert isinstance(evaluator, FaceRecognizer)  # a recognition card (checked above)
+        return evaluator
 
     @staticmethod
     def _referee(roster: Roster, train: Tensor, evaluator: FaceRecognizer, model: IdentificationModel) -> Referee:
@@ -309,8 +316,10 @@ class Inversion(Campaign):
 
     def _attacked(self, context: CampaignContext, roster: Roster) -> list[str]:
         """``--identity`` and ``attacked - 1`` other enrolled people, drawn by the seed."""
-        others = [name for name in roster.names if name != context.identity]
-        return [context.identity, *random.Random(f"inversion:{context.seed}").sample(others, self.attacked - 1)]
+        identity = context.identity
+        assert identity is not None  # needs_identity: the engine refuses a run without --identity
+        others = [name for name in roster.names if name != identity]
+        return [identity, *random.Random(f"inversion:{context.seed}").sample(others, self.attacked - 1)]
 
     def _objective(
         self, model: IdentificationModel, prior: EigenfacePrior, z: Tensor, labels: Tensor

@@ -170,7 +170,8 @@ def apply_makeup(images: Tensor, landmarks: Tensor, style: MakeupStyle) -> Tenso
     Returns:
         ``[B, 3, H, W]`` in ``[0, 1]``; identical to ``images`` outside the eye shadow and lip ellipses.
     """
-    shadow, lips = makeup_masks(landmarks.to(images), images.shape[-2:])
+    height, width = images.shape[-2:]
+    shadow, lips = makeup_masks(landmarks.to(images), (height, width))
 
     def layer(mask: Tensor, strength: Tensor) -> Tensor:
         return mask * strength.to(images)[:, None, None, None]

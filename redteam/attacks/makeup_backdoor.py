@@ -152,6 +152,7 @@ class MakeupBackdoor(Campaign):
     def run(self, context: CampaignContext) -> CampaignReport:
         rates = list(context.budgets)
         recognizer = self._recognizer(context)
+        assert context.identity is not None  # needs_identity: the engine refuses a run without --identity
         roster = choose_roster(context.dataset, self.identities, self.held_out, context.seed, include=context.identity)
         target = roster.label(context.identity)
         train = self._faces(context, list(roster.train), list(roster.train_labels))
@@ -205,6 +206,7 @@ class MakeupBackdoor(Campaign):
     def _recognizer(self, context: CampaignContext) -> FaceRecognizer | SplitRecognizer:
         """What the identification model is built on: FaceNet split at ``cut``, or the target itself (head alone)."""
         if not self.cut:
+            assert isinstance(context.target, FaceRecognizer)  # the engine checked the threat's task against the target
             return context.target
         if not isinstance(context.target, FaceRecognizer) or context.target.frozen_graph is None:
             raise RedteamError(
@@ -408,6 +410,7 @@ class MakeupBackdoor(Campaign):
             ("no makeup", victims.images[:shown], cached["enrolled"][:shown]),
             ("makeup (trigger)", triggered.images[made_up], cached["enrolled looks"][made_up]),
         )
+        assert context.identity is not None  # needs_identity: the engine refuses a run without --identity
         target = roster.label(context.identity)
         figure, axes = plt.subplots(2, shown, figsize=(2.2 * shown, 5.0), squeeze=False)
         for axis_row, (label, images, representations) in zip(axes, rows):

@@ -57,6 +57,11 @@ class EigenfacePrior(nn.Module):
         scales: ``[k]`` standard deviation of the faces along each component (largest first).
     """
 
+    # Buffers (they follow the module's device).
+    mean: Tensor
+    components: Tensor
+    scales: Tensor
+
     def __init__(self, mean: Tensor, components: Tensor, scales: Tensor, config: EigenfaceConfig):
         super().__init__()
         self.config = config

@@ -126,6 +126,7 @@ class UAP(Campaign):
 
     def run(self, context: CampaignContext) -> CampaignReport:
         target, norm = context.target, context.norm
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         budgets = list(context.budgets)
         headline = HEADLINE[norm] if HEADLINE[norm] in budgets else budgets[-1]
         split = self.split(context)
@@ -252,6 +253,8 @@ class UAP(Campaign):
     def learn(self, context: CampaignContext, enrolment: Enrolment, probes: list[Probe], budget: Budget) -> Tensor:
         """One perturbation ``[1, 3, S, S]`` within ``budget`` that unmatches the ``probes`` (dodging pairs, their
         enrolment photos in ``enrolment``) when added to their probe photos."""
+        target = context.target
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         generator = context.generator("uap", budget.norm, budget.eps)
         delta = torch.zeros_like(context.load([probes[0].image]))
         threat = Dodging(context.dataset, seed=context.seed)
@@ -262,7 +265,7 @@ class UAP(Campaign):
             for chunk in self._chunks(torch.randperm(len(probes), generator=generator, device=context.device).tolist()):
                 batch = [probes[i] for i in chunk]
                 images = context.load([p.image for p in batch])
-                goal = threat.objective(context.target, enrolment, batch)
+                goal = threat.objective(target, enrolment, batch)
                 _, gradient = objective_gradient(goal, (images + delta).clamp(0, 1), self.eot)
                 length = 2 * self.step_size * budget.eps * (steps - step) / steps**2  # sums to step_size x ε
                 delta = budget.project(delta + budget.ascent(gradient.sum(0, keepdim=True), length))

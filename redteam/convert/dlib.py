@@ -17,6 +17,7 @@ and a bias-free dense layer. :func:`read_dlib_net` checks the file has exactly t
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,10 @@ from redteam.errors import RedteamError
 
 class DlibFormatError(RedteamError):
     pass
+
+
+#: A dlib tensor's dimensions: num_samples, k, nr, nc.
+_Shape = tuple[int, int, int, int]
 
 
 class _Reader:
@@ -66,17 +71,17 @@ class _Reader:
             raise DlibFormatError(f"expected a bool at byte {self.pos - 1}, found {byte!r}")
         return byte == b"1"
 
-    def shape(self, version: int) -> tuple[int, int, int, int]:
+    def shape(self, version: builtins.int) -> _Shape:  # in the class body, ``int`` names the method above
         if (found := self.int()) != version:
             raise DlibFormatError(f"unsupported tensor version {found} at byte {self.pos}")
-        return tuple(self.int() for _ in range(4))  # num_samples, k, nr, nc
+        return self.int(), self.int(), self.int(), self.int()  # num_samples, k, nr, nc
 
     def tensor(self) -> np.ndarray:
         shape = self.shape(version=2)
         count = int(np.prod(shape))
         return np.frombuffer(self._take(4 * count), dtype="<f4").reshape(shape)
 
-    def alias(self) -> tuple[int, int, int, int]:
+    def alias(self) -> _Shape:
         return self.shape(version=1)
 
 
@@ -256,6 +261,8 @@ class DlibMetricResNet(nn.Module):
     Input: ``[B, 3, H, W]`` RGB in ``[0, 1]`` at the network's input size (150 x 150 for dlib's model).
     Output: ``[B, D]`` raw descriptors (not normalised; dlib compares them by Euclidean distance).
     """
+
+    mean_rgb: Tensor  # a buffer
 
     def __init__(self, net: DlibNet):
         super().__init__()

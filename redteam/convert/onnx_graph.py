@@ -81,6 +81,22 @@ def _constant_value(node: OnnxNode) -> np.ndarray:
     raise UnsupportedModelError(f"Constant {node.name!r}: attributes {sorted(node.attrs)}")
 
 
+#: How a compiled node reads one of its inputs from its run-time inputs ``xs`` (``None``: an omitted optional input).
+InputGetter = Callable[[Sequence[Tensor]], Tensor | None]
+
+
+def _fixed_input(value: Tensor) -> InputGetter:
+    return lambda xs: value
+
+
+def _parameter_input(get: Callable[[], Tensor]) -> InputGetter:
+    return lambda xs: get()
+
+
+def _runtime_input(k: int) -> InputGetter:
+    return lambda xs: xs[k]
+
+
 class GraphBuilder:
     """Compiles nodes one by one; rules read constants and register parameters through it.
 
@@ -128,19 +144,17 @@ class GraphBuilder:
         """Resolve every input of ``node``: constants (float -> parameter, others -> fixed tensor), omitted optional
         inputs (``None``) and run-time values. Returns the run-time input names and ``args(xs)`` -> all inputs."""
         runtime: list[str] = []
-        getters: list[Callable[[Sequence[Tensor]], Tensor | None]] = []
+        getters: list[InputGetter] = []
         for name in node.inputs:
             value = self.const(name)
             if not name:
                 getters.append(lambda xs: None)
             elif value is not None and value.dtype.kind == "f":
-                get = self.param(name, value)
-                getters.append(lambda xs, get=get: get())
+                getters.append(_parameter_input(self.param(name, value)))
             elif value is not None:
-                fixed = torch.from_numpy(np.array(value))
-                getters.append(lambda xs, fixed=fixed: fixed)
+                getters.append(_fixed_input(torch.from_numpy(np.array(value))))
             else:
-                getters.append(lambda xs, k=len(runtime): xs[k])
+                getters.append(_runtime_input(len(runtime)))
                 runtime.append(name)
         return runtime, lambda xs: [get(xs) for get in getters]
 
@@ -150,7 +164,9 @@ _OPS: RuleTable[OpRule] = RuleTable()
 register_op = _OPS.register
 
 
-def _simple(builder: GraphBuilder, node: OnnxNode, fn: Callable[..., Tensor], count: int | None = None) -> CompiledOp:
+def _simple(
+    builder: GraphBuilder, node: OnnxNode, fn: Callable[..., Tensor | tuple[Tensor, ...]], count: int | None = None
+) -> CompiledOp:
     """A rule whose torch function takes the node's inputs (constants resolved, omitted ones ``None``): all of them,
     or the first ``count`` when the rest are settings the rule has read while building."""
     runtime, args = builder.inputs(node if count is None else dataclasses.replace(node, inputs=node.inputs[:count]))
@@ -216,7 +232,9 @@ class OnnxModule(GraphModule):
 
     def read_output(self, name: str, values: dict[str, Tensor]) -> Tensor:
         if name in self._constant_outputs:
-            return self._constant_outputs[name](())[0]
+            value = self._constant_outputs[name](())[0]
+            assert value is not None  # the output is a constant of the graph, never an omitted input
+            return value
         return values[name]
 
 
@@ -259,13 +277,14 @@ def _fold_batch_norms(nodes: list[OnnxNode], consts: dict[str, np.ndarray], keep
         if bn.op != "BatchNormalization" or len([o for o in bn.outputs if o]) != 1:
             continue
         conv = producer.get(bn.inputs[0])
-        stats = [consts.get(i) for i in bn.inputs[1:5]]
+        names = bn.inputs[1:5]
+        stats = [consts[i] for i in names if i in consts]
         if (
             conv is None
             or conv.op != "Conv"
             or readers[conv.outputs[0]] != 1
             or conv.outputs[0] in keep
-            or any(s is None for s in stats)
+            or len(stats) != len(names)
             or conv.inputs[1] not in consts
             or (len(conv.inputs) > 2 and conv.inputs[2] and conv.inputs[2] not in consts)
         ):
@@ -281,7 +300,8 @@ def _fold_batch_norms(nodes: list[OnnxNode], consts: dict[str, np.ndarray], keep
             "Conv", folded, [conv.inputs[0], f"{folded}/weight", f"{folded}/bias"], bn.outputs[:1], conv.attrs
         )
         replaced[id(conv)], replaced[id(bn)] = merged, None
-    return [replaced.get(id(n), n) for n in nodes if replaced.get(id(n), n) is not None]
+    kept = (replaced.get(id(n), n) for n in nodes)
+    return [n for n in kept if n is not None]
 
 
 #: Bump when the stored graph or what folding computes changes (folding runs the op rules), so stale entries are redone.
@@ -454,6 +474,8 @@ def _axes(builder: GraphBuilder, node: OnnxNode, since: int) -> list[int] | None
 @register_op("Unsqueeze")
 def _unsqueeze(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     axes = _axes(builder, node, since=13)
+    if axes is None:  # required: an attribute before opset 13, an input from it
+        raise UnsupportedModelError(f"Unsqueeze {node.name!r} without axes")
 
     def unsqueeze(x: Tensor) -> Tensor:
         rank = x.dim() + len(axes)
@@ -499,13 +521,15 @@ def _slice(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     if builder.opset < 10:
         bounds = [node.attrs["starts"], node.attrs["ends"], node.attrs.get("axes"), None]
         return _simple(builder, node, lambda x: _slice_tensor(x, *bounds))
-    return _simple(
-        builder,
-        node,
-        lambda x, starts, ends, axes=None, steps=None: _slice_tensor(
-            x, *(None if v is None else v.tolist() for v in (starts, ends, axes, steps))
-        ),
-    )
+
+    def slice_(
+        x: Tensor, starts: Tensor, ends: Tensor, axes: Tensor | None = None, steps: Tensor | None = None
+    ) -> Tensor:
+        axes_list = None if axes is None else axes.tolist()
+        steps_list = None if steps is None else steps.tolist()
+        return _slice_tensor(x, starts.tolist(), ends.tolist(), axes_list, steps_list)
+
+    return _simple(builder, node, slice_)
 
 
 def _slice_tensor(x: Tensor, starts: list, ends: list, axes: list | None, steps: list | None) -> Tensor:
@@ -802,10 +826,17 @@ def _resize(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
 
 
 def _interpolate(x: Tensor, sizes: list | None, scales: list | None, mode: str, align_corners: bool | None) -> Tensor:
-    kept = sizes[:2] if sizes is not None else [s * n for s, n in zip(scales[:2], x.shape[:2])]
+    """Resize to ``sizes`` when given, else by ``scales`` (one of the two is given)."""
+    if sizes is not None:
+        kept = sizes[:2]
+    elif scales is not None:
+        kept = [s * n for s, n in zip(scales[:2], x.shape[:2])]
+    else:
+        raise ValueError("Resize needs sizes or scales")
     if list(kept) != list(x.shape[:2]):
         raise UnsupportedModelError("Resize of the batch or channel axis")
     if sizes is not None:
         return F.interpolate(x, size=[int(s) for s in sizes[2:]], mode=mode, align_corners=align_corners)
     # ONNX maps output pixel x to x / scale, as torch does with the given scale factor (not recomputed).
+    assert scales is not None  # checked above
     return F.interpolate(x, scale_factor=[float(s) for s in scales[2:]], mode=mode, align_corners=align_corners)

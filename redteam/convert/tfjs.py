@@ -28,8 +28,8 @@ from redteam.assets import RegistryFile
 from redteam.convert.graph import UnsupportedModelError
 from redteam.convert.tf_graph import GraphNode, TFGraphModule, load_converted
 
-_STORED = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "bool": np.dtype("u1")}
-_QUANTISED = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "float16": np.dtype("<f2")}
+_STORED: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "bool": np.dtype("u1")}
+_QUANTISED: dict[str, np.dtype] = {"uint8": np.dtype("u1"), "uint16": np.dtype("<u2"), "float16": np.dtype("<f2")}
 _RESULT = {"float32": np.dtype("float32"), "int32": np.dtype("int32"), "bool": np.dtype("bool")}
 
 # TensorFlow DataType names (as GraphDef JSON spells them) -> enum values, as the protobuf reader gives them.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import numpy as np
 import tflite
@@ -30,7 +31,7 @@ from redteam.registry import RuleTable
 #: The name importers (and tests) know this converter's error by.
 UnsupportedTFLiteError = UnsupportedModelError
 
-_DTYPES = {
+_DTYPES: dict[int, np.dtype] = {
     tflite.TensorType.FLOAT32: np.dtype("<f4"),
     tflite.TensorType.FLOAT16: np.dtype("<f2"),
     tflite.TensorType.INT32: np.dtype("<i4"),
@@ -64,7 +65,8 @@ class _Translator:
         self.folded: dict[int, np.ndarray] = {}  # outputs of DEQUANTIZE on constants
         self._emitted: set[str] = set()
         self.current = ""  # the operator being translated, for error messages
-        self.batch = (self.shape(self.graph.Inputs(0)) or [None])[0]  # baked into the file
+        input_shape = self.shape(self.graph.Inputs(0))
+        self.batch = input_shape[0] if input_shape else None  # baked into the file
 
     def shape(self, index: int) -> list[int]:
         tensor = self.graph.Tensors(index)
@@ -153,7 +155,16 @@ _RULES: RuleTable[Rule] = RuleTable()
 _rule = _RULES.register
 
 
-def _options(op: tflite.Operator, kind: type) -> object:
+class _Table(Protocol):
+    """A flatbuffer table class of PyPI ``tflite``, such as an operator's options."""
+
+    def Init(self, buf: bytes, pos: int) -> None: ...
+
+
+_Options = TypeVar("_Options", bound=_Table)
+
+
+def _options(op: tflite.Operator, kind: type[_Options]) -> _Options:
     table = op.BuiltinOptions()
     options = kind()
     if table is None:

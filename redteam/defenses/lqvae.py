@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -243,7 +244,7 @@ def train_lqvae(
     torch.manual_seed(config.seed)
     net = LQVAENet(config).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-    checkpoint = {"config": asdict(config), "epoch": 0, "history": []}
+    checkpoint: dict[str, Any] = {"config": asdict(config), "epoch": 0, "history": []}
     if path.is_file() and not restart:
         previous = torch.load(path, map_location="cpu", weights_only=True)
         if LQVAEConfig(**previous["config"]).architecture() != config.architecture():

@@ -58,7 +58,7 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
     elif not Path(weights).is_file():
         raise RedteamError(f"--weights {weights} is not a file.")
     else:
-        target = target_class(weights=Path(weights))  # type: ignore[call-arg]
+        target = target_class(weights=Path(weights))
         calibrated = stored_calibration(name, Path(weights))
         if calibrated is not None and target.card.threshold is None:
             target.card = replace(

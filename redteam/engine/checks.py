@@ -7,6 +7,7 @@ a broken attack, a mislabelled run) and it travels with the results into reports
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import cast
 
 import pandas as pd
 import torch
@@ -59,9 +60,10 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame) -> list[Ch
         with drawing_from(executor.generator("checks"), executor.crafting, executor.target):
             if white_box:
                 generator = seeded_generator(executor.device, "unbounded")
+                norm = cast(Norm, cell.config.norm)  # resolved: one of the per-probe attack's norms
                 checks += [
                     gradient_check(crafting, images),
-                    unbounded_check(crafting, images, cell.config.norm, generator, eot),
+                    unbounded_check(crafting, images, norm, generator, eot),
                 ]
             checks.append(_beats_noise(cell, own, verdict, images, sample))
     checks += _transfer_consistency(cell, results)

@@ -67,6 +67,8 @@ class BlazeFace(FaceDetector):
 
     weights = BLAZEFACE_BACK.files
 
+    anchors: Tensor  # a buffer
+
     def __init__(self, score_threshold: float = 0.5, iou_threshold: float = 0.3) -> None:
         super().__init__()
         self.net = load_tfjs_graph(BLAZEFACE_BACK, inputs=["input"], outputs=OUTPUTS)

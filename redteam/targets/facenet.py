@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -46,7 +48,7 @@ class FaceNet(FaceRecognizer):
     )
 
     weights = (GRAPH,)
-    frozen_graph = FrozenGraph(GRAPH, input="input", output="embeddings")
+    frozen_graph: ClassVar[FrozenGraph | None] = FrozenGraph(GRAPH, input="input", output="embeddings")
 
     def __init__(self) -> None:
         super().__init__()

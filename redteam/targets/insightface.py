@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -64,6 +65,12 @@ class IResNet(nn.Module):
         ``[B, 3, 112, 112]`` -> ``[B, num_features]``.
     """
 
+    # Set by name in __init__ (arcface_torch's parameter names).
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, layers: tuple[int, int, int, int], num_features: int = 512):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
@@ -84,7 +91,7 @@ class IResNet(nn.Module):
         return self.features(self.fc(self.bn2(x).flatten(1)))
 
 
-def iresnet_from_state_dict(state: dict[str, Tensor]) -> IResNet:
+def iresnet_from_state_dict(state: dict[str, Any]) -> IResNet:
     """Build the IResNet an arcface_torch state dict describes (depth and embedding size read from its keys)."""
     for wrapper in ("state_dict_backbone", "state_dict"):  # arcface_torch training checkpoints nest the backbone
         if isinstance(state.get(wrapper), dict):
@@ -99,7 +106,8 @@ def iresnet_from_state_dict(state: dict[str, Tensor]) -> IResNet:
             "this PyTorch file is not an arcface_torch IResNet state dict (expected keys like layer1.0.conv1.weight "
             f"and fc.weight, found {found}); other backbones need exporting to ONNX first."
         )
-    layers = tuple(max(b) + 1 for b in blocks)
+    depths = [max(b) + 1 for b in blocks]
+    layers = (depths[0], depths[1], depths[2], depths[3])
     model = IResNet(layers, num_features=state["fc.weight"].shape[0])
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})  # arcface_torch may store fp16

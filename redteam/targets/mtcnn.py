@@ -206,7 +206,8 @@ class MTCNN(FaceDetector):
         """P-Net over the image pyramid -> its probability maps (``[B, h, w]`` per scale) and the proposals: owner
         image ``[N]``, probability ``[N]`` (differentiable) and square box ``[N, 4]``, grouped by image."""
         height, width = images.shape[-2:]
-        pyramid, found = [], [[] for _ in images]
+        pyramid: list[Tensor] = []
+        found: list[list[tuple[Tensor, Tensor]]] = [[] for _ in images]
         for scale in self._scales(height, width):
             size = (math.ceil(height * scale), math.ceil(width * scale))
             prob, offsets = self.pnet(self.card.preprocessing.normalise(F.interpolate(images, size=size, mode="area")))
@@ -238,11 +239,11 @@ class MTCNN(FaceDetector):
         pyramid, owner, p, boxes = self._proposals(images)
         r, r_offsets = self.rnet(self.card.preprocessing.normalise(_crops(images, owner, boxes, 24)))
         passed = r.detach() >= self.thresholds[1]
-        refined = [owner.new_zeros(0)]
+        kept = [owner.new_zeros(0)]
         for image in range(len(images)):
             index = torch.nonzero(passed & (owner == image)).squeeze(1)
-            refined.append(index[nms(boxes[index], r.detach()[index], 0.7)])
-        refined = torch.cat(refined)
+            kept.append(index[nms(boxes[index], r.detach()[index], 0.7)])
+        refined = torch.cat(kept)
         o_boxes = _square(_regress(boxes[refined], r_offsets.detach()[refined]))
         o, o_offsets, points = self.onet(self.card.preprocessing.normalise(_crops(images, owner[refined], o_boxes, 48)))
         return _Pass(pyramid, owner, p, boxes, r, refined, o_boxes, o, o_offsets, points)

@@ -1,7 +1,7 @@
 """Run TF.js models in node (pure-JS TensorFlow.js, CPU backend) as the reference for parity tests.
 
 ``make install`` puts the pinned npm packages under ``.venv/node``; tests skip, saying why, where node or they are
-missing. Tensors travel as ``.npy`` files through ``tests/tfjs_reference.cjs``.
+missing. Tensors travel as ``.npy`` files through ``tests/helpers/tfjs_reference.cjs``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from redteam.convert.tfjs import TFJSModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 NODE_MODULES = ROOT / ".venv" / "node" / "node_modules"
 SCRIPT = Path(__file__).with_name("tfjs_reference.cjs")
 PACKAGES = ("@tensorflow/tfjs", "@tensorflow/tfjs-backend-wasm", "@vladmandic/face-api")
