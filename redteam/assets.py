@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import tarfile
 import urllib.request
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,31 @@ def sha256_of(path: Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def files_digest(root: Path, paths: Sequence[Path]) -> str:
+    """One sha256 over the contents of ``paths`` under ``root`` and their names relative to it, in order. Each
+    file's own sha256 is cached in the redteam cache (an index per root, by path, size and modification time), so a
+    dataset is read once and later runs only look at its files' sizes and dates."""
+    root = Path(root)
+    index_path = cache_dir() / "digests" / f"{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    try:
+        index: dict[str, list] = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    digest, seen = hashlib.sha256(), {}
+    for path in paths:
+        name = str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else str(path)
+        stat = Path(path).stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        known = index.get(name)
+        if known is None or known[:2] != stamp:
+            known = [*stamp, sha256_of(Path(path))]
+        seen[name] = known
+        digest.update(f"{name}\0{known[2]}\n".encode())
+    if seen != index:
+        write_atomic(index_path, json.dumps(seen).encode())
     return digest.hexdigest()
 
 

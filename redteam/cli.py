@@ -176,6 +176,8 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
         f"{escape(crafted)} · {len(cell.probes)} probes from {escape(cell.dataset.description)} · threshold "
         f"{executor.target.threshold:.4f}"
     )
+    for note in evaluation.planner.notes:
+        console.print(f"[yellow]⚠[/] {escape(note)}", highlight=False)
     with progress() as tracker:
         task = tracker.add_task("attacking", total=evaluation.planner.total_work())
         try:
@@ -232,9 +234,10 @@ def _run_campaign(config, out: Path) -> None:
     started = time.perf_counter()
     with progress() as tracker:
         try:
-            config, context, report = run_campaign(config, out, bars(tracker))
+            done = run_campaign(config, out, bars(tracker))
         except KeyboardInterrupt:
             raise Interrupted(campaign=True) from None
+    config, context, report = done.config, done.context, done.report
     tables = write_tables(report.tables, out)
     write_outputs(ResultStore(out / "results.sqlite"), out)
     elapsed = time.perf_counter() - started
@@ -260,7 +263,7 @@ def _run_campaign(config, out: Path) -> None:
         console.print(escape(line), highlight=False)
     summary = {
         "config": config.to_dict(),
-        "cell": config.cell(),
+        "cell": done.cell,
         "metrics": report.metrics,
         "tables": {name: frame.to_dict(orient="records") for name, frame in report.tables.items()},
         "curve": None if report.curve is None else report.curve.to_dict(orient="records"),

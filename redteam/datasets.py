@@ -9,6 +9,7 @@ Sources:
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from redteam.align import CANONICAL_SIZE, align_faces
-from redteam.assets import RegistryPackage, cache_dir
+from redteam.assets import RegistryPackage, cache_dir, files_digest
 from redteam.errors import DataError
 
 if TYPE_CHECKING:
@@ -63,6 +64,11 @@ class FaceDataset(ABC):
     @abstractmethod
     def load(self, indices: Sequence[int]) -> Tensor:
         """Canonical face images ``[len(indices), 3, S, S]`` in ``[0, 1]``."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A digest of everything that determines what ``load`` returns: the images' content, not their paths (a
+        photo replaced at the same path changes it)."""
 
     @cached_property
     def by_identity(self) -> dict[str, list[int]]:
@@ -136,13 +142,19 @@ class ImageFolderDataset(FaceDataset):
             open_image(Path(record.source), decode=False).close()
         self.records = records
         self.description = f"{len(records)} images of {len(self.by_identity)} identities in {self.root}"
-        pairs_file = pairs_file or next(
+        self.pairs_file = pairs_file or next(
             (p for p in (self.root / "pairs.txt", self.root.parent / "pairs.txt") if p.is_file()), None
         )
-        if pairs_file is not None:
-            self.pairs = parse_lfw_pairs(Path(pairs_file), self)
-            self.description += f", verification pairs from {pairs_file}"
+        if self.pairs_file is not None:
+            self.pairs = parse_lfw_pairs(Path(self.pairs_file), self)
+            self.description += f", verification pairs from {self.pairs_file}"
         self._detector: FaceDetector | None = None
+
+    def fingerprint(self) -> str:
+        files = [Path(record.source) for record in self.records]
+        if self.pairs_file is not None:
+            files.append(Path(self.pairs_file))
+        return files_digest(self.root, files)
 
     def load(self, indices: Sequence[int]) -> Tensor:
         images = [to_tensor(read_image(Path(self.records[i].source))) for i in indices]
@@ -240,17 +252,21 @@ DEMO_PHOTOS = [
 class DemoDataset(FaceDataset):
     """Faces from the six group photos in npm ``@vladmandic/face-api`` 1.7.15 (MIT), found by MTCNN and aligned.
 
-    Each person appears in one photo only, so every identity gets two canonical images: the aligned face and its
-    mirror image (a stand-in for a second photo). That is enough to exercise the whole pipeline offline on real
-    faces and a real model; its accuracy numbers are a demo, not a benchmark (use LFW or your own data for that).
+    Each person appears in one photo only, so every identity gets three canonical images standing in for three
+    photos: the aligned face, its mirror image, and the face framed 8% wider. Three is what a campaign about one
+    person needs (an enrolment, one to optimise on, one held out). That is enough to exercise the whole pipeline
+    offline on real faces and a real model; its accuracy numbers are a demo, not a benchmark (use LFW or your own
+    data for that).
     """
 
     name = "default"
+    version = 2  # of how faces are cut from the photos (part of the cache's name and of the fingerprint)
     min_face = 80  # pixels in the 1920-wide photos: skips the few small false positives
     min_score = 0.95
+    wider = 1.08  # the third view's framing: landmarks spread 8% wider apart before aligning
 
     def __init__(self, image_size: int = CANONICAL_SIZE):
-        cached = cache_dir() / "datasets" / f"face-api-demo-{image_size}.pt"
+        cached = cache_dir() / "datasets" / f"face-api-demo-v{self.version}-{image_size}.pt"
         try:
             payload = torch.load(cached, weights_only=True)
         except Exception:  # absent or damaged: build it again
@@ -261,7 +277,7 @@ class DemoDataset(FaceDataset):
         self.records = [FaceRecord(identity, source) for identity, source in payload["records"]]
         self.description = (
             f"{len(self.by_identity)} faces from the demo photos of npm @vladmandic/face-api 1.7.15 (MIT), "
-            "each with its mirror image as the second photo"
+            "each with its mirror image and a wider framing as second and third photos"
         )
 
     def _build(self, image_size: int) -> dict:
@@ -274,15 +290,23 @@ class DemoDataset(FaceDataset):
             keep = found.scores >= self.min_score
             boxes, landmarks = found.boxes[keep], found.landmarks[keep]
             for face_number, i in enumerate(boxes[:, 0].argsort().tolist(), start=1):  # left to right
-                face = align_faces(image[None], landmarks[i : i + 1], image_size)[0]
+                points = landmarks[i : i + 1]
+                face = align_faces(image[None], points, image_size)[0]
+                spread = points.mean(1, keepdim=True) + (points - points.mean(1, keepdim=True)) * self.wider
+                framed = align_faces(image[None], spread, image_size)[0]
                 identity = f"photo{photo_number}-person{face_number}"
-                for view, pixels in (("", face), (" (mirrored)", face.flip(-1))):
+                for view, pixels in (("", face), (" (mirrored)", face.flip(-1)), (" (framed wider)", framed)):
                     images.append((pixels * 255).round().to(torch.uint8))
                     records.append((identity, f"{photo.member} face {face_number}{view}"))
         return {"images": torch.stack(images), "records": records}
 
     def load(self, indices: Sequence[int]) -> Tensor:
         return self._images[list(indices)].float() / 255.0
+
+    def fingerprint(self) -> str:
+        """The demo photos' published checksums and how faces are cut from them."""
+        source = ":".join(photo.sha256 for photo in DEMO_PHOTOS)
+        return hashlib.sha256(f"{source}:{self.version}:{self._images.shape}".encode()).hexdigest()
 
 
 def open_dataset(

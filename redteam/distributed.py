@@ -121,13 +121,17 @@ class Worker:
     def compute(self, index: int, config: EvaluationConfig, shard: Shard) -> tuple[str, int, Any, str]:
         return "batch", index, (shard, self._executor(config).compute(shard)), self.name
 
-    def check(self, index: int, config: EvaluationConfig, rows: list[dict]) -> tuple[str, int, Any, str]:
-        """The sanity checks of a finished cell, on a copy of the rows the driver's store holds."""
+    def check(
+        self, index: int, config: EvaluationConfig, key: str, rows: list[dict], cells: dict[str, dict]
+    ) -> tuple[str, int, Any, str]:
+        """The sanity checks of a finished cell (``key`` in the driver's store), on a copy of the rows and cells the
+        driver's store holds."""
         executor = self._executor(config)
+        executor.cell.key = key
         results = pd.DataFrame(rows)
         for flag in ("correct", "inherited"):
             results[flag] = results[flag].astype(bool)
-        checks = run_checks(executor.cell, executor, results)
+        checks = run_checks(executor.cell, executor, results, cells)
         return "checks", index, [{"cell": executor.cell.key, **asdict(check)} for check in checks], self.name
 
 
@@ -256,7 +260,8 @@ class Driver:
             rows = self.store.frame()
             rows = rows[~rows["cell"].isin(later)].to_dict(orient="records")
             cell.state = "checking"
-            self.pool.submit(lambda worker, job: worker.check.remote(*job), (index, planned.config, rows))
+            job = (index, planned.config, planned.key, rows, self.store.cells(current=True))
+            self.pool.submit(lambda worker, job: worker.check.remote(*job), job)
 
     def _done(self, cell: RunningCell) -> None:
         cell.state = "done"

@@ -95,7 +95,7 @@ def write_baseline(runs: Sequence[Path], path: Path) -> list[dict]:
         if not (run / "results.sqlite").is_file():
             raise RedteamError(f"{run} is not a run folder (no results.sqlite).")
         store = ResultStore(run / "results.sqlite")
-        for cell, stored in store.cells().items():
+        for cell, stored in store.cells(current=True).items():
             config = EvaluationConfig.from_dict(stored).resolve()
             curve = store.curves(cell)
             if not config.campaign:  # campaigns store only their own budgets
@@ -131,8 +131,7 @@ def read_baseline(path: Path) -> list[dict]:
 def rerun(config, out: Path, progress: Progress) -> pd.DataFrame:
     """Run one stored evaluation again into ``out`` (what it already holds is reused) and return its curve."""
     if config.campaign:
-        run_campaign(config, out, progress)
-        return ResultStore(out / "results.sqlite").curves(config.cell())
+        return ResultStore(out / "results.sqlite").curves(run_campaign(config, out, progress).cell)
     evaluation = Evaluation(config, ResultStore(out / "results.sqlite"))
     evaluation.run(progress(evaluation.config.label, evaluation.planner.total_work()))
     return evaluation.curve()

@@ -71,9 +71,20 @@ class ResultStore:
         with self._connect() as db:
             db.execute("INSERT OR IGNORE INTO cells VALUES (?, ?)", (cell, json.dumps(config, sort_keys=True)))
 
-    def cells(self) -> dict[str, dict]:
+    def update_cell(self, cell: str, config: dict) -> None:
         with self._connect() as db:
-            return {cell: json.loads(config) for cell, config in db.execute("SELECT cell, config FROM cells")}
+            db.execute("UPDATE cells SET config = ? WHERE cell = ?", (json.dumps(config, sort_keys=True), cell))
+
+    def cells(self, current: bool = False) -> dict[str, dict]:
+        """Every cell's stored configuration; ``current``: without cells set aside because their inputs changed."""
+        with self._connect() as db:
+            cells = {cell: json.loads(config) for cell, config in db.execute("SELECT cell, config FROM cells")}
+        return {c: config for c, config in cells.items() if not (current and "superseded_by" in config)}
+
+    def _set_aside(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame`` without the rows of cells whose inputs changed since (:meth:`cells`)."""
+        kept = self.cells(current=True)
+        return frame[frame["cell"].isin(kept)].reset_index(drop=True) if len(frame) else frame
 
     def _insert(self, table: str, columns: dict[str, str], rows: list[dict]) -> None:
         if not rows:
@@ -98,8 +109,12 @@ class ResultStore:
         self._insert("curves", CURVE_COLUMNS, rows)
 
     def curves(self, cell: str | None = None) -> pd.DataFrame:
-        """Every accuracy-perturbation curve in the store: computed from per-probe results, and campaigns' own."""
-        curve = pd.concat([accuracy_curve(self.frame(cell)), self._table("curves", cell)], ignore_index=True)
+        """The accuracy-perturbation curve of ``cell``, or of every current cell: computed from per-probe results,
+        and campaigns' own."""
+        campaigns = self._table("curves", cell)
+        if cell is None:
+            campaigns = self._set_aside(campaigns)
+        curve = pd.concat([accuracy_curve(self.frame(cell)), campaigns], ignore_index=True)
         return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]]
 
     def _table(self, table: str, cell: str | None) -> pd.DataFrame:
@@ -117,6 +132,7 @@ class ResultStore:
         return frame
 
     def frame(self, cell: str | None = None, eps: float | None = None) -> pd.DataFrame:
+        """Per-probe results of ``cell`` (of every current cell when ``None``), at ``eps`` or every budget."""
         query = "SELECT * FROM results"
         params: list[str | float] = []
         conditions = []
@@ -132,7 +148,7 @@ class ResultStore:
             frame = pd.read_sql_query(query, db, params=params)
         for flag in ("correct", "inherited"):
             frame[flag] = frame[flag].astype(bool)
-        return frame
+        return frame if cell is not None else self._set_aside(frame)
 
 
 def _plain(value):

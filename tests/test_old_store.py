@@ -52,8 +52,14 @@ def test_old_store_resumes_with_nothing_to_compute(at_repository, cli, tmp_path)
     for command in COMMANDS:
         assert cli("run", *command, "--out", out) == 0
     after = tables(out / "results.sqlite")
-    for name, table in before.items():
-        pd.testing.assert_frame_equal(after[name], table, obj=name)  # same keys, same rows, nothing added
+    for name in ("results", "minimal", "checks"):
+        pd.testing.assert_frame_equal(after[name], before[name], obj=name)  # same keys, same rows, nothing added
+    # The cells are taken over as they are, and their inputs' fingerprints recorded from now on.
+    assert after["cells"]["cell"].tolist() == before["cells"]["cell"].tolist()
+    for old, new in zip(before["cells"]["config"], after["cells"]["config"]):
+        adopted = json.loads(new)
+        assert set(adopted.pop("fingerprint")) >= {"images", "weights"} and adopted.pop("settings_key")
+        assert adopted == json.loads(old)
     expected = pd.read_csv(FIXTURES / "store-v1" / "curve.csv")
     pd.testing.assert_frame_equal(pd.read_csv(out / "curve.csv"), expected)
 

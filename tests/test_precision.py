@@ -12,12 +12,12 @@ from redteam.runtime import autocast
 
 def _curve(faces_root, tmp_path, **settings) -> tuple[str, list[float]]:
     config = EvaluationConfig(
-        target="facenet", attack="pgd", data=str(faces_root), eps=(0.5, 1), limit=8, attack_options={"steps": 3},
+        target="facenet", attack="pgd", data=str(faces_root), eps=(1,), limit=8, attack_options={"steps": 3},
         checks=False, **settings,
     )  # fmt: skip
     evaluation = Evaluation(config, ResultStore(tmp_path / f"{config.precision}.sqlite"))
     evaluation.run()
-    return evaluation.cell, evaluation.curve()["accuracy"].tolist()
+    return evaluation.cell.key, evaluation.curve()["accuracy"].tolist()
 
 
 def test_bf16_attack_reaches_the_float32_answer(faces_root, tmp_path):

@@ -24,7 +24,7 @@ def test_example_file_is_the_full_grid():
         for attack in ("pgd", "mim")
         for defense in ("none", "halftone (adaptive)")
     ]
-    assert len({c.cell() for c in sweep.configs}) == 8  # each its own cell in the store
+    assert len({c.settings_key() for c in sweep.configs}) == 8  # each its own cell in the store
     assert all(c.eps == (0, 1, 2, 4) and c.limit == 8 and c.attack_options == {"steps": 5} for c in sweep.configs)
     assert sweep.out == Path("runs/sweep-example")
 

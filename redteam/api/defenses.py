@@ -14,6 +14,7 @@ Adding a defense = one file in ``redteam/defenses/`` (or a package's ``redteam.d
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -52,6 +53,15 @@ class InputTransform(nn.Module, ABC):
         """A differentiable approximation of :meth:`forward` for the backward pass (identity by default)."""
         return images
 
+    def fingerprint(self) -> str:
+        """A digest of what this transform computes beyond its settings: its weights (a trained purifier's), so a
+        retrained defense gives new results rather than old ones."""
+        digest = hashlib.sha256(type(self).__qualname__.encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def bpda(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """``forward``'s value with ``surrogate``'s gradient (or ``forward`` itself when it is differentiable)."""
         if self.differentiable:
@@ -64,6 +74,10 @@ class ModelWrapper(ABC):
     """A defense that replaces the model itself (e.g. adversarially fine-tuned weights)."""
 
     name: ClassVar[str]
+
+    def fingerprint(self, target_name: str) -> str:
+        """A digest of the weights this wrapper would give ``target_name`` (empty when it has none yet)."""
+        return ""
 
     @abstractmethod
     def wrap(self, target: Target, fresh: Callable[[], Target]) -> Target:

@@ -220,6 +220,12 @@ class Target(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @classmethod
+    def weights_fingerprint(cls) -> str:
+        """A digest of the weights it loads: its registry files' published sha256s (a target whose weights come from
+        elsewhere, e.g. a trained checkpoint in the cache, adds that file's)."""
+        return ":".join(file.sha256 for file in cls.weights)
+
     @property
     @abstractmethod
     def threshold(self) -> float:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from redteam.api import DEFENSES, FaceRecognizer, ModelWrapper, Target
 from redteam.errors import RedteamError
-from redteam.finetune import apply_adversarial_weights
+from redteam.assets import sha256_of
+from redteam.finetune import apply_adversarial_weights, weights_path
 
 
 @DEFENSES.register("adv-train", "adversarial fine-tuning: the target's last blocks retrained against PGD")
@@ -25,6 +26,10 @@ class AdversarialFineTuning(ModelWrapper):
     is given is left untouched (an undefended cell may still use it)."""
 
     name = "adv-train"
+
+    def fingerprint(self, target_name: str) -> str:
+        path = weights_path(target_name)
+        return sha256_of(path) if path.is_file() else ""
 
     def wrap(self, target: Target, fresh: Callable[[], Target]) -> Target:
         defended = fresh()

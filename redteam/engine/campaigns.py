@@ -4,24 +4,36 @@ the run folder's other curves."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from redteam.api import Campaign, CampaignContext, CampaignReport
 from redteam.datasets import open_dataset
 from redteam.engine.assembly import behind_transforms, build_attack, build_defense, load_target, wrap_model
 from redteam.engine.config import EvaluationConfig
+from redteam.engine.plan import claim_cell, content_fingerprint
 from redteam.errors import UnknownNameError
 from redteam.results import CURVE_KEYS, ResultStore
 from redteam.runtime import CPU_BATCH_SIZE, prepare_torch, resolve_device
+
+
+@dataclass
+class CampaignRun:
+    """A finished campaign: its resolved config, its key in the run folder's store, the context it ran in and its
+    report (whose first lines say what changed, when its inputs did since an earlier run into the same folder)."""
+
+    config: EvaluationConfig
+    cell: str
+    context: CampaignContext
+    report: CampaignReport
 
 
 def run_campaign(
     config: EvaluationConfig,
     out: Path,
     progress: Callable[[str, int], Callable[[int], None]] = lambda what, total: lambda n: None,
-) -> tuple[EvaluationConfig, CampaignContext, CampaignReport]:
-    """Run a campaign end to end into ``out``: returns the resolved config, the context it ran in and its report
-    (whose curve is now in ``out/results.sqlite``)."""
+) -> CampaignRun:
+    """Run a campaign end to end into ``out`` (its curve joins ``out/results.sqlite``)."""
     prepare_torch()
     config = config.resolve()
     chain = build_defense(config.defense)
@@ -49,10 +61,10 @@ def run_campaign(
         batch_size=config.batch_size if isinstance(config.batch_size, int) else CPU_BATCH_SIZE,
         progress=progress,
     )
-    out.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out / "results.sqlite")
+    cell, notes = claim_cell(store, config, content_fingerprint(config, dataset, chain))
     report = campaign.run(context)
-    store, cell = ResultStore(out / "results.sqlite"), config.cell()
-    store.register_cell(cell, {**config.to_dict(), "cell": cell})
+    report.lines[:0] = notes
     if report.curve is not None:
         keys = {
             "target": config.target,
@@ -65,4 +77,4 @@ def run_campaign(
         }
         rows = [{"cell": cell, **keys, **row} for row in report.curve.to_dict(orient="records")]
         store.record_curve([{k: row[k] for k in ("cell", *CURVE_KEYS, "eps", "accuracy", "n")} for row in rows])
-    return config, context, report
+    return CampaignRun(config, cell, context, report)

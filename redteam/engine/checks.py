@@ -40,14 +40,14 @@ def checks_of(evaluation: Evaluation) -> list[Check]:
     stored = store.checks(key)
     if evaluation.computed == 0 and not stored.empty:
         return [Check(row.name, bool(row.passed), row.detail) for row in stored.itertuples()]
-    checks = run_checks(evaluation.cell, evaluation.executor, store.frame())
+    checks = run_checks(evaluation.cell, evaluation.executor, store.frame(), store.cells(current=True))
     store.record_checks([{"cell": key, **asdict(check)} for check in checks])
     return checks
 
 
-def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame) -> list[Check]:
-    """Run every check of ``cell`` on up to ``SAMPLE`` of its clean-correct probes, given every row of its store
-    (``results``: other cells' rows feed the transfer and adaptive checks)."""
+def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dict[str, dict]) -> list[Check]:
+    """Run every check of ``cell`` on up to ``SAMPLE`` of its clean-correct probes, given every current row of its
+    store and its cells' configurations (other cells feed the transfer and adaptive checks)."""
     own = results[(results["cell"] == cell.key) & results["probe"].isin({p.key for p in cell.probes})]
     clean = own[own["eps"] == 0.0].set_index("probe")
     sample = [p for p in cell.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
@@ -67,7 +67,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame) -> list[Ch
                 ]
             checks.append(_beats_noise(cell, own, verdict, images, sample))
     checks += _transfer_consistency(cell, results)
-    checks += _adaptive_consistency(cell, results)
+    checks += _adaptive_consistency(cell, results, cells)
     return checks
 
 
@@ -140,15 +140,19 @@ def _transfer_consistency(cell: Cell, results: pd.DataFrame) -> list[Check]:
     return checks
 
 
-def _adaptive_consistency(cell: Cell, results: pd.DataFrame) -> list[Check]:
+def _adaptive_consistency(cell: Cell, results: pd.DataFrame, cells: dict[str, dict]) -> list[Check]:
     """Against a defense, the adaptive attack must do at least as well as the non-adaptive one (when both are
     stored); if it does not, its BPDA surrogate or EOT is too weak and the adaptive curve overstates robustness."""
     config = cell.config
     if config.defense == "none":
         return []
-    cells = {adaptive: replace(config, adaptive=adaptive).cell() for adaptive in (True, False)}
+    keyed = {replace(config, adaptive=adaptive).settings_key(): adaptive for adaptive in (True, False)}
+    modes = {keyed[c["settings_key"]]: key for key, c in cells.items() if c.get("settings_key") in keyed}
+    modes[config.adaptive] = cell.key
+    if len(modes) < 2:
+        return []
     results = results[results["probe"].isin({p.key for p in cell.probes})]
-    curves = {adaptive: results[results["cell"] == c].groupby("eps")["correct"].mean() for adaptive, c in cells.items()}
+    curves = {adaptive: results[results["cell"] == c].groupby("eps")["correct"].mean() for adaptive, c in modes.items()}
     shared = [eps for eps in curves[True].index.intersection(curves[False].index) if eps > 0]
     if not shared:
         return []

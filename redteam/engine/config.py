@@ -23,6 +23,9 @@ from redteam.errors import RedteamError
 from redteam.runtime import check_precision
 from redteam.threats import THREATS
 
+#: The version of what an unchanged cell computes: bump it with a change that alters stored results (it is part of
+#: every new cell's content fingerprint, so a store never mixes results of two versions in one cell).
+RESULTS_VERSION = 1
 #: Settings that choose what and how much is computed, not what a given probe's result is.
 NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
@@ -134,8 +137,10 @@ class EvaluationConfig:
         scale = 1 / 255 if resolved.norm == "linf" else 1.0
         return sorted({0.0, *(e * scale for e in resolved.eps)})
 
-    def cell(self) -> str:
-        """Key of the results this config produces (computed on the resolved config)."""
+    def settings_key(self) -> str:
+        """Digest of the settings that determine a probe's result (computed on the resolved config). A cell's key
+        also covers the content of its inputs (:func:`redteam.engine.plan.claim_cell`); stores written before
+        content fingerprints keyed cells by this alone."""
         resolved = self.resolve()
         ignored = NOT_IN_KEY + (("adaptive",) if resolved.defense == "none" else ())  # meaningless without one
         settings = {

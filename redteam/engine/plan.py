@@ -12,16 +12,20 @@ The planner needs no model: it reads and writes the store, and hands out :class:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from redteam.api import AttackBase
+from redteam.api import TARGETS, AttackBase
+from redteam.assets import sha256_of
 from redteam.datasets import FaceDataset, open_dataset
 from redteam.engine.assembly import DefenseChain, build_attack, build_defense
-from redteam.engine.config import EvaluationConfig
+from redteam.engine.config import RESULTS_VERSION, EvaluationConfig
 from redteam.results import ResultStore, accuracy_curve
 from redteam.runtime import chunks
 from redteam.threats import THREATS, Probe, ThreatModel
@@ -30,16 +34,18 @@ from redteam.threats import THREATS, Probe, ThreatModel
 @dataclass
 class Cell:
     """A resolved, checked cell and its data: what its planner and its executors share. ``budgets`` are in image
-    units, ascending from 0."""
+    units, ascending from 0. ``fingerprint`` digests the content of its inputs; ``key`` is its key in a store (set
+    by the planner, :func:`claim_cell`)."""
 
     config: EvaluationConfig
-    key: str
     dataset: FaceDataset
     threat: ThreatModel
     probes: list[Probe]
     budgets: list[float]
     defense: DefenseChain
     attack: AttackBase
+    fingerprint: dict[str, str]
+    key: str = ""
 
     @property
     def minimal(self) -> bool:
@@ -56,7 +62,55 @@ def prepare(config: EvaluationConfig) -> Cell:
     dataset = open_dataset(resolved.data, align=resolved.align)
     threat = THREATS.get(resolved.threat)(dataset, seed=resolved.seed)
     probes = threat.probes(resolved.limit)
-    return Cell(resolved, resolved.cell(), dataset, threat, probes, resolved.budgets(), defense, attack)
+    fingerprint = content_fingerprint(resolved, dataset, defense)
+    return Cell(resolved, dataset, threat, probes, resolved.budgets(), defense, attack, fingerprint)
+
+
+def content_fingerprint(config: EvaluationConfig, dataset: FaceDataset, defense: DefenseChain) -> dict[str, str]:
+    """Digests of what, besides its settings, determines a cell's results: the images' content, the weights of the
+    target and surrogate (a user's file by its sha256), the defense's weights, and redteam's results version."""
+    weights = sha256_of(Path(config.weights)) if config.weights else TARGETS.get(config.target).weights_fingerprint()
+    parts = [transform.fingerprint() for transform in defense.transforms]
+    parts += [wrapper.fingerprint(config.target) for wrapper in defense.wrappers]
+    return {
+        "results version": str(RESULTS_VERSION),
+        "images": dataset.fingerprint(),
+        "weights": weights,
+        "surrogate weights": TARGETS.get(config.surrogate).weights_fingerprint() if config.surrogate else "",
+        "defense weights": hashlib.sha256(":".join(parts).encode()).hexdigest() if parts else "",
+    }
+
+
+def claim_cell(store: ResultStore, config: EvaluationConfig, fingerprint: dict[str, str]) -> tuple[str, list[str]]:
+    """This cell's key in ``store`` and what to tell the user about it.
+
+    The key digests the settings and the content fingerprint, so changed weights or photos at the same paths give
+    a new cell. Cells of the same settings whose content differs are set aside (kept, but out of curves, reports
+    and checks), and the lines returned say what changed. A cell stored before fingerprints existed (keyed by its
+    settings alone) is taken over as it is: its results are resumed and its fingerprint recorded from now on."""
+    settings = config.settings_key()
+    cells = store.cells()
+    stored = {"settings_key": settings, "fingerprint": fingerprint}
+    legacy = cells.get(settings)
+    if legacy is not None and "fingerprint" not in legacy:
+        store.update_cell(settings, {**legacy, **stored})
+        return settings, []
+    key = hashlib.sha256(json.dumps([settings, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
+    notes = []
+    for other, other_config in cells.items():
+        if other == key or other_config.get("settings_key") != settings:
+            continue
+        if other_config.get("superseded_by") is None:
+            changed = [part for part, digest in fingerprint.items() if other_config["fingerprint"].get(part) != digest]
+            notes.append(
+                f"{config.label}: the {' and '.join(changed)} changed since cell {other} was stored in this folder; "
+                f"its results are kept but set aside, and cell {key} is computed for what is there now."
+            )
+        store.update_cell(other, {**other_config, "superseded_by": key})
+    store.register_cell(key, {**config.to_dict(), "cell": key, **stored})
+    if key in cells and "superseded_by" in cells[key]:  # back to inputs whose results are stored already
+        store.update_cell(key, {k: v for k, v in cells[key].items() if k != "superseded_by"})
+    return key, notes
 
 
 @dataclass(frozen=True)
@@ -99,11 +153,12 @@ def result_row(cell: Cell, probe: Probe, eps: float, correct: bool, score, linf,
 
 
 class Planner:
-    """The batches of ``cell`` left to compute into ``store``, in batches of ``batch_size`` probes."""
+    """The batches of ``cell`` left to compute into ``store``, in batches of ``batch_size`` probes. It claims the
+    cell's key in the store (``notes`` says what changed, if its inputs did)."""
 
     def __init__(self, cell: Cell, store: ResultStore, batch_size: int):
         self.cell, self.store, self.batch_size = cell, store, batch_size
-        store.register_cell(cell.key, {**cell.config.to_dict(), "cell": cell.key})
+        cell.key, self.notes = claim_cell(store, cell.config, cell.fingerprint)
         self.recorded = 0  # batches recorded by this planner (0 on a re-run of a finished evaluation)
 
     def total_work(self) -> int:
@@ -117,7 +172,8 @@ class Planner:
         return self._plan_minimal(advance) if self.cell.minimal else self._plan_ladder(advance)
 
     def record(self, shard: Shard, rows: list[dict]) -> None:
-        """Store one computed batch (one transaction: whole or not at all)."""
+        """Store one computed batch (one transaction: whole or not at all), under this planner's key for the cell."""
+        rows = [{**row, "cell": self.cell.key} for row in rows]
         if shard.minimal:
             self.store.append_minimal(rows)
         else:

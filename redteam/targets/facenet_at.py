@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from redteam.api import TARGETS
-from redteam.finetune import apply_adversarial_weights
+from redteam.assets import sha256_of
+from redteam.finetune import apply_adversarial_weights, weights_path
 from redteam.targets.facenet import FaceNet
 
 
@@ -24,6 +25,11 @@ class FaceNetAT(FaceNet):
         notes="PGD adversarial fine-tuning on identities disjoint from the evaluation faces (redteam/finetune.py)",
     )
     frozen_graph = None  # its fine-tuned tail is not the graph file's
+
+    @classmethod
+    def weights_fingerprint(cls) -> str:
+        path = weights_path("facenet")
+        return f"{super().weights_fingerprint()}:{sha256_of(path) if path.is_file() else ''}"
 
     def __init__(self) -> None:
         super().__init__()
