@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from redteam.api import DEFENSES, FaceRecognizer, ModelWrapper, Target
-from redteam.errors import RedteamError
 from redteam.assets import sha256_of
+from redteam.errors import RedteamError
 from redteam.finetune import apply_adversarial_weights, weights_path
 
 
