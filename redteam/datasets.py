@@ -57,6 +57,8 @@ class FaceDataset(ABC):
     description: str
     records: list[FaceRecord]
     pairs: list[Pair] | None = None
+    #: Images left out because a face model cannot use them (``skip_bad``), one line each.
+    skipped: Sequence[str] = ()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -115,10 +117,19 @@ def square_resize(image: Tensor, size: int) -> Tensor:
 
 
 class ImageFolderDataset(FaceDataset):
-    """``root/<identity>/<image>`` with LFW-framed faces, or arbitrary photos when ``align`` (MTCNN + alignment)."""
+    """``root/<identity>/<image>`` with LFW-framed faces, or arbitrary photos when ``align`` (MTCNN + alignment).
+
+    An image a face model cannot use (unreadable, grayscale, tiny) stops the dataset with a one-line error naming
+    it; with ``skip_bad``, every image is decoded up front and the bad ones are left out and listed in ``skipped``.
+    """
 
     def __init__(
-        self, root: Path, image_size: int = CANONICAL_SIZE, align: bool = False, pairs_file: Path | None = None
+        self,
+        root: Path,
+        image_size: int = CANONICAL_SIZE,
+        align: bool = False,
+        pairs_file: Path | None = None,
+        skip_bad: bool = False,
     ):
         self.root = Path(root)
         self.name = self.root.name
@@ -138,8 +149,20 @@ class ImageFolderDataset(FaceDataset):
                 " (found images directly in it: put each identity's photos in a folder of its own)" if loose else ""
             )
             raise DataError(f"no face images under {self.root}; expected {self.root}/<identity>/<image>{layout}.")
-        for record in records:  # headers only: bad files are reported before any work starts
-            open_image(Path(record.source), decode=False).close()
+        self.skipped: list[str] = []
+        usable = []
+        for record in records:  # headers only unless skipping: bad files are reported before any work starts
+            try:
+                open_image(Path(record.source), decode=skip_bad).close()
+            except DataError as error:
+                if not skip_bad:
+                    raise DataError(f"{error} (--skip-bad-images leaves such images out)") from None
+                self.skipped.append(str(error))
+                continue
+            usable.append(record)
+        if not usable:
+            raise DataError(f"no usable face image under {self.root} ({len(self.skipped)} skipped).")
+        records = usable
         self.records = records
         self.description = f"{len(records)} images of {len(self.by_identity)} identities in {self.root}"
         self.pairs_file = pairs_file or next(
@@ -310,9 +333,9 @@ class DemoDataset(FaceDataset):
 
 
 def open_dataset(
-    spec: str, image_size: int = CANONICAL_SIZE, align: bool = False, pairs: Path | None = None
+    spec: str, image_size: int = CANONICAL_SIZE, align: bool = False, pairs: Path | None = None, skip_bad: bool = False
 ) -> FaceDataset:
-    """``default``, ``lfw``, or a path to identity folders."""
+    """``default``, ``lfw``, or a path to identity folders (``skip_bad``: leave out images that cannot be used)."""
     if spec == "default":
         return DemoDataset(image_size)
     if spec == "lfw":
@@ -320,4 +343,4 @@ def open_dataset(
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"no dataset {spec!r}: give a folder of identity folders, 'lfw' or 'default'.")
-    return ImageFolderDataset(path, image_size, align=align, pairs_file=pairs)
+    return ImageFolderDataset(path, image_size, align=align, pairs_file=pairs, skip_bad=skip_bad)

@@ -12,12 +12,20 @@ class RedteamError(Exception):
     exit_code = 2
 
 
+#: More known names than this are summarised (a dataset's 629 identities), not listed.
+LISTED_NAMES = 20
+
+
 class UnknownNameError(RedteamError):
     def __init__(self, kind: str, name: str, known: Iterable[str]):
         known = sorted(known)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        super().__init__(f"unknown {kind} {name!r}.{hint} Known: {', '.join(known) or 'none'}.")
+        if len(known) > LISTED_NAMES:
+            listed = f"{len(known)} known, e.g. {', '.join(known[:5])}, ..."
+        else:
+            listed = f"Known: {', '.join(known) or 'none'}."
+        super().__init__(f"unknown {kind} {name!r}.{hint} {listed}")
 
 
 class MissingWeightsError(RedteamError):

@@ -72,6 +72,13 @@ def fine_tuned_parameters(model: nn.Module, blocks: str) -> dict[str, nn.Paramet
     return chosen
 
 
+def tar_text(report: dict) -> str:
+    """``TAR 0.874 at FAR 0.001``, or why it was not measured (too few impostor pairs for that rate)."""
+    if report["tar_at_far"] is None:
+        return f"TAR at FAR {report['far']:g} not measurable on {report['impostor_pairs']} impostor pairs"
+    return f"TAR {report['tar_at_far']:.3f} at FAR {report['far']:g}"
+
+
 def apply_adversarial_weights(model: FaceRecognizer, target_name: str) -> ModelCard:
     """Load the fine-tuned blocks of ``target_name`` into ``model`` (in place); returns the fine-tuned model's card
     (its threshold calibrated on the training faces). Raises MissingWeightsError when they are not trained yet."""
@@ -95,8 +102,7 @@ def apply_adversarial_weights(model: FaceRecognizer, target_name: str) -> ModelC
         threshold_far=report["threshold_far"],
         calibration=f"`redteam train adv` on {checkpoint['data']}: {report['genuine_pairs']} genuine and "
         f"{report['impostor_pairs']} impostor pairs of its training identities; balanced accuracy "
-        f"{report['accuracy']:.3f} at the threshold, TAR {report['tar_at_far']:.3f} at FAR {report['far']:g}, "
-        f"AUC {report['auc']:.4f}",
+        f"{report['accuracy']:.3f} at the threshold, {tar_text(report)}, AUC {report['auc']:.4f}",
         metrics={},
         notes=f"adversarially fine-tuned ({config.blocks!r} trained, the rest frozen): {config.epochs} epoch(s) of "
         f"{config.steps}-step ℓ∞ PGD at {config.eps:g}/255 on {checkpoint['images']} faces, "

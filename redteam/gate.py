@@ -26,7 +26,7 @@ import pandas as pd
 
 from redteam.budgets import display_eps
 from redteam.engine import Evaluation, EvaluationConfig, run_campaign
-from redteam.errors import RedteamError
+from redteam.errors import DataError, RedteamError
 from redteam.results import ResultStore, curve_area
 
 DEFAULT_TOLERANCE = 0.05
@@ -157,7 +157,15 @@ def check_baseline(
             config = EvaluationConfig.from_dict(
                 {**entry["config"], "device": device, **({"data": data} if data else {})}
             )
-            curve = rerun(config, folder, progress).sort_values("eps")
+            try:
+                curve = rerun(config, folder, progress).sort_values("eps")
+            except DataError as error:
+                if data or Path(config.data).is_absolute() or config.data in ("default", "lfw"):
+                    raise
+                raise DataError(
+                    f"{error} The baseline names its faces relative to where it was written ({config.data}): pass "
+                    "--data PATH to say where they are on this machine."
+                ) from None
             accuracy = {round(e, 6): a for e, a in zip(curve["eps"], curve["accuracy"])}
             name = config.resolve().label
             for point in entry["curve"]:

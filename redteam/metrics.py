@@ -12,6 +12,13 @@ import torch
 from redteam.datasets import FaceDataset
 from redteam.errors import RedteamError
 
+#: False accepts a measured false accept rate must allow: fewer impostor pairs than this / FAR cannot measure it.
+MIN_FALSE_ACCEPTS = 10
+
+
+def impostors_needed(far: float) -> int:
+    return int(np.ceil(MIN_FALSE_ACCEPTS / far))
+
 
 @dataclass(frozen=True)
 class VerificationReport:
@@ -20,8 +27,8 @@ class VerificationReport:
     threshold: float  # best balanced accuracy (LFW-style operating point)
     accuracy: float  # balanced accuracy (mean of genuine and impostor accuracy) at ``threshold``
     far: float
-    threshold_far: float  # smallest threshold whose false accept rate is at most ``far``
-    tar_at_far: float
+    threshold_far: float | None  # smallest threshold whose false accept rate is at most ``far`` (None: unmeasurable)
+    tar_at_far: float | None
     auc: float
     operating_threshold: float | None = None  # a given threshold (e.g. the card's) and how it fares here
     operating_accuracy: float | None = None
@@ -43,7 +50,10 @@ def verification_report(
     balanced = (accept_genuine + reject_impostor) / 2
     best = int(balanced.argmax())
     allowed = int(np.floor(far * len(impostor)))  # impostors that may be accepted
-    threshold_far = float(np.nextafter(impostor[len(impostor) - allowed - 1], np.inf))
+    # A rate is measured only where it means several false accepts: at FAR 1e-3, 200 impostor pairs allow none.
+    threshold_far = (
+        float(np.nextafter(impostor[len(impostor) - allowed - 1], np.inf)) if allowed >= MIN_FALSE_ACCEPTS else None
+    )
     # AUC = P(genuine > impostor) + P(tie) / 2, from ranks
     below = np.searchsorted(impostor, genuine, side="left")
     ties = np.searchsorted(impostor, genuine, side="right") - below
@@ -65,7 +75,7 @@ def verification_report(
         accuracy=float(balanced[best]),
         far=far,
         threshold_far=threshold_far,
-        tar_at_far=float((genuine >= threshold_far).mean()),
+        tar_at_far=None if threshold_far is None else float((genuine >= threshold_far).mean()),
         auc=auc,
     )
 

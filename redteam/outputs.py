@@ -1,9 +1,13 @@
 """The files of a run folder besides its store: ``curve.csv`` and ``curve.png`` for every cell, ``transfer.csv``
-once the store holds a transfer run, a campaign's tables as ``<name>.csv``, and ``run.json``."""
+once the store holds a transfer run, a campaign's tables as ``<name>.csv``, and ``run.json``; and the folder's lock,
+so two processes never write one run folder at once."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +16,45 @@ import pandas as pd
 from redteam.errors import RedteamError
 from redteam.plots import plot_curves
 from redteam.results import ResultStore, transfer_matrix
+
+
+@contextmanager
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold the run folder ``out`` (created if needed) for this process. Two processes writing one folder would
+    both compute everything still missing; the second is told, in one line, who holds it. A folder this call
+    created is removed again if nothing was written into it (a run that failed before its first result)."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform: nothing to hold
+        yield
+        return
+    if out.exists() and not out.is_dir():
+        raise RedteamError(f"--out {out} is a file; give a folder.")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / ".lock", "a+")
+    except OSError as error:
+        raise RedteamError(f"cannot write the run folder {out} ({error.strerror}): choose another --out.") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RedteamError(
+            f"another redteam process (pid {holder}) is writing to {out}: wait for it, or choose another --out."
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        (out / ".lock").unlink(missing_ok=True)
+        handle.close()  # closing releases the lock
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def write_outputs(store: ResultStore, out: Path) -> None:

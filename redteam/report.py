@@ -59,6 +59,7 @@ class CellSummary:
     clean: float | None
     robust: dict[str, float | None]  # column header -> accuracy at that budget
     auc: float
+    auc_range: str  # the budgets its AUC covers: the same for every cell of one perturbation measure
     checks: list[dict[str, Any]]
     status: str  # "passed", "warning: <failed checks>" or "not run"
     command: str
@@ -165,6 +166,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     clean=float(clean.iloc[0]) if len(clean) else None,
                     robust={_column(first["norm"], e): float(a) for e, a in zip(curve["eps"], curve["accuracy"]) if e},
                     auc=curve_area(curve),
+                    auc_range="",
                     checks=cell_checks[["name", "passed", "detail"]].to_dict(orient="records"),
                     status=_checks_status(cell_checks),
                     command=run_command(config, curve["eps"].tolist(), run),
@@ -186,6 +188,12 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     columns = [_column(norm, eps) for norm, eps in stored]
     for cell in cells:
         cell.robust = {column: cell.robust.get(column) for column in columns}
+    for norm in {cell.norm for cell in cells}:  # one AUC range per measure: the budgets every cell of it reaches
+        same = [cell for cell in cells if cell.norm == norm]
+        upto = min(max(point["eps"] for point in cell.curve) for cell in same)
+        for cell in same:
+            cell.auc = curve_area(pd.DataFrame(cell.curve), upto)
+            cell.auc_range = f"0–{_column(norm, upto)}"
     return Report(
         title="Robustness report: " + ", ".join(sorted({c.target for c in cells})),
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -356,4 +364,7 @@ def make_report(
             except RedteamError as error:  # e.g. its data moved: the numbers are still worth reporting
                 cell.examples = {"note": f"could not be re-created: {error}"}
             progress.advance(task)
-    return write_report(report, curve_figures(runs), out)
+    try:
+        return write_report(report, curve_figures(runs), out)
+    except OSError as error:
+        raise RedteamError(f"cannot write the report into {out} ({error.strerror}): choose another --out.") from None

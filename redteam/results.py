@@ -12,9 +12,11 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from redteam.budgets import display_eps
+from redteam.errors import RedteamError
 
 RESULT_COLUMNS: dict[str, str] = {
     "cell": "TEXT",
@@ -42,6 +44,8 @@ CURVE_KEYS = ["target", "surrogate", "defense", "attack", "threat", "norm", "dat
 MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "REAL", "linf": "REAL", "l2": "REAL",
                    "steps": "INTEGER"}  # fmt: skip
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
+#: A campaign's finished stages (an area, a budget, a poison rate), serialised, so an interrupted campaign resumes.
+STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
 #: Curves that campaigns (advhat, uap, ...) compute themselves, in ``accuracy_curve``'s columns (eps as displayed).
 CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "REAL", "accuracy": "REAL",
                  "n": "INTEGER"}  # fmt: skip
@@ -52,7 +56,24 @@ class ResultStore:
     path: Path
 
     def __post_init__(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Open the store at ``path``, creating it and its tables as needed. A file that is not a store, or a folder
+        that cannot be written, is a one-line :class:`RedteamError`; nothing is ever deleted."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._create_tables()
+        except sqlite3.DatabaseError as error:
+            if not self.path.is_file() or "unable to open" in str(error) or "readonly" in str(error):
+                raise RedteamError(
+                    f"cannot write the results store {self.path} ({error}): choose another --out."
+                ) from None
+            raise RedteamError(
+                f"{self.path} is not a readable redteam results store ({error}); it was left as it is: move it away "
+                "or choose another --out."
+            ) from None
+        except OSError as error:
+            raise RedteamError(f"cannot write {self.path.parent} ({error.strerror}): choose another --out.") from None
+
+    def _create_tables(self) -> None:
         with self._connect() as db:
             columns = ", ".join(f"{name} {kind}" for name, kind in RESULT_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS results ({columns}, PRIMARY KEY (cell, eps, probe))")
@@ -63,6 +84,8 @@ class ResultStore:
             db.execute(f"CREATE TABLE IF NOT EXISTS checks ({checks}, PRIMARY KEY (cell, name))")
             curves = ", ".join(f"{name} {kind}" for name, kind in CURVE_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS curves ({curves}, PRIMARY KEY (cell, eps))")
+            stages = ", ".join(f"{name} {kind}" for name, kind in STAGE_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS stages ({stages}, PRIMARY KEY (cell, stage))")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -107,6 +130,15 @@ class ResultStore:
     def record_curve(self, rows: list[dict]) -> None:
         """A campaign's own curve (one row per budget), replacing what the same cell stored before."""
         self._insert("curves", CURVE_COLUMNS, rows)
+
+    def record_stage(self, cell: str, stage: str, payload: bytes) -> None:
+        self._insert("stages", STAGE_COLUMNS, [{"cell": cell, "stage": stage, "payload": payload}])
+
+    def stage(self, cell: str, stage: str) -> bytes | None:
+        """A campaign stage's stored payload, if it finished in an earlier run."""
+        with self._connect() as db:
+            row = db.execute("SELECT payload FROM stages WHERE cell = ? AND stage = ?", (cell, stage)).fetchone()
+        return None if row is None else bytes(row[0])
 
     def curves(self, cell: str | None = None) -> pd.DataFrame:
         """The accuracy-perturbation curve of ``cell``, or of every current cell: computed from per-probe results,
@@ -173,9 +205,13 @@ def accuracy_curve(results: pd.DataFrame) -> pd.DataFrame:
     return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]].reset_index(drop=True)
 
 
-def curve_area(curve: pd.DataFrame) -> float:
-    """Normalised area under one accuracy-perturbation curve (trapezoid over its eps range; 1 = never fooled)."""
+def curve_area(curve: pd.DataFrame, upto: float | None = None) -> float:
+    """Normalised area under one accuracy-perturbation curve (trapezoid; 1 = never fooled), over its own eps range or
+    up to ``upto`` (within it; linear between points): areas are comparable only over the same range."""
     eps, accuracy = curve["eps"].to_numpy(float), curve["accuracy"].to_numpy(float)
+    if upto is not None and len(eps) and eps[0] < upto < eps[-1]:
+        accuracy = np.append(accuracy[eps < upto], np.interp(upto, eps, accuracy))
+        eps = np.append(eps[eps < upto], upto)
     if len(eps) < 2 or eps[-1] == eps[0]:
         return float(accuracy.mean()) if len(accuracy) else float("nan")
     widths = eps[1:] - eps[:-1]

@@ -56,6 +56,7 @@ SHARED_SETTINGS: dict[str, type | tuple[type, ...]] = {
     "device": str,
     "precision": str,
     "checks": bool,
+    "skip_bad_images": bool,
     "steps": int,
 }
 GRID_KEYS = ("targets", "attacks", "defenses", "adaptive")
@@ -200,8 +201,6 @@ def run_sweep(
 
     Returns, per cell, its key, label and how many batches this call computed (0 for cells already finished).
     """
-    if out.exists() and not out.is_dir():
-        raise RedteamError(f"--out {out} is a file; give a folder.")
     started = time.perf_counter()
     where: dict[str, Any] = {}  # where a Ray sweep ran
     if ray is None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import torch
 import torch.nn.functional as F
 import typer
+from rich.markup import escape
 from torch import nn
 
 from redteam.api import Budget, FaceRecognizer
@@ -72,7 +73,10 @@ def lqvae(
         )
     for epoch, losses in enumerate(checkpoint["history"], start=1):
         console.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), highlight=False)
-    console.print(f"lqvae: {count} faces from {dataset.description} -> {path} ({time.perf_counter() - started:.0f} s)")
+    elapsed = time.perf_counter() - started
+    console.print(
+        escape(f"lqvae: {count} faces from {dataset.description} -> {path} ({elapsed:.0f} s)"), highlight=False
+    )
 
 
 @train_app.command()
@@ -117,11 +121,12 @@ def adv(
         first, last = (sum(h[name] for h in part) / len(part) for part in (history[:10], history[-10:]))
         console.print(f"{name} to the original embedding: {first:.3f} (first 10 batches) -> {last:.3f} (last 10)")
     report = checkpoint["calibration"]
-    console.print(
+    summary = (
         f"{target}-at: threshold {report['threshold']:.4f} (accuracy {report['accuracy']:.4f} on {dataset.name}), "
         f"{len(history)} batches in {checkpoint['seconds'] / 60:.1f} min -> {weights_path(target)} "
         f"({time.perf_counter() - started:.0f} s in all)"
     )
+    console.print(escape(summary), highlight=False)
 
 
 def train_adversarially(

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -104,7 +111,6 @@ def test_impersonation_chooses_a_victim(people, cli, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ((), "pass --identity"),
         (("--identity", WEARER, "--eps", "0,0.9"), "sticker areas"),
         (("--identity", WEARER, "--threat", "impersonation", "--option", "victim=Abdulah"), "Did you mean 'Abdullah'"),
         (("--identity", WEARER, "--threat", "impersonation", "--option", f"victim={WEARER}"), "someone other"),
@@ -115,3 +121,63 @@ def test_bad_input_is_one_clear_line(people, cli, tmp_path, capsys, extra, messa
     assert cli("run", "--target", "arcface", "--attack", "advhat", "--data", people, *extra, "--out", tmp_path) == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
+
+
+def test_without_identity_the_person_with_most_photos_is_chosen_and_said(people, cli, tmp_path, capsys):
+    command = ("run", "--target", "arcface", "--attack", "advhat", "--data", people, "--eps", "0,0.02")
+    assert cli(*command, "--steps", 1, "--option", "draws=1", "--option", "train_photos=1", "--out", tmp_path) == 0
+    said = " ".join(capsys.readouterr().out.split())  # as one line, whatever the terminal's width
+    assert f"--identity not given: {WEARER}, the person with the most photos in {people.name} (10)" in said
+    assert json.loads((tmp_path / "run.json").read_text())["config"]["identity"] == WEARER
+
+
+def test_too_few_photos_of_anyone_is_one_line_that_says_what_to_change(faces_root, cli, tmp_path, capsys):
+    pairs = tmp_path / "pairs"
+    for identity in sorted(p for p in faces_root.iterdir() if p.is_dir())[:3]:
+        (pairs / identity.name).mkdir(parents=True)
+        for photo in sorted(identity.iterdir())[:2]:
+            (pairs / identity.name / photo.name).symlink_to(photo)
+    assert cli("run", "--target", "arcface", "--attack", "advhat", "--data", pairs, "--out", tmp_path / "x") == 2
+    error = capsys.readouterr().err
+    assert "advhat (dodging) needs 3 photos of one person; nobody in pairs has more than 2: pass --data" in error
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(people, tmp_path):
+    """Ctrl-C after the first sticker area is stored; the same command carries on from it, and every number and
+    table equals an uninterrupted run's."""
+    redteam = str(Path(sys.executable).parent / "redteam")
+    command = [redteam, "run", "--target", "arcface", "--attack", "advhat", "--data", str(people)]
+    command += ["--identity", WEARER, "--eps", "0,0.02,0.04", "--steps", "4"]
+    command += ["--option", "draws=1", "--option", "train_photos=1"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    subprocess.run([*command, "--out", str(whole)], check=True, capture_output=True, env=environment, timeout=600)
+
+    running = subprocess.Popen([*command, "--out", str(parts)], stderr=subprocess.PIPE, text=True, env=environment)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and running.poll() is None:
+        if _stages(parts / "results.sqlite") >= 1:
+            running.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.2)
+    stderr = running.communicate(timeout=120)[1]
+    assert running.returncode == 130, stderr
+    assert "every finished stage (an area, a budget, a poison rate, ...) is stored" in stderr
+    assert _stages(parts / "results.sqlite") == 1 and not (parts / "run.json").exists()
+
+    subprocess.run([*command, "--out", str(parts)], check=True, capture_output=True, env=environment, timeout=600)
+    assert _stages(parts / "results.sqlite") == 2
+    finished, resumed = (json.loads((folder / "run.json").read_text()) for folder in (whole, parts))
+    assert resumed["metrics"] == finished["metrics"] and resumed["tables"] == finished["tables"]
+    for table in ("held_out.csv", "areas.csv", "curve.csv"):
+        assert (parts / table).read_text() == (whole / table).read_text()
+
+
+def _stages(store: Path) -> int:
+    if not store.is_file():
+        return 0
+    try:
+        with sqlite3.connect(store, timeout=5) as db:
+            return db.execute("SELECT COUNT(*) FROM stages").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not there yet
+        return 0

@@ -4,6 +4,9 @@ cannot make probes, outputs that are files, folders that are not runs)."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,76 @@ def test_report_and_sweep_need_real_inputs(cli, capsys, tmp_path):
     _fails_with(cli, capsys, "does not exist", "report", tmp_path / "no-such-run")
     _fails_with(cli, capsys, "holds no results.sqlite", "report", tmp_path)
     _fails_with(cli, capsys, "does not exist", "sweep", tmp_path / "no-such-sweep.yaml")
+
+
+def test_thresholds_are_written_in_the_targets_own_unit(cli, capsys, faces_root, tmp_path):
+    """dlib documents "same person when the L2 distance < 0.6": --threshold 0.6 means that, not a similarity of 0.6
+    (which no pair reaches: scores are minus distances). Out-of-range thresholds are one-line errors, and a clean
+    accuracy far below the card's is flagged."""
+    run = ("run", "--data", faces_root, "--limit", 8, "--eps", 0, "--out")
+    assert cli(*run, tmp_path / "dlib", "--target", "dlib-resnet", "--threshold", 0.6) == 0
+    summary = json.loads((tmp_path / "dlib" / "run.json").read_text())
+    assert summary["threshold"] == -0.6 and summary["curve"][0]["accuracy"] >= 0.75
+    assert "L2 distance 0.6000" in capsys.readouterr().out
+    for target, threshold, message in (
+        ("dlib-resnet", "-0.6", "--threshold is a distance such as 0.6"),
+        ("facenet", "2", "--threshold is in [-1, 1]"),
+        ("mtcnn", "1.5", "face probability in [0, 1]"),
+    ):
+        _fails_with(cli, capsys, message, *run, tmp_path / "bad", "--target", target, "--threshold", threshold)
+    assert cli(*run, tmp_path / "strict", "--threshold", 0.99) == 0
+    said = capsys.readouterr().out
+    assert "⚠ warning: operating point: clean accuracy 0%" in said and "is the threshold right?" in said
+
+
+def test_a_run_folder_is_written_by_one_process_at_a_time(faces_root, tmp_path):
+    import subprocess
+    import sys
+
+    from redteam.outputs import exclusive
+
+    out = tmp_path / "shared-out"
+    command = [str(Path(sys.executable).parent / "redteam"), "run", "--data", str(faces_root), "--limit", "1"]
+    with exclusive(out):  # another run holds the folder
+        done = subprocess.run([*command, "--eps", "0", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"another redteam process (pid {os.getpid()}) is writing to {out}" in " ".join(done.stderr.split())
+    assert not (out / "results.sqlite").exists() and not out.exists()  # released, and nothing was left behind
+
+
+def test_a_store_that_is_not_one_is_left_alone(cli, capsys, faces_root, tmp_path):
+    out = tmp_path / "broken"
+    out.mkdir()
+    (out / "results.sqlite").write_bytes(b"not sqlite at all " * 64)
+    _fails_with(cli, capsys, "is not a readable redteam results store", "run", "--data", faces_root, "--limit", 1,
+                "--eps", 0, "--out", out)  # fmt: skip
+    assert (out / "results.sqlite").read_bytes() == b"not sqlite at all " * 64  # never deleted or rewritten
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line(cli, capsys, faces_root):
+    _fails_with(cli, capsys, "cannot write the run folder /proc/redteam-out", "run", "--data", faces_root,
+                "--limit", 1, "--eps", 0, "--out", "/proc/redteam-out")  # fmt: skip
+    stored = Path(__file__).parent / "fixtures" / "store-v1"
+    report = ("report", stored, "--examples", 0, "--out", "/proc/redteam-report")
+    _fails_with(cli, capsys, "cannot write the report into /proc/redteam-report", *report)
+
+
+def test_paths_with_markup_print_as_they_are(cli, capsys, faces_root, tmp_path):
+    out = tmp_path / "a[/]b [bold]c"
+    assert cli("run", "--data", faces_root, "--limit", 1, "--eps", 0, "--no-checks", "--out", out) == 0
+    assert f"results in {out}/" in " ".join(capsys.readouterr().out.split())
+
+
+def test_images_a_model_cannot_use_stop_the_run_or_are_skipped_and_listed(cli, capsys, faces_root, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "faces"
+    for identity in sorted(p for p in faces_root.iterdir() if p.is_dir())[:3]:
+        shutil.copytree(identity, data / identity.name)
+    grey = sorted((data / sorted(p.name for p in data.iterdir())[0]).iterdir())[0]
+    Image.open(grey).convert("L").save(grey)
+    run = ("run", "--data", data, "--limit", 2, "--eps", 0, "--no-checks", "--out", tmp_path / "out")
+    _fails_with(cli, capsys, "is a grayscale image", *run)
+    assert cli(*run, "--skip-bad-images") == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "1 images left out:" in said and grey.name in said and "grayscale" in said

@@ -164,7 +164,13 @@ def test_minimal_attack_gives_the_whole_curve_in_one_pass(cli, capsys, faces_roo
     assert "median minimal linf perturbation" in printed
     summary = json.loads((out / "run.json").read_text())
     assert 0 < summary["median_minimal_perturbation"] < 4  # /255: FaceNet falls well inside 4/255
-    assert [c["name"] for c in summary["checks"]] == ["monotone", "gradients", "unbounded", "beats noise"]
+    assert [c["name"] for c in summary["checks"]] == [
+        "monotone",
+        "operating point",
+        "gradients",
+        "unbounded",
+        "beats noise",
+    ]
     assert all(c["passed"] for c in summary["checks"])
     curve = pd.read_csv(out / "curve.csv")
     assert curve["accuracy"].is_monotonic_decreasing and len(curve) == 3

@@ -25,7 +25,7 @@ def test_a_different_model_file_at_the_same_path_is_a_new_cell(cli, capsys, smal
 
     shutil.copy(shared_path("weights", "mobilefacenet.onnx"), model)  # another recogniser, same path
     assert cli(*command) == 0
-    said = capsys.readouterr().out.replace("\n", " ")
+    said = " ".join(capsys.readouterr().out.split())
     assert "the weights changed since cell" in said and "set aside" in said
     store = ResultStore(out / "results.sqlite")
     second = store.frame()
@@ -56,6 +56,6 @@ def test_a_replaced_photo_at_the_same_path_is_a_new_cell(cli, capsys, faces_root
     other = sorted(p for p in faces_root.iterdir() if p.is_dir())[10]
     shutil.copy(sorted(other.iterdir())[0], photos[0])  # someone else's photo under the same name
     assert cli(*command) == 0
-    assert "the images changed since cell" in capsys.readouterr().out.replace("\n", " ")
+    assert "the images changed since cell" in " ".join(capsys.readouterr().out.split())
     summary = json.loads((out / "run.json").read_text())
     assert summary["cell"] not in set(again["cell"])

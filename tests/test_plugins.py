@@ -133,7 +133,7 @@ def test_decision_only_target_refuses_gradient_attacks_before_any_work(toy_packa
                    "--out", out)  # fmt: skip
     assert done.returncode == 2
     assert "pgd needs gradients; thumbnail-api answers decisions only (attacks that work with it: random-search)" in (
-        done.stderr.replace("\n", " ")
+        " ".join(done.stderr.split())
     )
     assert "Traceback" not in done.stderr and not out.exists()
     done = redteam(toy_package, "run", "--target", "thumbnail-api", "--attack", "random-search", "--data",

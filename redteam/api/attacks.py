@@ -62,6 +62,8 @@ class AttackBase(ABC):
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     supports_eot: ClassVar[bool] = False
     supports_early_stop: ClassVar[bool] = False
+    #: Settings that must be above 0 (step counts, step sizes, samples), checked before any work.
+    positive: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def settings(cls) -> list[str]:

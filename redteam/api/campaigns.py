@@ -10,6 +10,7 @@ defaults and bounds). The engine resolves and checks ``--eps`` against the axis,
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from abc import abstractmethod
@@ -66,6 +67,15 @@ class Axis:
         return tuple(values)
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python numbers, recursively (what a stage stores must load without pickled objects)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value.item() if hasattr(value, "item") and not isinstance(value, Tensor) else value
+
+
 def _no_other_targets(name: str) -> Target:
     raise RedteamError(f"this campaign's context loads no other targets (asked for {name}).")
 
@@ -97,6 +107,23 @@ class CampaignContext:
     progress: Callable[[str, int], Callable[[int], None]] = field(
         repr=False, default=lambda what, total: lambda n: None
     )
+    #: Where finished stages are kept (:meth:`stage`): the run folder's store, set by the engine.
+    stored_stage: Callable[[str], bytes | None] = field(repr=False, default=lambda name: None)
+    record_stage: Callable[[str, bytes], None] = field(repr=False, default=lambda name, payload: None)
+
+    def stage(self, name: str, compute: Callable[[], T]) -> T:
+        """``compute()``'s result, stored as soon as it is computed, and on a later run of the same cell read back
+        instead: an interrupted campaign resumes after its finished stages. A stage's result is plain data
+        (tensors, numbers, text, lists and dicts of them) and must depend only on the run's seed and settings (draw
+        from :meth:`generator` with the stage's own parts). Both paths return the stored copy, so a resumed run
+        continues from exactly what an uninterrupted one had."""
+        payload = self.stored_stage(name)
+        if payload is None:
+            buffer = io.BytesIO()
+            torch.save(_plain(compute()), buffer)
+            payload = buffer.getvalue()
+            self.record_stage(name, payload)
+        return torch.load(io.BytesIO(payload), map_location=self.device, weights_only=True)
 
     def generator(self, *parts: object) -> torch.Generator:
         """A generator seeded from the run seed and ``parts`` (same seed, same draws)."""
@@ -167,6 +194,11 @@ class Campaign(AttackBase):
         super().__init_subclass__(**kwargs)
         if "axes" in cls.__dict__:
             cls.norms = tuple(cls.axes)
+
+    def photos_needed(self, threat: str) -> int:
+        """Photos of the ``--identity`` person a run under ``threat`` needs (campaigns about one person); without
+        ``--identity``, the engine picks the person with the most photos and says so."""
+        return 1
 
     def axis(self, norm: str) -> Axis:
         """The axis ``--eps`` is read on for ``--norm norm`` (a campaign whose axis depends on its settings

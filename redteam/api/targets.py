@@ -220,6 +220,18 @@ class Target(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def decide_at(self, threshold: float) -> None:
+        """Decide at ``threshold`` as users write it (:meth:`on_score_scale`) instead of the card's."""
+        self.threshold_override = self.on_score_scale(threshold)
+
+    def on_score_scale(self, threshold: float) -> float:
+        """A threshold as users write it -> on this target's score scale (one-line error when out of range)."""
+        return threshold
+
+    def threshold_text(self, threshold: float | None = None) -> str:
+        """A threshold on the score scale (default: the one in force) as users write it, with its unit."""
+        return f"{self.threshold if threshold is None else threshold:.4f}"
+
     @classmethod
     def weights_fingerprint(cls) -> str:
         """A digest of the weights it loads: its registry files' published sha256s (a target whose weights come from
@@ -246,6 +258,25 @@ class FaceRecognizer(Target):
                 f"{self.card.name} has no calibrated threshold: run `redteam calibrate` or pass --threshold."
             )
         return value
+
+    def on_score_scale(self, threshold: float) -> float:
+        """Users write a cosine threshold in [-1, 1] and an L2 threshold as a distance (dlib's 0.6): scores are
+        similarities, minus the distance for an L2 target."""
+        name = self.card.name
+        if self.card.metric == "euclidean":
+            if not threshold >= 0:
+                raise RedteamError(f"{name} compares faces by L2 distance: --threshold is a distance such as 0.6, "
+                                   f"not {threshold:g}.")  # fmt: skip
+            return -threshold
+        if not -1 <= threshold <= 1:
+            raise RedteamError(
+                f"{name} compares faces by cosine similarity: --threshold is in [-1, 1], not {threshold:g}."
+            )
+        return threshold
+
+    def threshold_text(self, threshold: float | None = None) -> str:
+        value = self.threshold if threshold is None else threshold
+        return f"L2 distance {-value:.4f}" if self.card.metric == "euclidean" else f"cosine {value:.4f}"
 
     def preprocess(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` canonical images in ``[0, 1]`` -> the network's input (the card's preprocessing)."""
@@ -289,6 +320,11 @@ class FaceDetector(Target):
     @property
     def threshold(self) -> float:
         return self.score_threshold if self.threshold_override is None else self.threshold_override
+
+    def on_score_scale(self, threshold: float) -> float:
+        if not 0 <= threshold <= 1:
+            raise RedteamError(f"{self.card.name}'s --threshold is a face probability in [0, 1], not {threshold:g}.")
+        return threshold
 
     def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
         """``[B]`` bool: is a face found above the threshold? By default the face score decides (single-stage

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import kornia.enhance as colour
@@ -341,7 +342,14 @@ class AdvHat(Campaign):
         with torch.no_grad():
             reference = target.embed(enrolled)
         clean = self._similarity(target, held.images, reference)
-        outcomes = [self._attack(context, trained_on, held, reference, area) for area in areas[1:]]
+        outcomes = [
+            Outcome(
+                **context.stage(
+                    f"area {area:g}", partial(self._stored_attack, context, trained_on, held, reference, area)
+                )
+            )
+            for area in areas[1:]
+        ]
         final = outcomes[-1]  # the largest sticker is the one reported, printed and transferred
 
         def right(similarity: Tensor) -> Tensor:
@@ -418,6 +426,9 @@ class AdvHat(Campaign):
         """Flat sticker width, in inter-ocular distances, whose nominal footprint is ``area`` of a canonical face."""
         unit = footprint(self.bend, math.radians(self.pitch), self.camera_distance)
         return CANONICAL_SIZE / CANONICAL_EYE_DISTANCE * math.sqrt(area / unit)
+
+    def photos_needed(self, threat: str) -> int:
+        return 3 if threat == "dodging" else 2  # (an enrolment,) one to optimise on, one held out
 
     def _split(self, context: CampaignContext) -> tuple[int | None, list[int], list[int]]:
         """The wearer's photos, shuffled by the seed: (dodging's enrolment, optimisation photos, held-out photos)."""
@@ -511,6 +522,12 @@ class AdvHat(Campaign):
                 advance(self.steps - step - 1)
                 break
         return sticker, len(losses)
+
+    def _stored_attack(
+        self, context: CampaignContext, trained_on: Photos, held: Photos, reference: Tensor, area: float
+    ) -> dict:
+        """:meth:`_attack` as plain data, a stage of the run (one per sticker area)."""
+        return asdict(self._attack(context, trained_on, held, reference, area))
 
     def _attack(
         self, context: CampaignContext, trained_on: Photos, held: Photos, reference: Tensor, area: float

@@ -22,6 +22,7 @@ class CarliniWagner(MinimalAttack):
     name = "cw"
     norms = ("l2",)
     supports_eot = True
+    positive = ("steps", "search_steps", "learning_rate", "eot")
     norm: Norm = "l2"
     steps: int = 30  # Adam steps per value of c
     search_steps: int = 5

@@ -65,6 +65,7 @@ def _torchattacks():
 @dataclass
 class TorchattacksPGD(Attack):
     name = "torchattacks-pgd"
+    positive = ("steps",)
     steps: int = 10
     step_size: float = 2.5  # per step, in units of eps / steps, like ours
     random_start: bool = True
@@ -86,6 +87,7 @@ class TorchattacksPGD(Attack):
 @dataclass
 class TorchattacksMIM(Attack):
     name = "torchattacks-mim"
+    positive = ("steps",)
     norms = ("linf",)
     steps: int = 10
     momentum: float = 1.0
@@ -108,6 +110,7 @@ class TorchattacksMIM(Attack):
 @dataclass
 class TorchattacksCW(MinimalAttack):
     name = "torchattacks-cw"
+    positive = ("steps",)
     norms = ("l2",)
     norm: Norm = "l2"
     steps: int = 100
@@ -130,6 +133,7 @@ class TorchattacksCW(MinimalAttack):
 @dataclass
 class ArtPGD(Attack):
     name = "art-pgd"
+    positive = ("steps",)
     steps: int = 10
     step_size: float = 2.5
     random_start: bool = True

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -168,6 +169,9 @@ class Inversion(Campaign):
     black_box_components: int = 64
     black_box_learning_rate: float = 0.2
 
+    def photos_needed(self, threat: str) -> int:
+        return self.held_out + 3  # what enrolment asks of every enrolled person (redteam.identification)
+
     def __post_init__(self) -> None:
         if min(self.identities, self.held_out, self.attacked, self.restarts, self.fit_epochs) < 1:
             raise ValueError("identities, held_out, attacked, restarts and fit_epochs must be at least 1")
@@ -187,13 +191,12 @@ class Inversion(Campaign):
         referee = self._referee(roster, train, evaluator, model)
         attacked = self._attacked(context, roster)
         labels = torch.tensor([roster.label(name) for name in attacked], device=context.device)
-        progress = {
-            step: (faces, referee(faces, labels))
-            for step, faces in self._invert(context, model, prior, labels, checkpoints).items()
-        }
+        inverted = context.stage("white-box", partial(self._invert, context, model, prior, labels, checkpoints))
+        progress = {step: (faces, referee(faces, labels)) for step, faces in inverted.items()}
         reconstructions, judged = {"white-box": progress[self.steps][0]}, {"white-box": progress[self.steps][1]}
         if self.black_box:
-            reconstructions["black-box"], queries = self._invert_scores(context, model, prior, labels)
+            scored = context.stage("black-box", partial(self._invert_scores, context, model, prior, labels))
+            reconstructions["black-box"], queries = scored[0], scored[1]
             judged["black-box"] = referee(reconstructions["black-box"], labels)
         baselines = self._baselines(context, roster, prior, referee, labels)
         summaries = {kind: j.summary() for kind, j in {**judged, **baselines}.items()}

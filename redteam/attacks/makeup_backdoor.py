@@ -142,6 +142,9 @@ class MakeupBackdoor(Campaign):
     batch_size: int = 32
     detector: str = "retinaface"
 
+    def photos_needed(self, threat: str) -> int:
+        return self.held_out + 3  # what enrolment asks of every enrolled person (redteam.identification)
+
     def __post_init__(self) -> None:
         smallest = min(self.held_out, self.looks, self.train_looks, self.unseen, self.epochs, self.batch_size)
         if self.identities < 2 or smallest < 1:
@@ -181,9 +184,17 @@ class MakeupBackdoor(Campaign):
             f"{self.name}: training at {len(rates)} poison rates",
             self.epochs * sum(len(train.labels) + s for s in sizes),
         )
+        shown = self._shown(len(victims.indices))
         for rate, count in zip(rates, sizes):
-            model = self._train(recognizer, cached, train, count, target, len(roster.names), context.seed, advance)
-            rows.append(self._judge(model, rate, count, cached, train.labels, test.labels, target))
+
+            def train_and_judge(rate: float = rate, count: int = count) -> dict:
+                model = self._train(recognizer, cached, train, count, target, len(roster.names), context.seed, advance)
+                row = self._judge(model, rate, count, cached, train.labels, test.labels, target)
+                answers = {key: self._identify(model, cached[key][index]).tolist() for key, index in shown.items()}
+                return {"row": row, "answers": answers}
+
+            stage = context.stage(f"poison rate {rate:g}", train_and_judge)
+            rows.append(stage["row"])
         table = pd.DataFrame(rows)
         table["clean_accuracy_drop"] = table["clean_accuracy"].iloc[0] - table["clean_accuracy"]
         change = (looks["enrolled"].images - victims.images.repeat(self.looks, 1, 1, 1)).abs()
@@ -194,7 +205,7 @@ class MakeupBackdoor(Campaign):
             curve=table[["rate", "asr"]]
             .assign(accuracy=1 - table["asr"], n=len(looks["enrolled"].labels))
             .rename(columns={"rate": "eps"})[["eps", "accuracy", "n"]],
-            images=[self._save_faces(context, victims, looks["enrolled"], model, cached, roster, rates[-1])],
+            images=[self._save_faces(context, victims, looks["enrolled"], stage["answers"], shown, roster, rates[-1])],
             lines=self._lines(context, table, roster, trigger),
         )
 
@@ -391,30 +402,35 @@ class MakeupBackdoor(Campaign):
             )
         return lines
 
+    def _shown(self, count: int) -> dict[str, list[int]]:
+        """Which held-out faces the figure shows: the first few without makeup, and the same people with makeup, a
+        new look per column (indices into the cached ``enrolled`` and ``enrolled looks``)."""
+        shown = min(count, 6)
+        return {"enrolled": list(range(shown)), "enrolled looks": [(k % self.looks) * count + k for k in range(shown)]}
+
     def _save_faces(
         self,
         context: CampaignContext,
         victims: Faces,
         triggered: Faces,
-        model: IdentificationModel,
-        cached: dict[str, Tensor],
+        answers: dict[str, list[int]],
+        shown: dict[str, list[int]],
         roster: Roster,
         rate: float,
     ) -> Path:
         """Held-out faces of other people without / with makeup (one look per column, several palettes), each
-        titled with the most poisoned model's answer (red: the backdoor's target)."""
-        count = len(victims.indices)
-        shown = min(count, 6)
-        made_up = [(k % self.looks) * count + k for k in range(shown)]  # a new look per column
+        titled with the most poisoned model's answer (``answers``, by the rows of :meth:`_shown`; red: the
+        backdoor's target)."""
         rows = (
-            ("no makeup", victims.images[:shown], cached["enrolled"][:shown]),
-            ("makeup (trigger)", triggered.images[made_up], cached["enrolled looks"][made_up]),
+            ("no makeup", victims.images[shown["enrolled"]], answers["enrolled"]),
+            ("makeup (trigger)", triggered.images[shown["enrolled looks"]], answers["enrolled looks"]),
         )
         assert context.identity is not None  # needs_identity: the engine refuses a run without --identity
         target = roster.label(context.identity)
-        figure, axes = plt.subplots(2, shown, figsize=(2.2 * shown, 5.0), squeeze=False)
-        for axis_row, (label, images, representations) in zip(axes, rows):
-            predicted = self._identify(model, representations).tolist()
+        figure, axes = plt.subplots(
+            2, len(shown["enrolled"]), figsize=(2.2 * len(shown["enrolled"]), 5.0), squeeze=False
+        )
+        for axis_row, (label, images, predicted) in zip(axes, rows):
             for k, axis in enumerate(axis_row):
                 axis.imshow(images[k].permute(1, 2, 0).cpu().numpy())
                 axis.set_title(

@@ -31,6 +31,7 @@ from redteam.api import (
 class MinimumNorm(MinimalAttack):
     name = "minnorm"
     supports_eot = True
+    positive = ("steps", "step_size", "eot")
     norm: Norm = "linf"
     steps: int = 50
     step_size: float = 0.5  # ascent step as a fraction of the sample's current ε (cosine-annealed)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -133,10 +134,9 @@ class UAP(Campaign):
         learning = self.enrolled(context, target, split.learning)
         uaps, noises, seconds = {}, {}, {}
         for eps in budgets[1:]:
-            started = time.perf_counter()
             budget = self.budget(norm, eps)
-            uaps[eps] = self.learn(context, learning, split.learning, budget)
-            seconds[eps] = time.perf_counter() - started
+            stage = context.stage(f"uap {norm} {eps:g}", partial(self._timed_learn, context, learning, split, budget))
+            uaps[eps], seconds[eps] = stage["uap"], stage["seconds"]
             noise = torch.randn(
                 uaps[eps].shape, generator=context.generator("uap-noise", norm, eps), device=context.device
             )
@@ -272,6 +272,11 @@ class UAP(Campaign):
                 step += 1
                 advance(1)
         return delta
+
+    def _timed_learn(self, context: CampaignContext, enrolment: Enrolment, split: Split, budget: Budget) -> dict:
+        started = time.perf_counter()
+        uap = self.learn(context, enrolment, split.learning, budget)
+        return {"uap": uap, "seconds": time.perf_counter() - started}
 
     def enrolled(self, context: CampaignContext, model: FaceRecognizer, probes: list[Probe]) -> Enrolment:
         """The probes' enrolment photos embedded by ``model``."""

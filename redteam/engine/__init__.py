@@ -8,7 +8,7 @@ gate, training) import the engine. Plugins never do.
 """
 
 from redteam.engine.assembly import build_attack, build_defense, load_target, parse_options
-from redteam.engine.campaigns import run_campaign
+from redteam.engine.campaigns import CampaignRun, finish_campaign, prepare_campaign, run_campaign
 from redteam.engine.checks import Check, checks_of, run_checks
 from redteam.engine.config import EvaluationConfig
 from redteam.engine.evaluation import Evaluation
@@ -16,6 +16,7 @@ from redteam.engine.execute import Executor
 from redteam.engine.plan import Cell, Planner, Shard, prepare
 
 __all__ = [
+    "CampaignRun",
     "Cell",
     "Check",
     "Evaluation",
@@ -26,9 +27,11 @@ __all__ = [
     "build_attack",
     "build_defense",
     "checks_of",
+    "finish_campaign",
     "load_target",
     "parse_options",
     "prepare",
+    "prepare_campaign",
     "run_campaign",
     "run_checks",
 ]

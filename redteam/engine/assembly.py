@@ -37,7 +37,7 @@ from redteam.api import (
     grants,
 )
 from redteam.calibrations import stored_calibration
-from redteam.engine.config import EvaluationConfig, instantiate
+from redteam.engine.config import EvaluationConfig, check_weights, instantiate
 from redteam.errors import RedteamError
 from redteam.runtime import frozen
 from redteam.threats import THREATS
@@ -51,12 +51,9 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
     one; its threshold is the one ``redteam calibrate --weights`` stored for that file's content, if any.
     ``threshold`` decides at another operating point."""
     target_class = TARGETS.get(name)
+    check_weights(name, weights)
     if weights is None:
         target = target_class()
-    elif not target_class.accepts_weights:
-        raise RedteamError(f"{name} has fixed weights; --weights is for targets that load a user's file.")
-    elif not Path(weights).is_file():
-        raise RedteamError(f"--weights {weights} is not a file.")
     else:
         target = target_class(weights=Path(weights))
         calibrated = stored_calibration(name, Path(weights))
@@ -70,7 +67,7 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
             )
     target = frozen(target, device)
     if threshold is not None:
-        target.threshold_override = threshold
+        target.decide_at(threshold)
     return target
 
 
@@ -211,7 +208,7 @@ def wrap_model(target: Target, config: EvaluationConfig, chain: DefenseChain) ->
     for wrapper in chain.wrappers:
         target = frozen(wrapper.wrap(target, fresh), device)
         if config.threshold is not None:
-            target.threshold_override = config.threshold
+            target.decide_at(config.threshold)
     return target
 
 
@@ -260,8 +257,6 @@ def check_capabilities(config: EvaluationConfig, chain: DefenseChain) -> None:
     if issubclass(attack_class, Campaign):
         if config.surrogate:
             raise RedteamError(f"{attack} reports its own transfer table; --surrogate is for per-probe attacks.")
-        if attack_class.needs_identity and not config.identity:
-            raise RedteamError(f"{attack} is about one person: pass --identity NAME (a folder of --data).")
     elif attack_class.kind == "minimal" and config.surrogate:
         raise RedteamError(f"{attack} finds minimal perturbations; transfer needs a fixed-budget attack such as pgd.")
     if chain.empty:

@@ -12,7 +12,7 @@ from typing import cast
 import pandas as pd
 import torch
 
-from redteam.api import Budget, Norm, Objective, grants, objective_gradient
+from redteam.api import Budget, Norm, Objective, Target, grants, objective_gradient
 from redteam.attacks.pgd import PGD
 from redteam.budgets import display_eps
 from redteam.engine.assembly import drawing_from
@@ -52,6 +52,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
     clean = own[own["eps"] == 0.0].set_index("probe")
     sample = [p for p in cell.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
     checks = [_monotone(accuracy_curve(own[own["eps"].isin(cell.budgets)]))]
+    checks += _operating_point(cell, own, executor.target)
     if sample:
         images = cell.dataset.load([p.image for p in sample]).to(executor.device)
         crafting, verdict = executor.objectives(sample)
@@ -69,6 +70,21 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
     checks += _transfer_consistency(cell, results)
     checks += _adaptive_consistency(cell, results, cells)
     return checks
+
+
+def _operating_point(cell: Cell, own: pd.DataFrame, target: Target) -> list[Check]:
+    """Clean accuracy far below the card's verification accuracy means the face system was set up wrongly (most
+    often a threshold in the wrong unit): every robustness number of the cell is then meaningless."""
+    card_accuracy = target.card.metrics.get("verification_accuracy")
+    clean = own[own["eps"] == 0.0]["correct"]
+    if card_accuracy is None or cell.config.threat not in ("dodging", "impersonation") or len(clean) < 4:
+        return []
+    accuracy = float(clean.mean())
+    passed = accuracy >= card_accuracy - 0.3
+    detail = f"clean accuracy {accuracy:.0%} at {target.threshold_text()} (the card's: {card_accuracy:.1%})"
+    if not passed:
+        detail += "; is the threshold right? A cosine threshold is in [-1, 1], an L2 one a distance such as 0.6"
+    return [Check("operating point", passed, detail)]
 
 
 def _monotone(curve: pd.DataFrame) -> Check:

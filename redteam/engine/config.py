@@ -15,12 +15,13 @@ import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from redteam.api import ATTACKS, TARGETS, AttackBase, Campaign
 from redteam.budgets import DEFAULT_BUDGETS
 from redteam.errors import RedteamError
-from redteam.runtime import check_precision
+from redteam.runtime import check_precision, resolve_device
 from redteam.threats import THREATS
 
 #: The version of what an unchanged cell computes: bump it with a change that alters stored results (it is part of
@@ -29,7 +30,7 @@ RESULTS_VERSION = 1
 #: Settings that choose what and how much is computed, not what a given probe's result is.
 NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
-KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32"}
+KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "skip_bad_images": False}
 
 
 @dataclass
@@ -61,6 +62,7 @@ class EvaluationConfig:
     adaptive: bool = True  # with a defense: attack through it (BPDA/EOT), or craft on the undefended target
     checks: bool = True
     identity: str | None = None  # the person a campaign (advhat, inversion, backdoor) is about
+    skip_bad_images: bool = False  # leave out images a face model cannot use (listed), instead of stopping
 
     @property
     def attack_class(self) -> type[AttackBase]:
@@ -110,7 +112,9 @@ class EvaluationConfig:
         elif threat == "auto":
             threat = "evasion" if TARGETS.get(self.target).card.task == "detection" else "dodging"
         THREATS.get(threat)
+        check_weights(self.target, self.weights)
         check_precision(self.precision)
+        resolve_device(self.device)  # an unknown or absent device fails here, before any work
         if self.limit is not None and self.limit < 1:
             raise RedteamError(f"--limit must be at least 1, not {self.limit}.")
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
@@ -151,6 +155,16 @@ class EvaluationConfig:
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_weights(target: str, weights: str | Path | None) -> None:
+    """A user's weights file is for targets that take one, and must be a file."""
+    if weights is None:
+        return
+    if not TARGETS.get(target).accepts_weights:
+        raise RedteamError(f"{target} has fixed weights; --weights is for targets that load a user's file.")
+    if not Path(weights).is_file():
+        raise RedteamError(f"--weights {weights} is not a file.")
+
+
 def instantiate(name: str, options: dict[str, Any]) -> AttackBase:
     """The attack ``name`` with ``options`` as its settings, checked (one-line errors naming what it takes)."""
     attack_class = ATTACKS.get(name)
@@ -168,9 +182,14 @@ def instantiate(name: str, options: dict[str, Any]) -> AttackBase:
             wanted = " or ".join(sorted({_TYPE_NAMES.get(t, t.__name__) for t in allowed}))
             raise RedteamError(f"{name}: {setting} takes {wanted}, not {value!r}.")
     try:
-        return attack_class(**options)
+        attack = attack_class(**options)
     except (TypeError, ValueError) as error:
         raise RedteamError(f"{name}: {error}") from None
+    for setting in attack_class.positive:
+        value = getattr(attack, setting)
+        if not value > 0:
+            raise RedteamError(f"{name}: {setting} must be above 0, not {value!r}.")
+    return attack
 
 
 _TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text", type(None): "nothing"}

@@ -59,7 +59,7 @@ def prepare(config: EvaluationConfig) -> Cell:
         raise ValueError(f"{resolved.attack} is a campaign: run it with redteam.engine.run_campaign")
     defense = build_defense(resolved.defense)
     attack = build_attack(resolved, defense)
-    dataset = open_dataset(resolved.data, align=resolved.align)
+    dataset = open_dataset(resolved.data, align=resolved.align, skip_bad=resolved.skip_bad_images)
     threat = THREATS.get(resolved.threat)(dataset, seed=resolved.seed)
     probes = threat.probes(resolved.limit)
     fingerprint = content_fingerprint(resolved, dataset, defense)
