@@ -530,6 +530,7 @@ def main() -> None:
     on stderr and a non-zero exit, never a traceback or a box."""
     try:
         typer.main.get_command(app)(standalone_mode=False)
+        sys.exit(0)
     except RedteamError as error:
         fail(str(error), error.exit_code)
     except typer.Exit as done:  # --help, and commands that finished early

@@ -14,7 +14,7 @@ from redteam.errors import MissingWeightsError
 
 def test_demo_dataset_is_real_aligned_faces(facenet):
     demo = DemoDataset()
-    assert len(demo.by_identity) >= 15 and all(len(v) == 2 for v in demo.by_identity.values())
+    assert len(demo.by_identity) >= 15 and all(len(v) == 3 for v in demo.by_identity.values())  # three views
     images = demo.load(range(len(demo)))
     assert images.shape[1:] == (3, 250, 250) and 0 <= images.min() and images.max() <= 1
     with torch.no_grad():
@@ -22,7 +22,7 @@ def test_demo_dataset_is_real_aligned_faces(facenet):
     similarity = embeddings @ embeddings.T
     same = torch.tensor([[a.identity == b.identity for b in demo.records] for a in demo.records])
     off_diagonal = ~torch.eye(len(demo), dtype=torch.bool)
-    # each face matches its own second view and no other person
+    # each face matches its own other views and no other person
     assert (similarity[same & off_diagonal] >= facenet.threshold).float().mean() >= 0.9
     assert (
         similarity[~same] < facenet.threshold

@@ -57,3 +57,10 @@ def test_gate_errors_are_one_line(cli, capsys, tmp_path):
     assert "is not a redteam baseline" in capsys.readouterr().err
     assert cli("check", "--baseline", tmp_path / "new.json", "--write", tmp_path) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_a_baseline_checked_from_another_folder_says_to_pass_data(cli, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the baseline names its faces relative to the repository root
+    assert cli("check", "--baseline", BASELINE.resolve()) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "The baseline names its faces relative to where it was written" in error and "pass --data PATH" in error

@@ -110,7 +110,6 @@ def test_same_seed_same_reconstructions(data, prior, cli, tmp_path):
         (("--identity", PERSON, "--steps", 8, "--eps", "0,9"), "optimisation steps"),
         (("--identity", PERSON, "--option", "attacked=40"), "cannot exceed"),
         (("--identity", PERSON, "--threat", "dodging"), "supports --threat identification"),
-        ((), "pass --identity"),
     ],
 )
 def test_bad_input_is_one_clear_line(data, cli, tmp_path, capsys, extra, message):

@@ -155,7 +155,6 @@ def test_campaign_plants_a_backdoor_that_makeup_triggers_end_to_end(people, cli,
         (("--identity", TARGET, "--eps", "0,0.6"), "poison rates"),
         (("--identity", TARGET, "--threat", "dodging"), "supports --threat identification"),
         (("--identity", TARGET, "--target", "arcface"), "--option cut= to train the head alone"),
-        ((), "pass --identity"),
     ],
 )
 def test_bad_input_is_one_clear_line(people, cli, tmp_path, capsys, extra, message):
