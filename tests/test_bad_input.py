@@ -203,3 +203,9 @@ def test_images_a_model_cannot_use_stop_the_run_or_are_skipped_and_listed(cli, c
     assert cli(*run, "--skip-bad-images") == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "1 images left out:" in said and grey.name in said and "grayscale" in said
+
+
+def test_a_mistyped_identity_suggests_the_name_without_listing_hundreds(cli, capsys, faces_root, tmp_path):
+    args = ("run", "--attack", "inversion", "--identity", "Bil_Gates", "--data", faces_root, "--out", tmp_path / "x")
+    error = _fails_with(cli, capsys, "Did you mean 'Bill_Gates'?", *args)
+    assert "629 known, e.g. Aaron_Peirsol" in error and len(error) < 300
