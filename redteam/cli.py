@@ -90,6 +90,12 @@ def run(
         bool, typer.Option(help="Detect and align faces (MTCNN) instead of assuming LFW-framed crops.")
     ] = False,
     checks: Annotated[bool, typer.Option(help="Run the sanity checks (a few seconds).")] = True,
+    access: Annotated[
+        str, typer.Option(help="What the target shows the attacker: gradients, scores or decisions (auto: all it has).")
+    ] = "auto",
+    queries: Annotated[
+        int | None, typer.Option(help="Per-probe query budget of a query attack (default: the attack's own).")
+    ] = None,
     skip_bad_images: Annotated[
         bool, typer.Option(help="Leave out images a face model cannot use (grayscale, tiny, corrupt), listing them.")
     ] = False,
@@ -139,6 +145,8 @@ def run(
         surrogate=surrogate,
         align=align,
         skip_bad_images=skip_bad_images,
+        access=access,
+        queries=queries,
         batch_size=_parse_batch_size(batch_size),
         device=device,
         precision=precision,

@@ -253,9 +253,10 @@ def recreate_examples(summary: CellSummary, count: int, device: str = "auto") ->
     level, batch, rows = chosen
     eps = evaluation.cell.budgets[level]
     with drawing_from(executor.generator("defense", level, 0), executor.crafting, executor.target):
-        images, adversarial, _, verdict = executor.craft(batch, eps, level, 0)
+        crafted = executor.craft(batch, eps, level, 0)
+        images, adversarial = crafted.images, crafted.adversarial
         with torch.no_grad():
-            judged = verdict(adversarial)
+            judged = crafted.verdict(adversarial)
     scores = judged.score.detach().cpu()
     drift = float((scores - torch.tensor(rows["score"].to_numpy(), dtype=scores.dtype)).abs().max())
     clean = evaluation.store.frame(evaluation.cell.key, 0.0).set_index("probe")

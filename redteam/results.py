@@ -38,11 +38,18 @@ RESULT_COLUMNS: dict[str, str] = {
     "l2": "REAL",
     "steps": "INTEGER",
     "inherited": "INTEGER",  # broken at a smaller eps already, so broken here too
+    "queries": "INTEGER",  # a query attack's queries for this probe (empty for attacks that do not query)
 }
 
 CURVE_KEYS = ["target", "surrogate", "defense", "attack", "threat", "norm", "dataset"]
 MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "REAL", "linf": "REAL", "l2": "REAL",
-                   "steps": "INTEGER"}  # fmt: skip
+                   "steps": "INTEGER", "queries": "INTEGER"}  # fmt: skip
+#: A query attack's record per probe: the smallest fooling perturbation known after ``queries`` queries (image
+#: units, inf before the first), at log-spaced checkpoints; ``eps`` is the budget attacked (0 for minimal attacks).
+TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries": "INTEGER", "linf": "REAL",
+                      "l2": "REAL"}  # fmt: skip
+#: Columns added since stores were first written, with their types: added to older stores when opened.
+ADDED_COLUMNS = {"results": {"queries": "INTEGER"}, "minimal": {"queries": "INTEGER"}}
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
 #: A campaign's finished stages (an area, a budget, a poison rate), serialised, so an interrupted campaign resumes.
 STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
@@ -86,6 +93,13 @@ class ResultStore:
             db.execute(f"CREATE TABLE IF NOT EXISTS curves ({curves}, PRIMARY KEY (cell, eps))")
             stages = ", ".join(f"{name} {kind}" for name, kind in STAGE_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS stages ({stages}, PRIMARY KEY (cell, stage))")
+            steps = ", ".join(f"{name} {kind}" for name, kind in TRAJECTORY_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS trajectory ({steps}, PRIMARY KEY (cell, probe, eps, queries))")
+            for table, added in ADDED_COLUMNS.items():
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in added.items():
+                    if name not in present:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)
@@ -114,8 +128,9 @@ class ResultStore:
             return
         names = list(columns)
         values = [tuple(_plain(row[n]) for n in names) for row in rows]
+        placeholders = ", ".join("?" * len(names))
         with self._connect() as db:  # one transaction: the batch is stored whole or not at all
-            db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({', '.join('?' * len(names))})", values)
+            db.executemany(f"INSERT OR REPLACE INTO {table} ({', '.join(names)}) VALUES ({placeholders})", values)
 
     def append(self, rows: list[dict]) -> None:
         self._insert("results", RESULT_COLUMNS, rows)
@@ -130,6 +145,14 @@ class ResultStore:
     def record_curve(self, rows: list[dict]) -> None:
         """A campaign's own curve (one row per budget), replacing what the same cell stored before."""
         self._insert("curves", CURVE_COLUMNS, rows)
+
+    def record_trajectory(self, rows: list[dict]) -> None:
+        self._insert("trajectory", TRAJECTORY_COLUMNS, rows)
+
+    def trajectory(self, cell: str | None = None) -> pd.DataFrame:
+        """Query attacks' records (:data:`TRAJECTORY_COLUMNS`) of ``cell``, or of every current cell."""
+        frame = self._table("trajectory", cell)
+        return frame if cell is not None else self._set_aside(frame)
 
     def record_stage(self, cell: str, stage: str, payload: bytes) -> None:
         self._insert("stages", STAGE_COLUMNS, [{"cell": cell, "stage": stage, "payload": payload}])

@@ -57,6 +57,8 @@ SHARED_SETTINGS: dict[str, type | tuple[type, ...]] = {
     "precision": str,
     "checks": bool,
     "skip_bad_images": bool,
+    "access": str,
+    "queries": int,
     "steps": int,
 }
 GRID_KEYS = ("targets", "attacks", "defenses", "adaptive")
@@ -140,7 +142,7 @@ def _checked(path: Path, key: str, value: Any) -> Any:
     if key == "eps":
         if not value or any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in value):
             raise SweepConfigError(f"{path}: eps: expected a list of numbers, got {value!r}.")
-    if key in ("limit", "batch_size", "steps") and value < 1:
+    if key in ("limit", "batch_size", "steps", "queries") and value < 1:
         raise SweepConfigError(f"{path}: {key}: must be at least 1, got {value}.")
     return value
 

@@ -154,6 +154,13 @@ class ThreatModel(ABC):
         """Dataset indices of the enrolment images the probes are compared with."""
         return sorted({p.reference for p in probes})
 
+    def starting_images(self, probe: Probe, count: int = 4) -> list[int]:
+        """Dataset images a decision-based attack may start from for ``probe``: images the system likely already
+        decides wrongly on (by default photos of other people, in an order drawn from the seed)."""
+        records = self.dataset.records
+        others = [i for i, record in enumerate(records) if record.identity != records[probe.image].identity]
+        return random.Random(f"{self.name}:{self.seed}:start:{probe.key}").sample(others, min(count, len(others)))
+
     def enrol(self, encode: Callable[[list[int]], Tensor], probes: list[Probe]) -> Enrolment:
         """Embed the enrolment images once; ``encode`` maps dataset indices to embeddings ``[N, D]`` (no gradient)."""
         indices = self.enrolment_images(probes)
@@ -209,6 +216,11 @@ class Dodging(ThreatModel):
 class Impersonation(Dodging):
     name = "impersonation"
     impersonate = True
+
+    def starting_images(self, probe: Probe, count: int = 4) -> list[int]:
+        """B's own photos, the enrolment first: they match B's enrolment already."""
+        victim = self.dataset.records[probe.reference].identity
+        return [probe.reference, *[i for i in self.dataset.by_identity[victim] if i != probe.reference]][:count]
 
     def probes(self, limit: int | None = None) -> list[Probe]:
         if self.dataset.pairs is not None:
@@ -278,6 +290,9 @@ class Evasion(ThreatModel):
 
     def enrolment_images(self, probes: list[Probe]) -> list[int]:
         return []
+
+    def starting_images(self, probe: Probe, count: int = 4) -> list[int]:
+        return []  # every image is a face: a decision attack starts from a blank image instead
 
     def objective(self, model: FaceDetector, enrolment: Enrolment, probes: list[Probe]) -> Objective:
         return DetectionObjective(model)

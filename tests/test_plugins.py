@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from redteam.api import ATTACKS, TARGETS, Attack, AttackResult
+from redteam.api import ATTACKS, TARGETS, QueryAttack, QueryResult, perturbation_size
 from my_plugins.target import Thumbnail
 
 
@@ -43,22 +43,22 @@ class ThumbnailAPI(Thumbnail):
     offers = "decisions"
 
 
-@ATTACKS.register("random-search", "random corners of the budget's box, kept once the decision flips")
+@ATTACKS.register("random-corners", "random corners of the budget's box, kept once the decision flips")
 @dataclass
-class RandomSearch(Attack):
-    name = "random-search"
+class RandomCorners(QueryAttack):
+    name = "random-corners"
     norms = ("linf",)
     needs = "decisions"
-    tries: int = 10
+    default_queries = 10
 
-    def __call__(self, objective, images, budget, generator=None):
+    def __call__(self, oracle, images, budget, generator):
         best = images.clone()
-        with torch.no_grad():
-            for _ in range(self.tries):
-                candidate = budget.confine(images)(images + budget.sample(images, generator).sign() * budget.eps)
-                fooled = objective(candidate).success
-                best[fooled] = candidate[fooled]
-        return AttackResult(best, torch.full((len(images),), self.tries), objective)
+        for _ in range(int(oracle.remaining().min())):
+            candidate = budget.confine(images)(images + budget.sample(images, generator).sign() * budget.eps)
+            fooled = oracle(candidate).fooled
+            best[fooled] = candidate[fooled]
+        size = perturbation_size(best - images, "linf")
+        return QueryResult(best, torch.where(size > 0, size, torch.full_like(size, float("inf"))))
 """
 
 
@@ -108,7 +108,7 @@ def redteam(site: Path, *args: object) -> subprocess.CompletedProcess:
 def test_plugins_are_listed(toy_package):
     done = redteam(toy_package, "list")
     assert done.returncode == 0, done.stderr
-    for name in ("thumbnail", "thumbnail-api", "fgsm", "random-search", "box-blur"):
+    for name in ("thumbnail", "thumbnail-api", "fgsm", "random-corners", "box-blur"):
         assert name in done.stdout
 
 
@@ -132,11 +132,11 @@ def test_decision_only_target_refuses_gradient_attacks_before_any_work(toy_packa
     done = redteam(toy_package, "run", "--target", "thumbnail-api", "--attack", "pgd", "--data", small_faces.root,
                    "--out", out)  # fmt: skip
     assert done.returncode == 2
-    assert "pgd needs gradients; thumbnail-api answers decisions only (attacks that work with it: random-search)" in (
-        " ".join(done.stderr.split())
-    )
+    said = " ".join(done.stderr.split())
+    assert "pgd needs gradients; thumbnail-api answers decisions only (attacks that work with it:" in said
+    assert "random-corners" in said
     assert "Traceback" not in done.stderr and not out.exists()
-    done = redteam(toy_package, "run", "--target", "thumbnail-api", "--attack", "random-search", "--data",
+    done = redteam(toy_package, "run", "--target", "thumbnail-api", "--attack", "random-corners", "--data",
                    small_faces.root, "--limit", 4, "--eps", "0,16", "--out", out)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(pd.read_csv(out / "curve.csv")) == 2

@@ -11,11 +11,15 @@ from redteam.api.attacks import (
     AttackKind,
     AttackResult,
     MinimalAttack,
+    MinimalQueryAttack,
     MinimalResult,
+    QueryAttack,
+    QueryResult,
     objective_gradient,
 )
 from redteam.api.campaigns import Axis, Campaign, CampaignContext, CampaignReport
 from redteam.api.defenses import DEFENSES, InputTransform, ModelWrapper
+from redteam.api.oracles import QUERY_CHECKPOINTS, Answer, Oracle, QueryBudgetExceeded
 from redteam.api.targets import (
     ACCESS_LEVELS,
     TARGETS,
@@ -38,10 +42,12 @@ from redteam.threats import Enrolment, Objective, Probe, Verdict
 
 __all__ = [
     "ACCESS_LEVELS",
+    "QUERY_CHECKPOINTS",
     "ATTACKS",
     "DEFENSES",
     "TARGETS",
     "Access",
+    "Answer",
     "Attack",
     "AttackBase",
     "AttackKind",
@@ -60,13 +66,18 @@ __all__ = [
     "FrozenGraph",
     "InputTransform",
     "MinimalAttack",
+    "MinimalQueryAttack",
     "MinimalResult",
     "ModelCard",
     "ModelWrapper",
     "Norm",
     "Objective",
+    "Oracle",
     "Preprocessing",
     "Probe",
+    "QueryAttack",
+    "QueryBudgetExceeded",
+    "QueryResult",
     "Target",
     "TemplateWarp",
     "Verdict",

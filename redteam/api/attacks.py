@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from redteam.api.oracles import Oracle
 from redteam.api.targets import Access
 from redteam.budgets import Budget
 from redteam.registry import Registry
@@ -41,6 +42,12 @@ def check_attack_class(name: str, attack_class: Any) -> None:
     if not is_dataclass(attack_class):
         raise TypeError(f"attack {name!r}: decorate the class with @dataclass (its fields are its settings)")
     settings = {f.name for f in fields(attack_class)}
+    queries = issubclass(attack_class, QueryAttack | MinimalQueryAttack)
+    if (attack_class.needs != "gradients") != queries:
+        raise TypeError(
+            f"attack {name!r}: an attack that needs {attack_class.needs} subclasses "
+            f"{'QueryAttack or MinimalQueryAttack (it gets an oracle)' if not queries else 'Attack or MinimalAttack'}"
+        )
     for declared, setting in (("supports_eot", "eot"), ("supports_early_stop", "early_stop")):
         if getattr(attack_class, declared) and setting not in settings:
             raise TypeError(f"attack {name!r} declares {declared} but has no {setting!r} setting")
@@ -64,6 +71,8 @@ class AttackBase(ABC):
     supports_early_stop: ClassVar[bool] = False
     #: Settings that must be above 0 (step counts, step sizes, samples), checked before any work.
     positive: ClassVar[tuple[str, ...]] = ()
+    #: An attack that only queries: its per-probe budget when ``--queries`` is not given (None: not a query attack).
+    default_queries: ClassVar[int | None] = None
 
     @classmethod
     def settings(cls) -> list[str]:
@@ -127,6 +136,44 @@ class Attack(AttackBase):
         self, objective: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None = None
     ) -> AttackResult:
         """Maximise ``objective`` around ``images [B, 3, H, W]`` (in ``[0, 1]``) within ``budget``."""
+
+
+@dataclass
+class QueryResult:
+    """A query attack's answer: ``images``, the adversarial batch (the input where it found nothing); ``size``, each
+    sample's perturbation size in the attack's norm (``inf`` where none fooled the system). The queries it spent are
+    the oracle's count."""
+
+    images: Tensor
+    size: Tensor
+
+
+class QueryAttack(AttackBase):
+    """A fixed-budget attack that only queries (scores, or decisions only): it searches within ``budget`` around
+    ``images`` and never sees a gradient. ``default_queries``: its per-probe budget when ``--queries`` is not given."""
+
+    kind = "fixed-budget"
+    needs: ClassVar[Access] = "scores"
+    default_queries: ClassVar[int | None] = 1_000
+
+    @abstractmethod
+    def __call__(self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator) -> QueryResult:
+        """Fool ``oracle`` within ``budget`` of ``images [B, 3, H, W]``, asking at most ``oracle.remaining()``."""
+
+
+class MinimalQueryAttack(AttackBase):
+    """A decision-based minimal attack: from ``starts`` (images already on the wrong side of the decision, one per
+    probe) it shrinks the perturbation towards ``images`` asking only whether the system is still fooled; one run
+    gives every budget's answer, and the oracle's record gives the size reached after any number of queries."""
+
+    kind = "minimal"
+    needs: ClassVar[Access] = "decisions"
+    default_queries: ClassVar[int | None] = 1_000
+    norm: str
+
+    @abstractmethod
+    def __call__(self, oracle: Oracle, images: Tensor, starts: Tensor, generator: torch.Generator) -> QueryResult:
+        """Shrink ``starts - images`` (``[B, 3, H, W]``) in the attack's norm while ``oracle`` stays fooled."""
 
 
 class MinimalAttack(AttackBase):

@@ -43,7 +43,7 @@ Access = Literal["gradients", "scores", "decisions"]
 ACCESS_LEVELS: tuple[Access, ...] = ("decisions", "scores", "gradients")
 
 
-def grants(offered: Access, needed: Access) -> bool:
+def grants(offered: str, needed: str) -> bool:
     """Whether a target offering ``offered`` gives an attack what it ``needed`` (gradients imply scores, scores
     imply decisions)."""
     return ACCESS_LEVELS.index(offered) >= ACCESS_LEVELS.index(needed)

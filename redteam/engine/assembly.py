@@ -242,13 +242,16 @@ def check_capabilities(config: EvaluationConfig, chain: DefenseChain) -> None:
     a surrogate asks of the attack (all read from declarations)."""
     attack_class, attack = config.attack_class, config.attack
     crafted_on = config.surrogate or config.target
-    offered = TARGETS.get(crafted_on).offers
+    offered = TARGETS.get(config.surrogate).offers if config.surrogate else config.access
     if not grants(offered, attack_class.needs):
         able = _attacks_that(lambda a: grants(offered, a.needs) and a.kind != "campaign")
+        restricted = f" (--access {offered})" if offered != TARGETS.get(crafted_on).offers else ""
         raise RedteamError(
-            f"{attack} needs {attack_class.needs}; {crafted_on} answers {_access(offered)} "
+            f"{attack} needs {attack_class.needs}; {crafted_on} answers {_access(offered)}{restricted} "
             f"(attacks that work with it: {able or 'none registered'})."
         )
+    if attack_class.default_queries is not None and config.surrogate:
+        raise RedteamError(f"{attack} queries the target itself; --surrogate is for transfer attacks such as pgd.")
     task = THREATS.get(config.threat).task
     for name in filter(None, (config.target, config.surrogate)):
         kind = TARGETS.get(name).card.task

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from redteam.api import ATTACKS, TARGETS, AttackBase, Campaign
+from redteam.api import ACCESS_LEVELS, ATTACKS, TARGETS, AttackBase, Campaign, grants
 from redteam.budgets import DEFAULT_BUDGETS
-from redteam.errors import RedteamError
+from redteam.errors import RedteamError, UnknownNameError
 from redteam.runtime import check_precision, resolve_device
 from redteam.threats import THREATS
 
@@ -30,7 +30,7 @@ RESULTS_VERSION = 1
 #: Settings that choose what and how much is computed, not what a given probe's result is.
 NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
-KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "skip_bad_images": False}
+KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "skip_bad_images": False, "access": "gradients", "queries": None}
 
 
 @dataclass
@@ -63,6 +63,8 @@ class EvaluationConfig:
     checks: bool = True
     identity: str | None = None  # the person a campaign (advhat, inversion, backdoor) is about
     skip_bad_images: bool = False  # leave out images a face model cannot use (listed), instead of stopping
+    access: str = "auto"  # what the target shows the attacker: gradients, scores or decisions (auto: all it offers)
+    queries: int | None = None  # per-probe query budget of a query attack (None: the attack's own default)
 
     @property
     def attack_class(self) -> type[AttackBase]:
@@ -113,13 +115,14 @@ class EvaluationConfig:
             threat = "evasion" if TARGETS.get(self.target).card.task == "detection" else "dodging"
         THREATS.get(threat)
         check_weights(self.target, self.weights)
+        access, queries = self._access(attack_class)
         check_precision(self.precision)
         resolve_device(self.device)  # an unknown or absent device fails here, before any work
         if self.limit is not None and self.limit < 1:
             raise RedteamError(f"--limit must be at least 1, not {self.limit}.")
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise RedteamError(f"--batch-size must be a positive number or auto, not {self.batch_size!r}.")
-        resolved = replace(self, norm=norm, threat=threat)
+        resolved = replace(self, norm=norm, threat=threat, access=access, queries=queries)
         if issubclass(attack_class, Campaign):
             campaign = instantiate(self.attack, self.attack_options)
             assert isinstance(campaign, Campaign)
@@ -134,6 +137,25 @@ class EvaluationConfig:
                 if norm == "linf" and value > 255:
                     raise RedteamError(f"ℓ∞ budget {value:g}/255 exceeds the whole pixel range.")
         return replace(resolved, eps=tuple(float(e) for e in eps))
+
+    def _access(self, attack_class: type[AttackBase]) -> tuple[str, int | None]:
+        """``access`` settled (``score`` and ``decision`` accepted for ``scores`` and ``decisions``; ``auto``: all
+        the target offers; never more) and the query budget of an attack that only queries."""
+        offered = TARGETS.get(self.target).offers
+        access = {"score": "scores", "decision": "decisions", "gradient": "gradients"}.get(self.access, self.access)
+        access = offered if access == "auto" else access
+        if access not in ACCESS_LEVELS:
+            raise UnknownNameError("access", self.access, ("auto", *ACCESS_LEVELS))
+        if not grants(offered, access):
+            raise RedteamError(f"--access {access}: {self.target} answers {offered} at most.")
+        if attack_class.default_queries is None:
+            if self.queries is not None:
+                raise RedteamError(f"--queries is a query attack's budget; {self.attack} does not query.")
+            return access, None
+        queries = self.queries if self.queries is not None else attack_class.default_queries
+        if not isinstance(queries, int) or isinstance(queries, bool) or queries < 1:
+            raise RedteamError(f"--queries is a number of queries per probe (at least 1), not {queries!r}.")
+        return access, queries
 
     def budgets(self) -> list[float]:
         """A per-probe evaluation's budgets in image units, ascending, always starting with the clean point 0."""

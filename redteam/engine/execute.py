@@ -10,15 +10,26 @@ defense, the judge is the defended target as deployed and the attack differentia
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from redteam.api import Attack, Budget, MinimalAttack, Target, perturbation_size
+from redteam.api import (
+    Attack,
+    Budget,
+    MinimalAttack,
+    MinimalQueryAttack,
+    Oracle,
+    QueryAttack,
+    QueryResult,
+    Target,
+    perturbation_size,
+)
 from redteam.engine.assembly import behind_transforms, drawing_from, load_target, wrap_model
-from redteam.engine.plan import Cell, Shard, result_row
+from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
 from redteam.runtime import autocast, chunks, fit_batch_size, resolve_device, seeded_generator
 from redteam.threats import Enrolment, Objective, Probe
@@ -78,57 +89,85 @@ class Executor:
             return verdict, verdict
         return threat.objective(self.crafting, self.crafting_enrolment, batch), verdict
 
-    def compute(self, shard: Shard) -> list[dict[str, Any]]:
-        """The rows of one batch, for the planner to record."""
+    def compute(self, shard: Shard) -> Computed:
+        """The rows of one batch (and a query attack's trajectories), for the planner to record."""
         if shard.minimal:
             return self._attack_minimal(list(shard.probes), shard.number)
         return self._evaluate_batch(list(shard.probes), shard.eps, shard.level, shard.number)
 
-    def craft(
-        self, batch: list[Probe], eps: float, level: int, batch_number: int
-    ) -> tuple[Tensor, Tensor, Tensor, Objective]:
-        """Attack one batch of the ladder exactly as the run does (same seeds): ``(images, adversarial, steps,
-        verdict)`` with images ``[B, 3, H, W]``, steps ``[B]``. Randomised defenses keep drawing from the batch's
-        generator while the verdict is judged (as the run judges it); reports re-create stored examples with it."""
+    def oracle(self, verdict: Objective, images: Tensor) -> Oracle:
+        """The target as a query attack sees it: only what the attack needs (scores or decisions), counted."""
+        config, attack = self.cell.config, self.cell.attack
+        assert config.queries is not None  # resolve() gives every query attack its budget
+        return Oracle(verdict, images, attack.needs, config.queries, config.norm)  # type: ignore[arg-type]
+
+    def craft(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> Crafted:
+        """Attack one batch of the ladder exactly as the run does (same seeds). Randomised defenses keep drawing
+        from the batch's generator while the verdict is judged (as the run judges it); reports re-create stored
+        examples with it."""
         images = self.cell.dataset.load([p.image for p in batch]).to(self.device)
         crafting, verdict = self.objectives(batch)
         if eps == 0:
-            return images, images, torch.zeros(len(batch), dtype=torch.long), verdict
-        attack = self.cell.attack
-        assert isinstance(attack, Attack)
+            return Crafted(images, images, torch.zeros(len(batch), dtype=torch.long), verdict)
+        attack, budget = self.cell.attack, Budget(self.cell.config.norm, eps)  # type: ignore[arg-type]
         generator = self.generator(level, batch_number)
+        if isinstance(attack, QueryAttack):  # it queries the target as deployed, never the model
+            oracle = self.oracle(verdict, images)
+            found = attack(oracle, images, budget, generator)
+            return Crafted(images, found.images, oracle.spent, verdict, oracle)
+        assert isinstance(attack, Attack)
         with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
-            result = attack(crafting, images, Budget(self.cell.config.norm, eps), generator)  # type: ignore[arg-type]
-        return images, result.images, result.steps, verdict
+            result = attack(crafting, images, budget, generator)
+        return Crafted(images, result.images, result.steps, verdict)
 
-    def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> list[dict]:
+    def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> Computed:
         with drawing_from(self.generator("defense", level, batch_number), self.crafting, self.target):
-            images, adversarial, steps, verdict = self.craft(batch, eps, level, batch_number)
+            crafted = self.craft(batch, eps, level, batch_number)
             with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
-                judged = verdict(adversarial)
-        delta = adversarial - images
+                judged = crafted.verdict(crafted.adversarial)
+        delta = crafted.adversarial - crafted.images
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
-        return [
-            result_row(self.cell, probe, eps, not bool(judged.success[k]), judged.score[k], linf[k], l2[k], steps[k])
+        queries = crafted.oracle.spent.tolist() if crafted.oracle else [None] * len(batch)
+        rows = [
+            result_row(
+                self.cell,
+                probe,
+                eps,
+                not bool(judged.success[k]),
+                judged.score[k],
+                linf[k],
+                l2[k],
+                crafted.steps[k],
+                queries[k],
+            )  # fmt: skip
             for k, probe in enumerate(batch)
         ]
+        return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [])
 
-    def _attack_minimal(self, batch: list[Probe], batch_number: int) -> list[dict]:
+    def _attack_minimal(self, batch: list[Probe], batch_number: int) -> Computed:
         """Each probe's smallest fooling perturbation (``inf`` where the target is not fooled): rows of ``minimal``."""
         attack = self.cell.attack
-        if not isinstance(attack, MinimalAttack):
-            raise RedteamError(f"{attack.name} is not a minimal-perturbation attack.")
         images = self.cell.dataset.load([p.image for p in batch]).to(self.device)
         objective, verdict = self.objectives(batch)
+        oracle = None
         with drawing_from(self.generator("defense", "min", batch_number), self.crafting, self.target):
-            with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
-                result = attack(objective, images, self.generator("min", batch_number))
+            generator = self.generator("min", batch_number)
+            if isinstance(attack, MinimalQueryAttack):  # decisions only: from starts already on the wrong side
+                oracle = self.oracle(verdict, images)
+                result = attack(oracle, images, self._starts(batch, oracle, images), generator)
+                steps = oracle.spent
+            else:
+                if not isinstance(attack, MinimalAttack):
+                    raise RedteamError(f"{attack.name} is not a minimal-perturbation attack.")
+                with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
+                    found = attack(objective, images, generator)
+                result, steps = QueryResult(found.images, found.size), found.steps
             with torch.no_grad():
                 judged = verdict(result.images)
         delta = result.images - images
         size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
-        return [
+        rows = [
             {
                 "cell": self.cell.key,
                 "probe": p.key,
@@ -136,7 +175,53 @@ class Executor:
                 "score": float(judged.score[k]),
                 "linf": float(linf[k]),
                 "l2": float(l2[k]),
-                "steps": int(result.steps[k]),
+                "steps": int(steps[k]),
+                "queries": int(oracle.spent[k]) if oracle else None,
             }  # fmt: skip
             for k, p in enumerate(batch)
         ]
+        return Computed(rows, trajectories(oracle, batch, 0.0) if oracle else [])
+
+    def _starts(self, batch: list[Probe], oracle: Oracle, images: Tensor) -> Tensor:
+        """Where a decision-based attack starts, per probe: the first of the threat's starting images the target
+        already decides wrongly on (each try a counted query), else a blank grey image; the image itself (nothing
+        to shrink) for a probe where neither works."""
+        starts = images.clone()
+        found = torch.zeros(len(batch), dtype=torch.bool)
+        candidates = [self.cell.threat.starting_images(probe) for probe in batch]
+        for attempt in range(max((len(c) for c in candidates), default=0) + 1):
+            trying = [k for k in range(len(batch)) if not found[k] and attempt <= len(candidates[k])]
+            trying = [k for k in trying if int(oracle.remaining()[k]) > 0]
+            if not trying:
+                break
+            tried = [
+                self.cell.dataset.load([candidates[k][attempt]])[0] if attempt < len(candidates[k])
+                else torch.full_like(images[k], 0.5).cpu()  # no face at all
+                for k in trying
+            ]  # fmt: skip
+            answer = oracle(torch.stack(tried).to(self.device), trying)
+            for position, k in enumerate(trying):
+                if bool(answer.fooled[position]):
+                    starts[k], found[k] = tried[position].to(self.device), True
+        return starts
+
+
+@dataclass
+class Crafted:
+    """One attacked batch: ``images`` and ``adversarial`` ``[B, 3, H, W]``, ``steps`` ``[B]`` (gradient steps, or
+    queries), the ``verdict`` objective that judges them, and a query attack's ``oracle`` (its counts)."""
+
+    images: Tensor
+    adversarial: Tensor
+    steps: Tensor
+    verdict: Objective
+    oracle: Oracle | None = None
+
+
+def trajectories(oracle: Oracle, batch: list[Probe], eps: float) -> list[dict[str, Any]]:
+    """The oracle's record of each probe (queries, smallest fooling perturbation so far), as store rows."""
+    return [
+        {"probe": probe.key, "eps": eps, "queries": queries, "linf": linf, "l2": l2}
+        for k, probe in enumerate(batch)
+        for queries, linf, l2 in oracle.trajectory(k)
+    ]

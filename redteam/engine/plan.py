@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,12 @@ class Cell:
     def minimal(self) -> bool:
         return self.attack.kind == "minimal"
 
+    @property
+    def queries(self) -> bool:
+        """Its attack only queries the target: every budget is its own attack on every clean-correct probe (no
+        ladder: a probe broken at a smaller budget says nothing of the queries a larger one needs)."""
+        return self.attack.default_queries is not None
+
 
 def prepare(config: EvaluationConfig) -> Cell:
     """Resolve and check ``config`` (one-line errors before any model is loaded), open its data, draw its probes."""
@@ -64,6 +70,11 @@ def prepare(config: EvaluationConfig) -> Cell:
     probes = threat.probes(resolved.limit)
     fingerprint = content_fingerprint(resolved, dataset, defense)
     return Cell(resolved, dataset, threat, probes, resolved.budgets(), defense, attack, fingerprint)
+
+
+def _count(value: Any) -> int | None:
+    """A stored query count (NaN in a frame where none was stored) as an int or ``None``."""
+    return None if value is None or value != value else int(value)
 
 
 def content_fingerprint(config: EvaluationConfig, dataset: FaceDataset, defense: DefenseChain) -> dict[str, str]:
@@ -126,7 +137,18 @@ class Shard:
     minimal: bool = False
 
 
-def result_row(cell: Cell, probe: Probe, eps: float, correct: bool, score, linf, l2, steps) -> dict[str, Any]:
+@dataclass
+class Computed:
+    """What computing a shard gives its planner to store: the rows (``results``, or ``minimal`` for a minimal
+    attack's shard) and a query attack's trajectories."""
+
+    rows: list[dict[str, Any]]
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+
+
+def result_row(
+    cell: Cell, probe: Probe, eps: float, correct: bool, score, linf, l2, steps, queries: int | None = None
+) -> dict[str, Any]:
     """One row of the store's ``results`` table."""
     config = cell.config
     return {
@@ -149,6 +171,7 @@ def result_row(cell: Cell, probe: Probe, eps: float, correct: bool, score, linf,
         "l2": float(l2),
         "steps": int(steps),
         "inherited": 0,
+        "queries": queries,
     }
 
 
@@ -171,9 +194,12 @@ class Planner:
         here; ``advance(n)`` counts the probes already done or so derived."""
         return self._plan_minimal(advance) if self.cell.minimal else self._plan_ladder(advance)
 
-    def record(self, shard: Shard, rows: list[dict]) -> None:
-        """Store one computed batch (one transaction: whole or not at all), under this planner's key for the cell."""
-        rows = [{**row, "cell": self.cell.key} for row in rows]
+    def record(self, shard: Shard, computed: Computed) -> None:
+        """Store one computed batch under this planner's key for the cell: its trajectories, then its rows (one
+        transaction each; a batch counts as done once its rows are in)."""
+        key = self.cell.key
+        self.store.record_trajectory([{**point, "cell": key} for point in computed.trajectory])
+        rows = [{**row, "cell": key} for row in computed.rows]
         if shard.minimal:
             self.store.append_minimal(rows)
         else:
@@ -226,6 +252,8 @@ class Planner:
         previous: pd.DataFrame | None = None
         probes = self.cell.probes
         for level, eps in enumerate(self.cell.budgets):
+            if self.cell.queries and level > 1:
+                previous = self.stored(0.0)  # each budget attacks every clean-correct probe afresh
             done = set(self.store.frame(self.cell.key, eps)["probe"])
             advance(sum(p.key in done for p in probes))
             attacked = probes
@@ -233,7 +261,7 @@ class Planner:
                 still_correct = set(previous.loc[previous["correct"], "probe"])
                 attacked = [p for p in probes if p.key in still_correct]
                 broken = previous[~previous["probe"].isin(still_correct | done)]
-                inherited = [{**row.to_dict(), "eps": eps, "correct": 0, "inherited": 1, "steps": 0}
+                inherited = [{**row.to_dict(), "eps": eps, "correct": 0, "inherited": 1, "steps": 0, "queries": None}
                              for _, row in broken.iterrows()]  # fmt: skip
                 self.store.append(inherited)
                 advance(len(broken))
@@ -265,7 +293,7 @@ class Planner:
                     hit = found.loc[probe.key]
                     fooled = hit["size"] <= eps
                     rows.append(result_row(cell, probe, eps, not fooled, hit["score"], hit["linf"], hit["l2"],
-                                           hit["steps"]))  # fmt: skip
+                                           hit["steps"], _count(hit["queries"])))  # fmt: skip
                 else:  # wrong already without an attack
                     row = clean.loc[probe.key]
                     rows.append({**result_row(cell, probe, eps, False, row["score"], 0.0, 0.0, 0), "inherited": 1})

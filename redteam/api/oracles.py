@@ -1,0 +1,138 @@
+"""A face system as an API shows it to an attacker: images in, answers out, and every image counted.
+
+A query attack gets an :class:`Oracle`, never the model: with ``scores`` access each answer is whether the system
+was fooled and the threat's margin (what the attacker maximises, from the score the API returns); with
+``decisions`` access only whether it was fooled. Answers are computed without autograd on detached inputs, so no
+gradient reaches the attack. Each image sent is one query of its probe (a batch of k images of one probe is k), and a
+probe's hard budget can never be exceeded: a query past it raises :class:`QueryBudgetExceeded`.
+
+The oracle also keeps, per probe, the smallest fooling perturbation among everything queried so far and when it
+improved: the attack-independent record from which query curves are drawn (what an attacker holding every answer
+would have after q queries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from redteam.budgets import Norm, perturbation_size
+from redteam.threats import Objective
+
+#: Query counts at which trajectories are recorded (log-spaced, as query curves are read).
+QUERY_CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """An attack asked for more queries than its probe's budget (a bug in the attack: it must ask ``remaining``)."""
+
+
+@dataclass
+class Answer:
+    """Per queried image: ``fooled`` ``[K]`` (the system decided wrongly) and, with score access, ``margin`` ``[K]``
+    (the threat's loss, larger is closer to fooling it; ``None`` with decisions only)."""
+
+    fooled: Tensor
+    margin: Tensor | None
+
+
+@dataclass
+class _Ledger:
+    """What every view of one oracle shares, per probe of the batch: queries spent and the best fooling image."""
+
+    origins: Tensor
+    spent: Tensor
+    best: Tensor
+    best_size: Tensor
+    improved: list[list[tuple[int, float, float]]] = field(default_factory=list)  # (queries, linf, l2)
+
+
+class Oracle:
+    """The face system behind ``objective`` for a batch of probes with ``origins [B, 3, H, W]``, answering at
+    ``access`` (``scores`` or ``decisions``) with ``budget`` queries per probe; ``norm`` measures the best fooling
+    perturbation it records. :meth:`narrow` gives a view of some of the probes, sharing the count."""
+
+    def __init__(self, objective: Objective, origins: Tensor, access: str, budget: int, norm: Norm):
+        if access not in ("scores", "decisions"):
+            raise ValueError(f"an oracle answers scores or decisions, not {access}")
+        self._objective, self.access, self.budget, self.norm = objective, access, budget, norm
+        origins = origins.detach()
+        count = len(origins)
+        self._ledger = _Ledger(
+            origins=origins,
+            spent=torch.zeros(count, dtype=torch.long, device=origins.device),
+            best=origins.clone(),
+            best_size=torch.full((count,), float("inf"), device=origins.device),
+            improved=[[] for _ in range(count)],
+        )
+        self._probes = torch.arange(count, device=origins.device)  # this view's probes, in the whole batch
+
+    def __len__(self) -> int:
+        return len(self._probes)
+
+    def narrow(self, index: Sequence[int] | Tensor) -> Oracle:
+        """A view of this oracle's probes ``index`` (positions in this view), sharing counts and records."""
+        view = object.__new__(Oracle)
+        view.__dict__.update(self.__dict__)
+        view._probes = self._probes[torch.as_tensor(index, dtype=torch.long, device=self._probes.device)]
+        return view
+
+    @property
+    def spent(self) -> Tensor:
+        """Queries spent per probe of this view ``[N]``."""
+        return self._ledger.spent[self._probes]
+
+    def remaining(self) -> Tensor:
+        """Queries left per probe of this view ``[N]``."""
+        return self.budget - self.spent
+
+    def __call__(self, images: Tensor, probes: Sequence[int] | Tensor | None = None) -> Answer:
+        """Answers for ``images [K, 3, H, W]``, the k-th for this view's probe ``probes[k]`` (default: one image per
+        probe, in order). Raises :class:`QueryBudgetExceeded` before answering if any probe would go past its
+        budget."""
+        local = torch.arange(len(self)) if probes is None else torch.as_tensor(probes, dtype=torch.long)
+        index = self._probes[local.to(self._probes.device)]
+        asked = torch.bincount(index, minlength=len(self._ledger.spent))
+        if bool((self._ledger.spent + asked > self.budget).any()):
+            most = int((self._ledger.spent + asked).max())
+            raise QueryBudgetExceeded(f"{most} queries asked of a budget of {self.budget} per probe")
+        images = images.detach()
+        with torch.no_grad():
+            verdict = self._objective.select(index)(images)
+        fooled, margin = verdict.success.detach(), verdict.loss.detach()
+        self._record(images, index, fooled)
+        return Answer(fooled, margin if self.access == "scores" else None)
+
+    def _record(self, images: Tensor, index: Tensor, fooled: Tensor) -> None:
+        """Count the queries in the order sent and keep each probe's smallest fooling perturbation."""
+        ledger = self._ledger
+        delta = images - ledger.origins[index]
+        linf, l2 = perturbation_size(delta, "linf").tolist(), perturbation_size(delta, "l2").tolist()
+        sizes = linf if self.norm == "linf" else l2
+        for k, probe in enumerate(index.tolist()):
+            ledger.spent[probe] += 1
+            if bool(fooled[k]) and sizes[k] < float(ledger.best_size[probe]):
+                ledger.best_size[probe], ledger.best[probe] = sizes[k], images[k]
+                ledger.improved[probe].append((int(ledger.spent[probe]), linf[k], l2[k]))
+
+    def best_so_far(self) -> tuple[Tensor, Tensor]:
+        """This view's smallest fooling images ``[N, 3, H, W]`` among everything queried (the origin where none
+        fooled) and their sizes in the oracle's norm ``[N]`` (``inf`` where none): an attacker keeps every answer."""
+        return self._ledger.best[self._probes].clone(), self._ledger.best_size[self._probes].clone()
+
+    def trajectory(self, probe: int) -> list[tuple[int, float, float]]:
+        """For probe ``probe`` of the whole batch: ``(queries, linf, l2)`` of the best fooling perturbation known at
+        each checkpoint below the queries spent and at the last query (``inf`` before the first), image units."""
+        spent = int(self._ledger.spent[probe])
+        marks = [q for q in QUERY_CHECKPOINTS if q < spent] + [spent]
+        points, best = [], (float("inf"), float("inf"))
+        improved = iter(self._ledger.improved[probe])
+        pending = next(improved, None)
+        for mark in marks:
+            while pending is not None and pending[0] <= mark:
+                best, pending = pending[1:], next(improved, None)
+            points.append((mark, *best))
+        return points

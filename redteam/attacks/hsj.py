@@ -1,0 +1,128 @@
+"""HopSkipJump (Chen, Jordan & Wainwright, IEEE S&P 2020), ℓ2, from decisions alone.
+
+From a starting image the system already decides wrongly on, each iteration: a binary search along the line to the
+original image finds the decision boundary; Monte Carlo sampling around that boundary point estimates the direction
+in which the decision flips (each sample one query: fooled or not, baseline-subtracted); a geometric search steps
+along it until the system is still fooled; and a binary search pulls back to the boundary again. The sample count
+grows as √t and the step as the distance / √t, as in the paper. Every probe runs in lockstep with the others, so
+each phase is one oracle call for all of them; the oracle's record keeps the smallest fooling image ever queried,
+which is what the attack returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult
+from redteam.budgets import Norm, perturbation_size
+
+#: Images per oracle call when sampling around the boundary (memory, not meaning).
+CALL_SIZE = 128
+
+
+@ATTACKS.register("hsj", "HopSkipJump (Chen et al. 2020): boundary walk from decisions only (ℓ2), minimal")
+@dataclass
+class HopSkipJump(MinimalQueryAttack):
+    """``initial_samples``: boundary samples at the first iteration (then × √t, up to ``most_samples``);
+    ``gamma``: sets the binary searches' precision and the sampling radius (the paper's θ = γ / d^1.5)."""
+
+    name = "hsj"
+    norms = ("l2",)
+    positive = ("initial_samples", "most_samples", "gamma")
+    norm: Norm = "l2"
+    initial_samples: int = 100
+    most_samples: int = 10_000
+    gamma: float = 1.0
+
+    def __call__(self, oracle: Oracle, images: Tensor, starts: Tensor, generator: torch.Generator) -> QueryResult:
+        dimensions = images[0].numel()
+        theta = self.gamma / (math.sqrt(dimensions) * dimensions)
+        boundary = self._bisect(oracle, images, starts.clone(), theta)
+        iteration = 1
+        while True:
+            live = self._live(oracle, boundary, images)
+            if len(live) == 0:
+                break
+            distance = perturbation_size(boundary[live] - images[live], "l2")
+            radius = math.sqrt(dimensions) * theta * distance
+            samples = int(min(self.initial_samples * math.sqrt(iteration), self.most_samples))
+            direction = self._direction(oracle.narrow(live), boundary[live], radius, samples, generator)
+            moved = self._step(
+                oracle.narrow(live), images[live], boundary[live], direction, distance / math.sqrt(iteration)
+            )
+            boundary[live] = self._bisect(oracle.narrow(live), images[live], moved, theta)
+            iteration += 1
+        return QueryResult(*oracle.best_so_far())
+
+    @staticmethod
+    def _live(oracle: Oracle, boundary: Tensor, images: Tensor) -> Tensor:
+        """Probes still worth an iteration: a fooling start, and queries left for a few samples and searches."""
+        started = (boundary - images).flatten(1).abs().amax(1) > 0
+        return torch.nonzero(started & (oracle.remaining() > 2)).squeeze(1)
+
+    @staticmethod
+    def _bisect(oracle: Oracle, images: Tensor, fooling: Tensor, theta: float) -> Tensor:
+        """The point on each segment from ``images`` to ``fooling`` closest to the image that still fools the
+        system, to within ``theta`` of the segment (fooling is kept at the fooling end)."""
+        low = torch.zeros(len(images), device=images.device)
+        high = torch.ones(len(images), device=images.device)
+        while True:
+            searching = torch.nonzero((high - low > theta) & (oracle.remaining() > 0)).squeeze(1)
+            if len(searching) == 0:
+                break
+            middle = (low[searching] + high[searching]) / 2
+            blend = _blend(images[searching], fooling[searching], middle)
+            fooled = oracle(blend, searching).fooled
+            high[searching] = torch.where(fooled, middle, high[searching])
+            low[searching] = torch.where(fooled, low[searching], middle)
+        return _blend(images, fooling, high)
+
+    @staticmethod
+    def _direction(oracle: Oracle, points: Tensor, radius: Tensor, samples: int, generator: torch.Generator) -> Tensor:
+        """Monte Carlo estimate of each boundary point's normal, towards fooling: ``samples`` random unit
+        directions (fewer where the budget is short), weighted by the baseline-subtracted decision."""
+        counts = torch.clamp(oracle.remaining() - 2, min=1, max=samples)
+        probes = torch.repeat_interleave(torch.arange(len(points), device=points.device), counts)
+        noise = torch.randn((len(probes), *points.shape[1:]), generator=generator, device=points.device)
+        noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        perturbed = (points[probes] + radius[probes].view(-1, 1, 1, 1) * noise).clamp(0, 1)
+        noise = (perturbed - points[probes]) / radius[probes].view(-1, 1, 1, 1).clamp_min(1e-12)
+        votes = torch.cat(
+            [
+                oracle(perturbed[start : start + CALL_SIZE], probes[start : start + CALL_SIZE]).fooled.float() * 2 - 1
+                for start in range(0, len(probes), CALL_SIZE)
+            ]
+        )
+        direction = torch.zeros_like(points)
+        for k in range(len(points)):
+            mine = votes[probes == k]
+            centred = mine - mine.mean() if 0 < float(mine.abs().sum()) and abs(float(mine.mean())) < 1 else mine
+            direction[k] = (centred.view(-1, 1, 1, 1) * noise[probes == k]).mean(0)
+        return direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+    @staticmethod
+    def _step(oracle: Oracle, images: Tensor, points: Tensor, direction: Tensor, step: Tensor) -> Tensor:
+        """From each boundary point along its direction, halving the step until the system is still fooled there
+        (the point itself where no step does, within the queries left)."""
+        moved = points.clone()
+        pending = torch.ones(len(points), dtype=torch.bool, device=points.device)
+        for _ in range(25):
+            trying = torch.nonzero(pending & (oracle.remaining() > 1)).squeeze(1)
+            if len(trying) == 0:
+                break
+            candidate = (points[trying] + step[trying].view(-1, 1, 1, 1) * direction[trying]).clamp(0, 1)
+            fooled = oracle(candidate, trying).fooled
+            moved[trying[fooled]] = candidate[fooled]
+            pending[trying[fooled]] = False
+            step[trying[~fooled]] /= 2
+        return moved
+
+
+def _blend(images: Tensor, fooling: Tensor, weight: Tensor) -> Tensor:
+    """``(1 - w) images + w fooling`` per sample."""
+    weight = weight.view(-1, *([1] * (images.dim() - 1)))
+    return (1 - weight) * images + weight * fooling
