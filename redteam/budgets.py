@@ -1,4 +1,5 @@
-"""Perturbation budgets: norms, sizes, projections, and the units users write them in.
+"""Perturbation and query budgets: norms, sizes, projections, the units users write them in, and the query counts
+at which a query attack's progress is recorded.
 
 Images are float ``[B, 3, H, W]`` in ``[0, 1]`` ("image units"). Users write ℓ∞ budgets in grey levels (/255) and
 ℓ2 budgets in image units; :func:`image_units` and :func:`display_eps` convert between the two.
@@ -16,6 +17,8 @@ from torch import Tensor
 Norm = Literal["linf", "l2"]
 #: Budgets of a per-probe evaluation when none are given, as users write them (/255 for ℓ∞, image units for ℓ2).
 DEFAULT_BUDGETS: dict[str, tuple[float, ...]] = {"linf": (0.0, 1.0, 2.0, 4.0, 8.0), "l2": (0.0, 0.25, 0.5, 1.0, 2.0)}
+#: Query counts at which a query attack's progress is recorded (log-spaced, as query curves are read).
+QUERY_CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 
 def image_units(eps: float, norm: str) -> float:

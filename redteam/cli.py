@@ -233,9 +233,10 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
         median = float(sizes.median()) * scale if len(sizes) else float("nan")
         summary["median_minimal_perturbation"] = median
         found = int(np.isfinite(sizes).sum())
+        within = f" within {cell.config.queries} queries each" if cell.config.queries else ""
         console.print(
             f"median minimal {norm} perturbation: [bold]{median:.3g}{unit}[/] over {len(sizes)} attacked probes "
-            f"({found} fooled)"
+            f"({found} fooled{within})"
         )
     for check in outcome:
         mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"

@@ -58,13 +58,16 @@ def exclusive(out: Path) -> Iterator[None]:
 
 
 def write_outputs(store: ResultStore, out: Path) -> None:
-    """``curve.csv`` and ``curve.png`` for every cell in the store; ``transfer.csv`` once it holds a transfer run."""
+    """``curve.csv`` and ``curve.png`` for every cell in the store (with a ``queries`` axis once it holds a query
+    attack: rows at each query count, empty ``queries`` for an attack's final state); ``transfer.csv`` once it holds
+    a transfer run."""
     results = store.frame()
-    curve = store.curves()
+    curve, queries = store.curves(), store.query_curves()
     if curve.empty:  # a campaign without a curve: nothing to draw
         return
-    curve.drop(columns="cell").to_csv(out / "curve.csv", index=False)
-    plot_curves(curve, out / "curve.png")
+    table = curve if queries.empty else pd.concat([curve, queries], ignore_index=True)
+    table.drop(columns="cell").to_csv(out / "curve.csv", index=False)
+    plot_curves(curve, out / "curve.png", queries)
     if (results["surrogate"] != results["target"]).any():
         transfer_matrix(results).to_csv(out / "transfer.csv", index=False)
 

@@ -19,29 +19,46 @@ if TYPE_CHECKING:
 AXIS_LABELS = {"linf": "ε (ℓ∞, /255)", "l2": "ε (ℓ2, image units)"}
 
 
-def plot_curves(curve: pd.DataFrame, path: Path) -> None:
-    """One line per cell; each perturbation measure (ℓ∞, ℓ2, area, ...) gets its own panel (their axes differ)."""
+def plot_curves(curve: pd.DataFrame, path: Path, queries: pd.DataFrame | None = None) -> None:
+    """One line per cell; each perturbation measure (ℓ∞, ℓ2, area, ...) gets its own panel (their axes differ), and
+    query attacks' ``queries`` (:func:`redteam.results.query_curve`) one more: accuracy against queries per budget."""
     from redteam.api.campaigns import axis_labels
 
     labels = {**axis_labels(), **AXIS_LABELS}
     norms = sorted(curve["norm"].unique())
-    figure, axes = plt.subplots(1, len(norms), figsize=(6.4 * len(norms), 4.4), squeeze=False)
+    panels = len(norms) + (queries is not None and not queries.empty)
+    figure, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.4), squeeze=False)
     for axis, norm in zip(axes[0], norms):
         for _, line in curve[curve["norm"] == norm].groupby("cell", sort=False):
-            first = line.iloc[0]
-            model = first.target if first.surrogate == first.target else f"{first.surrogate}→{first.target}"
-            label = f"{model} / {first.defense} / {first.attack} / {first.threat}"
-            axis.plot(line["eps"], line["accuracy"], marker="o", label=label)
+            axis.plot(line["eps"], line["accuracy"], marker="o", label=_label(line.iloc[0]))
         axis.set_xlabel(labels.get(norm, norm))
         axis.set_ylabel("accuracy of the face system")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
         axis.set_title(f"accuracy-perturbation curve ({norm})")
+    if panels > len(norms):
+        assert queries is not None
+        axis = axes[0][-1]
+        for (_, eps), line in queries.groupby(["cell", "eps"], sort=False):
+            first = line.iloc[0]
+            axis.plot(line["queries"], line["accuracy"], marker=".", label=f"{_label(first)} at {eps:g} ({first.norm})")
+        axis.set_xscale("log")
+        axis.set_xlabel("queries per probe")
+        axis.set_ylabel("accuracy of the face system")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        axis.set_title("accuracy against queries")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _label(cell: pd.Series) -> str:
+    model = cell.target if cell.surrogate == cell.target else f"{cell.surrogate}→{cell.target}"
+    return f"{model} / {cell.defense} / {cell.attack} / {cell.threat}"
 
 
 def face_grid(rows: Sequence[tuple[str, Tensor, Sequence[str], Sequence[bool]]], title: str, path: Path) -> Path:

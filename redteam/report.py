@@ -223,13 +223,16 @@ def _png(figure: plt.Figure) -> bytes:
 
 
 def curve_figures(runs: list[Path]) -> dict[str, bytes]:
-    """Accuracy-perturbation curves, one PNG per target (every defense and attack on it, one panel per norm)."""
-    curves = pd.concat([open_store(run).curves() for run in runs], ignore_index=True)
+    """Accuracy-perturbation curves, one PNG per target (every defense and attack on it, one panel per norm, and one
+    of accuracy against queries where a query attack ran)."""
+    stores = [open_store(run) for run in runs]
+    curves = pd.concat([store.curves() for store in stores], ignore_index=True)
+    queries = pd.concat([store.query_curves() for store in stores], ignore_index=True)
     figures = {}
     with tempfile.TemporaryDirectory() as scratch:
         for target, curve in curves.groupby("target"):
             path = Path(scratch) / "curve.png"
-            plot_curves(curve, path)
+            plot_curves(curve, path, queries[queries["target"] == target])
             figures[str(target)] = path.read_bytes()
     return figures
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from redteam.budgets import display_eps
+from redteam.budgets import QUERY_CHECKPOINTS, display_eps
 from redteam.errors import RedteamError
 
 RESULT_COLUMNS: dict[str, str] = {
@@ -172,6 +172,10 @@ class ResultStore:
         curve = pd.concat([accuracy_curve(self.frame(cell)), campaigns], ignore_index=True)
         return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]]
 
+    def query_curves(self) -> pd.DataFrame:
+        """Every current query-attack cell's progress with queries (:func:`query_curve`)."""
+        return query_curve(self.frame(), self.trajectory())
+
     def _table(self, table: str, cell: str | None) -> pd.DataFrame:
         with self._connect() as db:
             if cell is None:
@@ -226,6 +230,34 @@ def accuracy_curve(results: pd.DataFrame) -> pd.DataFrame:
     )
     curve["eps"] = [display_eps(e, n) for e, n in zip(curve["eps"], curve["norm"])]
     return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]].reset_index(drop=True)
+
+
+def query_curve(results: pd.DataFrame, trajectory: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy against queries, from query attacks' trajectories: per cell, budget and query count, ``accuracy``
+    (the fraction of probes still decided correctly after that many queries per probe; probes wrong without an
+    attack count as wrong) and ``median_size`` (the attacked probes' median smallest fooling perturbation by then, in
+    the units budgets are written in; inf while fewer than half are fooled). A fixed-budget attack has its own
+    trajectory per budget; a minimal one has one (stored at budget 0) read at every budget."""
+    columns = [*CURVE_KEYS, "eps", "queries", "accuracy", "median_size", "n", "cell"]
+    rows = []
+    for (cell, eps), judged in results[results["eps"] > 0].groupby(["cell", "eps"]):
+        mine = trajectory[trajectory["cell"] == cell]
+        record = mine[mine["eps"] == eps] if (mine["eps"] == eps).any() else mine[mine["eps"] == 0]
+        if record.empty:
+            continue
+        first = judged.iloc[0]
+        measure = record["linf"] if first["norm"] == "linf" else record["l2"]
+        sizes = record.assign(size=measure).pivot_table(index="probe", columns="queries", values="size", aggfunc="min")
+        spent = int(record["queries"].max())
+        for queries in [q for q in QUERY_CHECKPOINTS if q < spent] + [spent]:
+            known = sizes.loc[:, sizes.columns <= queries]  # a probe's record is its best fooling size so far
+            best = known.min(axis=1).fillna(np.inf).to_numpy() if known.shape[1] else np.full(len(sizes), np.inf)
+            fooled = int((best <= eps * (1 + 1e-6)).sum())
+            shown = [display_eps(b, first["norm"]) if np.isfinite(b) else np.inf for b in best]
+            rows.append({**{key: first[key] for key in CURVE_KEYS}, "eps": display_eps(eps, first["norm"]),
+                         "queries": queries, "accuracy": (len(sizes) - fooled) / len(judged),
+                         "median_size": float(np.median(shown)), "n": len(judged), "cell": cell})  # fmt: skip
+    return pd.DataFrame(rows, columns=columns).astype({"queries": "Int64"})
 
 
 def curve_area(curve: pd.DataFrame, upto: float | None = None) -> float:

@@ -19,7 +19,7 @@ from redteam.api.attacks import (
 )
 from redteam.api.campaigns import Axis, Campaign, CampaignContext, CampaignReport
 from redteam.api.defenses import DEFENSES, InputTransform, ModelWrapper
-from redteam.api.oracles import QUERY_CHECKPOINTS, Answer, Oracle, QueryBudgetExceeded
+from redteam.api.oracles import Answer, Oracle, QueryBudgetExceeded, bisect_boundary, blend
 from redteam.api.targets import (
     ACCESS_LEVELS,
     TARGETS,
@@ -37,7 +37,7 @@ from redteam.api.targets import (
     crop_resize,
     grants,
 )
-from redteam.budgets import Budget, Norm, perturbation_size
+from redteam.budgets import QUERY_CHECKPOINTS, Budget, Norm, perturbation_size
 from redteam.threats import Enrolment, Objective, Probe, Verdict
 
 __all__ = [
@@ -73,6 +73,8 @@ __all__ = [
     "Norm",
     "Objective",
     "Oracle",
+    "bisect_boundary",
+    "blend",
     "Preprocessing",
     "Probe",
     "QueryAttack",

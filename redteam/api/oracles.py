@@ -19,11 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from redteam.budgets import Norm, perturbation_size
+from redteam.budgets import QUERY_CHECKPOINTS, Norm, perturbation_size
 from redteam.threats import Objective
-
-#: Query counts at which trajectories are recorded (log-spaced, as query curves are read).
-QUERY_CHECKPOINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000)
 
 
 class QueryBudgetExceeded(RuntimeError):
@@ -136,3 +133,25 @@ class Oracle:
                 best, pending = pending[1:], next(improved, None)
             points.append((mark, *best))
         return points
+
+
+def bisect_boundary(oracle: Oracle, images: Tensor, fooling: Tensor, tolerance: float) -> Tensor:
+    """The point on each segment from ``images`` to ``fooling`` (``[N, 3, H, W]``, ``fooling`` decided wrongly)
+    nearest the image that still fools ``oracle``, to within ``tolerance`` of the segment's length: a binary search,
+    one query per probe and halving, while the probe has queries left."""
+    low = torch.zeros(len(images), device=images.device)
+    high = torch.ones(len(images), device=images.device)
+    while True:
+        searching = torch.nonzero((high - low > tolerance) & (oracle.remaining() > 0)).squeeze(1)
+        if len(searching) == 0:
+            return blend(images, fooling, high)
+        middle = (low[searching] + high[searching]) / 2
+        fooled = oracle(blend(images[searching], fooling[searching], middle), searching).fooled
+        high[searching] = torch.where(fooled, middle, high[searching])
+        low[searching] = torch.where(fooled, low[searching], middle)
+
+
+def blend(images: Tensor, other: Tensor, weight: Tensor) -> Tensor:
+    """``(1 - w) images + w other`` with a weight ``[N]`` per sample."""
+    weight = weight.view(-1, *([1] * (images.dim() - 1)))
+    return (1 - weight) * images + weight * other

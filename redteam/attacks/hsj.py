@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult
+from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
 from redteam.budgets import Norm, perturbation_size
 
 #: Images per oracle call when sampling around the boundary (memory, not meaning).
@@ -41,7 +41,7 @@ class HopSkipJump(MinimalQueryAttack):
     def __call__(self, oracle: Oracle, images: Tensor, starts: Tensor, generator: torch.Generator) -> QueryResult:
         dimensions = images[0].numel()
         theta = self.gamma / (math.sqrt(dimensions) * dimensions)
-        boundary = self._bisect(oracle, images, starts.clone(), theta)
+        boundary = bisect_boundary(oracle, images, starts, theta)
         iteration = 1
         while True:
             live = self._live(oracle, boundary, images)
@@ -54,7 +54,7 @@ class HopSkipJump(MinimalQueryAttack):
             moved = self._step(
                 oracle.narrow(live), images[live], boundary[live], direction, distance / math.sqrt(iteration)
             )
-            boundary[live] = self._bisect(oracle.narrow(live), images[live], moved, theta)
+            boundary[live] = bisect_boundary(oracle.narrow(live), images[live], moved, theta)
             iteration += 1
         return QueryResult(*oracle.best_so_far())
 
@@ -63,23 +63,6 @@ class HopSkipJump(MinimalQueryAttack):
         """Probes still worth an iteration: a fooling start, and queries left for a few samples and searches."""
         started = (boundary - images).flatten(1).abs().amax(1) > 0
         return torch.nonzero(started & (oracle.remaining() > 2)).squeeze(1)
-
-    @staticmethod
-    def _bisect(oracle: Oracle, images: Tensor, fooling: Tensor, theta: float) -> Tensor:
-        """The point on each segment from ``images`` to ``fooling`` closest to the image that still fools the
-        system, to within ``theta`` of the segment (fooling is kept at the fooling end)."""
-        low = torch.zeros(len(images), device=images.device)
-        high = torch.ones(len(images), device=images.device)
-        while True:
-            searching = torch.nonzero((high - low > theta) & (oracle.remaining() > 0)).squeeze(1)
-            if len(searching) == 0:
-                break
-            middle = (low[searching] + high[searching]) / 2
-            blend = _blend(images[searching], fooling[searching], middle)
-            fooled = oracle(blend, searching).fooled
-            high[searching] = torch.where(fooled, middle, high[searching])
-            low[searching] = torch.where(fooled, low[searching], middle)
-        return _blend(images, fooling, high)
 
     @staticmethod
     def _direction(oracle: Oracle, points: Tensor, radius: Tensor, samples: int, generator: torch.Generator) -> Tensor:
@@ -120,9 +103,3 @@ class HopSkipJump(MinimalQueryAttack):
             pending[trying[fooled]] = False
             step[trying[~fooled]] /= 2
         return moved
-
-
-def _blend(images: Tensor, fooling: Tensor, weight: Tensor) -> Tensor:
-    """``(1 - w) images + w fooling`` per sample."""
-    weight = weight.view(-1, *([1] * (images.dim() - 1)))
-    return (1 - weight) * images + weight * fooling

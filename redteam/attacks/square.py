@@ -29,12 +29,14 @@ def window_share(initial: float, step: int, budget: int) -> float:
 @ATTACKS.register("square", "Square Attack (Andriushchenko et al. 2020): random square windows, scores only (ℓ∞)")
 @dataclass
 class Square(QueryAttack):
-    """``p_init``: the share of the image the first windows cover (the paper's 0.05 for ℓ∞)."""
+    """``p_init``: the share of the image the first windows cover. The paper's 0.05 was for 299-pixel ImageNet
+    images; faces respond to larger, smoother changes: on faces-train (4 facenet dodging probes, 8/255, 300
+    queries) 0.8 fooled 2, 0.05 none (torchattacks' default is 0.8 too)."""
 
     name = "square"
     norms = ("linf",)
     positive = ("p_init",)
-    p_init: float = 0.05
+    p_init: float = 0.8
 
     def __call__(self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator) -> QueryResult:
         count, channels, height, width = images.shape

@@ -1,0 +1,115 @@
+"""Black-box access on real models and real faces: the oracle counts every image and never lets a gradient out, a
+budget is never exceeded (across resumes too), a decision-only run refuses gradient attacks in one line, and the
+query attacks shrink or find perturbations with small query budgets; query curves reach curve.csv."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pandas as pd
+import pytest
+import torch
+
+from redteam.api import Budget, Oracle, QueryBudgetExceeded, bisect_boundary
+from redteam.engine import EvaluationConfig, prepare
+from redteam.engine.execute import Executor
+
+
+@pytest.fixture(scope="module")
+def dodging(faces_root):
+    """Two dodging probes on facenet: their images and the verdict objective the oracle answers from."""
+    cell = prepare(EvaluationConfig(target="facenet", attack="pgd", data=str(faces_root), limit=2, checks=False))
+    executor = Executor(cell)
+    images = cell.dataset.load([p.image for p in cell.probes])
+    _, verdict = executor.objectives(cell.probes)
+    return executor, cell.probes, images, verdict
+
+
+def test_every_image_is_a_query_and_the_budget_is_hard(dodging):
+    _, _, images, verdict = dodging
+    oracle = Oracle(verdict, images, "decisions", 5, "l2")
+    answer = oracle(images.repeat(2, 1, 1, 1), [0, 1, 0, 1])  # four images: two queries per probe
+    assert oracle.spent.tolist() == [2, 2]
+    assert answer.margin is None and answer.fooled.dtype == torch.bool
+    view = oracle.narrow([1])
+    view(images[1:].repeat(3, 1, 1, 1), [0, 0, 0])
+    assert oracle.spent.tolist() == [2, 5] and view.remaining().tolist() == [0]
+    with pytest.raises(QueryBudgetExceeded):
+        oracle(images)  # probe 1 has nothing left: nothing is answered, nothing counted
+    assert oracle.spent.tolist() == [2, 5]
+
+
+def test_scores_carry_no_gradient(dodging):
+    _, _, images, verdict = dodging
+    probe = images.clone().requires_grad_(True)
+    answer = Oracle(verdict, images, "scores", 3, "linf")(probe)
+    assert answer.margin is not None and answer.margin.grad_fn is None and not answer.margin.requires_grad
+    with pytest.raises(RuntimeError):
+        answer.margin.sum().backward()
+    assert probe.grad is None
+
+
+def test_decision_attacks_start_from_another_face_and_shrink(dodging):
+    """Dodging starts from another person's photo (counted); a boundary search and evolutionary steps make the
+    perturbation smaller, and the oracle's record is what the attack returns."""
+    from redteam.attacks.evolutionary import Evolutionary
+
+    executor, probes, images, verdict = dodging
+    oracle = Oracle(verdict, images, "decisions", 60, "l2")
+    starts = executor._starts(probes, oracle, images)
+    start_size = (starts - images).flatten(1).norm(dim=1)
+    assert (start_size > 0).all() and (oracle.spent >= 1).all()
+    assert oracle(starts).fooled.all()
+    on_boundary = bisect_boundary(oracle.narrow([0]), images[:1], starts[:1], 2**-6)
+    assert (on_boundary - images[:1]).norm() < start_size[0]
+    result = Evolutionary()(oracle, images, starts, torch.Generator().manual_seed(0))
+    assert (oracle.spent == 60).all()
+    assert (result.size < start_size * 0.8).all()
+    assert verdict(result.images).success.all()
+    trajectory = oracle.trajectory(0)
+    assert trajectory[-1][0] == 60 and trajectory[-1][2] == pytest.approx(float(result.size[0]), rel=1e-5)
+    assert all(later[2] <= earlier[2] for earlier, later in zip(trajectory, trajectory[1:]))
+
+
+def test_square_fools_within_a_large_budget_and_stops_once_fooled(dodging):
+    """At 32/255 a score attack fools facenet within 200 queries; each probe stops once fooled."""
+    from redteam.attacks.square import Square
+
+    _, _, images, verdict = dodging
+    oracle = Oracle(verdict, images, "scores", 200, "linf")
+    result = Square()(oracle, images, Budget("linf", 32 / 255), torch.Generator().manual_seed(0))
+    assert torch.isfinite(result.size).all() and (result.size <= 32 / 255 + 1e-6).all()
+    assert verdict(result.images).success.all()
+    assert (oracle.spent < 200).all()
+
+
+def test_decision_access_refuses_gradient_attacks_in_one_line(cli, capsys, faces_root, tmp_path):
+    code = cli("run", "--target", "facenet", "--attack", "pgd", "--access", "decision", "--data", faces_root,
+               "--limit", 2, "--out", tmp_path / "run")  # fmt: skip
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert "pgd needs gradients" in error and "evolutionary" in error and "hsj" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_query_run_records_queries_and_resumes_within_budget(cli, capsys, faces_root, tmp_path):
+    """A decision-based run from the command line: queries per probe stored, never above --queries, a query axis in
+    curve.csv; the same command again computes nothing and spends nothing."""
+    command = ("run", "--target", "facenet", "--attack", "evolutionary", "--access", "decision", "--queries", 40,
+               "--data", faces_root, "--limit", 3, "--eps", "0,20,80", "--no-checks", "--out", tmp_path)  # fmt: skip
+    assert cli(*command) == 0
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        minimal = pd.read_sql_query("SELECT * FROM minimal", db)
+        trajectory = pd.read_sql_query("SELECT * FROM trajectory", db)
+    assert len(minimal) >= 1 and minimal["queries"].between(1, 40).all()
+    assert trajectory.groupby("probe")["queries"].max().le(40).all()
+    curve = pd.read_csv(tmp_path / "curve.csv")
+    along = curve.dropna(subset=["queries"])
+    assert set(along["queries"]) >= {1, 10, 40} and along["accuracy"].between(0, 1).all()
+    by_queries = along[along["eps"] == 80].sort_values("queries")["accuracy"].tolist()
+    assert by_queries == sorted(by_queries, reverse=True)  # more queries never make the system more accurate
+    capsys.readouterr()
+    assert cli(*command) == 0
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        again = pd.read_sql_query("SELECT * FROM minimal", db)
+    pd.testing.assert_frame_equal(minimal, again)
