@@ -94,13 +94,16 @@ def test_decision_access_refuses_gradient_attacks_in_one_line(cli, capsys, faces
 
 def test_query_run_records_queries_and_resumes_within_budget(cli, capsys, faces_root, tmp_path):
     """A decision-based run from the command line: queries per probe stored, never above --queries, a query axis in
-    curve.csv; the same command again computes nothing and spends nothing."""
+    curve.csv, the query checks stored with it; the same command again computes nothing and spends nothing."""
     command = ("run", "--target", "facenet", "--attack", "evolutionary", "--access", "decision", "--queries", 40,
-               "--data", faces_root, "--limit", 3, "--eps", "0,20,80", "--no-checks", "--out", tmp_path)  # fmt: skip
+               "--data", faces_root, "--limit", 3, "--eps", "0,20,80", "--out", tmp_path)  # fmt: skip
     assert cli(*command) == 0
     with sqlite3.connect(tmp_path / "results.sqlite") as db:
         minimal = pd.read_sql_query("SELECT * FROM minimal", db)
         trajectory = pd.read_sql_query("SELECT * FROM trajectory", db)
+        checks = pd.read_sql_query("SELECT * FROM checks", db).set_index("name")
+    assert checks.loc["query budget", "passed"] == 1 and "of 40 queries" in checks.loc["query budget", "detail"]
+    assert {"beats random search", "white-box at least as strong"} <= set(checks.index)
     assert len(minimal) >= 1 and minimal["queries"].between(1, 40).all()
     assert trajectory.groupby("probe")["queries"].max().le(40).all()
     curve = pd.read_csv(tmp_path / "curve.csv")

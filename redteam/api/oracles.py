@@ -22,6 +22,9 @@ from torch import Tensor
 from redteam.budgets import QUERY_CHECKPOINTS, Norm, perturbation_size
 from redteam.threats import Objective
 
+#: Images the model sees at once when an attack sends more (memory, not meaning).
+CALL_SIZE = 256
+
 
 class QueryBudgetExceeded(RuntimeError):
     """An attack asked for more queries than its probe's budget (a bug in the attack: it must ask ``remaining``)."""
@@ -97,11 +100,15 @@ class Oracle:
             most = int((self._ledger.spent + asked).max())
             raise QueryBudgetExceeded(f"{most} queries asked of a budget of {self.budget} per probe")
         images = images.detach()
-        with torch.no_grad():
-            verdict = self._objective.select(index)(images)
-        fooled, margin = verdict.success.detach(), verdict.loss.detach()
-        self._record(images, index, fooled)
-        return Answer(fooled, margin if self.access == "scores" else None)
+        fooled, margin = [], []
+        with torch.no_grad():  # in slices: an attack may send thousands of images at once
+            for start in range(0, len(images), CALL_SIZE):
+                part = slice(start, start + CALL_SIZE)
+                verdict = self._objective.select(index[part])(images[part])
+                fooled.append(verdict.success)
+                margin.append(verdict.loss)
+        self._record(images, index, torch.cat(fooled))
+        return Answer(torch.cat(fooled), torch.cat(margin) if self.access == "scores" else None)
 
     def _record(self, images: Tensor, index: Tensor, fooled: Tensor) -> None:
         """Count the queries in the order sent and keep each probe's smallest fooling perturbation."""
@@ -119,6 +126,11 @@ class Oracle:
         """This view's smallest fooling images ``[N, 3, H, W]`` among everything queried (the origin where none
         fooled) and their sizes in the oracle's norm ``[N]`` (``inf`` where none): an attacker keeps every answer."""
         return self._ledger.best[self._probes].clone(), self._ledger.best_size[self._probes].clone()
+
+    def improvements(self, probe: int) -> list[tuple[int, float, float]]:
+        """For probe ``probe`` of the whole batch: ``(queries, linf, l2)`` each time its smallest fooling perturbation
+        (in the oracle's norm) shrank, in the order sent."""
+        return list(self._ledger.improved[probe])
 
     def trajectory(self, probe: int) -> list[tuple[int, float, float]]:
         """For probe ``probe`` of the whole batch: ``(queries, linf, l2)`` of the best fooling perturbation known at
@@ -139,8 +151,10 @@ def bisect_boundary(oracle: Oracle, images: Tensor, fooling: Tensor, tolerance: 
     """The point on each segment from ``images`` to ``fooling`` (``[N, 3, H, W]``, ``fooling`` decided wrongly)
     nearest the image that still fools ``oracle``, to within ``tolerance`` of the segment's length: a binary search,
     one query per probe and halving, while the probe has queries left."""
-    low = torch.zeros(len(images), device=images.device)
-    high = torch.ones(len(images), device=images.device)
+    # float64: in float32 a gap below the spacing of floats near ``high`` never closes, and the search would spend
+    # the whole budget on it.
+    low = torch.zeros(len(images), dtype=torch.float64, device=images.device)
+    high = torch.ones(len(images), dtype=torch.float64, device=images.device)
     while True:
         searching = torch.nonzero((high - low > tolerance) & (oracle.remaining() > 0)).squeeze(1)
         if len(searching) == 0:
@@ -153,5 +167,5 @@ def bisect_boundary(oracle: Oracle, images: Tensor, fooling: Tensor, tolerance: 
 
 def blend(images: Tensor, other: Tensor, weight: Tensor) -> Tensor:
     """``(1 - w) images + w other`` with a weight ``[N]`` per sample."""
-    weight = weight.view(-1, *([1] * (images.dim() - 1)))
+    weight = weight.to(images.dtype).view(-1, *([1] * (images.dim() - 1)))
     return (1 - weight) * images + weight * other

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
-from redteam.budgets import Norm, perturbation_size
+from redteam.budgets import Norm, per_sample, perturbation_size
 
 #: The success rate the 1/5 rule steers towards.
 TARGET_SUCCESS = 0.2
@@ -76,13 +76,14 @@ class Evolutionary(MinimalQueryAttack):
             upsampled = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
             toward = images[live] - current[live]
             distance = toward.flatten(1).norm(dim=1)
-            pulled = current[live] + _per_sample(pull[live]) * toward
-            direction = upsampled / _per_sample(upsampled.flatten(1).norm(dim=1).clamp_min(1e-12))
-            candidate = pulled + _per_sample(self.sigma * distance) * direction
+            pulled = current[live] + per_sample(pull[live], toward) * toward
+            direction = upsampled / per_sample(upsampled.flatten(1).norm(dim=1).clamp_min(1e-12), upsampled)
+            candidate = pulled + per_sample(self.sigma * distance, direction) * direction
             # Back to the pulled distance from the original: the random part turns, the pull shrinks.
             offset = candidate - images[live]
-            radius = (pulled - images[live]).flatten(1).norm(dim=1)
-            candidate = images[live] + offset * _per_sample(radius / offset.flatten(1).norm(dim=1).clamp_min(1e-12))
+            radius = perturbation_size(pulled - images[live], "l2")
+            scale = radius / perturbation_size(offset, "l2").clamp_min(1e-12)
+            candidate = images[live] + offset * per_sample(scale, offset)
             candidate = candidate.clamp(0, 1)
             fooled = oracle(candidate, live).fooled
             closer = perturbation_size(candidate - images[live], "l2") < distance
@@ -97,8 +98,3 @@ class Evolutionary(MinimalQueryAttack):
             pull[due] *= torch.exp(successes[due] / trials[due] - TARGET_SUCCESS)
             successes[due], trials[due] = 0, 0
         return QueryResult(*oracle.best_so_far())
-
-
-def _per_sample(values: Tensor) -> Tensor:
-    """``[N]`` values broadcast over ``[N, 3, H, W]`` images."""
-    return values.view(-1, 1, 1, 1)

@@ -20,9 +20,6 @@ from torch import Tensor
 from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
 from redteam.budgets import Norm, perturbation_size
 
-#: Images per oracle call when sampling around the boundary (memory, not meaning).
-CALL_SIZE = 128
-
 
 @ATTACKS.register("hsj", "HopSkipJump (Chen et al. 2020): boundary walk from decisions only (ℓ2), minimal")
 @dataclass
@@ -48,7 +45,9 @@ class HopSkipJump(MinimalQueryAttack):
             if len(live) == 0:
                 break
             distance = perturbation_size(boundary[live] - images[live], "l2")
-            radius = math.sqrt(dimensions) * theta * distance
+            # The sampling radius: the reference implementation's 0.1 at first (no previous step to scale by), then
+            # √d θ times the distance.
+            radius = math.sqrt(dimensions) * theta * distance if iteration > 1 else torch.full_like(distance, 0.1)
             samples = int(min(self.initial_samples * math.sqrt(iteration), self.most_samples))
             direction = self._direction(oracle.narrow(live), boundary[live], radius, samples, generator)
             moved = self._step(
@@ -74,12 +73,7 @@ class HopSkipJump(MinimalQueryAttack):
         noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         perturbed = (points[probes] + radius[probes].view(-1, 1, 1, 1) * noise).clamp(0, 1)
         noise = (perturbed - points[probes]) / radius[probes].view(-1, 1, 1, 1).clamp_min(1e-12)
-        votes = torch.cat(
-            [
-                oracle(perturbed[start : start + CALL_SIZE], probes[start : start + CALL_SIZE]).fooled.float() * 2 - 1
-                for start in range(0, len(probes), CALL_SIZE)
-            ]
-        )
+        votes = oracle(perturbed, probes).fooled.float() * 2 - 1
         direction = torch.zeros_like(points)
         for k in range(len(points)):
             mine = votes[probes == k]

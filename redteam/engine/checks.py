@@ -12,8 +12,9 @@ from typing import cast
 import pandas as pd
 import torch
 
-from redteam.api import Budget, Norm, Objective, Target, grants, objective_gradient
+from redteam.api import Budget, Norm, Objective, Oracle, Target, grants, objective_gradient
 from redteam.attacks.pgd import PGD
+from redteam.attacks.random_search import RandomSearch
 from redteam.budgets import display_eps
 from redteam.engine.assembly import drawing_from
 from redteam.engine.evaluation import Evaluation
@@ -67,6 +68,12 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
                     unbounded_check(crafting, images, norm, generator, eot),
                 ]
             checks.append(_beats_noise(cell, own, verdict, images, sample))
+            if cell.queries and cell.budgets[-1] > 0:
+                checks.append(_beats_random_search(cell, own, verdict, images, sample))
+                if white_box:
+                    checks.append(_below_white_box(cell, own, crafting, images, sample))
+    if cell.queries:
+        checks.append(_within_query_budget(cell, own))
     checks += _transfer_consistency(cell, results)
     checks += _adaptive_consistency(cell, results, cells)
     return checks
@@ -125,6 +132,51 @@ def _beats_noise(cell: Cell, own: pd.DataFrame, verdict: Objective, images: torc
     attack_accuracy = stored.loc[[p.key for p in sample], "correct"].mean()
     passed = attack_accuracy <= noise_accuracy
     return Check("beats noise", passed, f"at the largest ε: attack {attack_accuracy:.0%}, noise {noise_accuracy:.0%}")
+
+
+def _attacked_accuracy(cell: Cell, own: pd.DataFrame, sample) -> tuple[float, float]:
+    """The largest budget and the stored accuracy there on the checks' probes."""
+    eps = cell.budgets[-1]
+    return eps, float(own[own["eps"] == eps].set_index("probe").loc[[p.key for p in sample], "correct"].mean())
+
+
+def _beats_random_search(cell: Cell, own: pd.DataFrame, verdict: Objective, images: torch.Tensor, sample) -> Check:
+    """A query attack must do at least as well as random points of the budget's boundary with the same queries."""
+    eps, attack_accuracy = _attacked_accuracy(cell, own, sample)
+    norm = cast(Norm, cell.config.norm)
+    queries = cast(int, cell.config.queries)
+    oracle = Oracle(verdict, images, "decisions", queries, norm)
+    found = RandomSearch()(oracle, images, Budget(norm, eps), seeded_generator(images.device, "random-search"))
+    random_accuracy = 1 - torch.isfinite(found.size).float().mean().item()
+    shown = display_eps(eps, norm)
+    return Check(
+        "beats random search",
+        attack_accuracy <= random_accuracy + 1e-9,
+        f"at ε {shown:g} with {queries} queries: attack {attack_accuracy:.0%}, random search {random_accuracy:.0%}",
+    )
+
+
+def _below_white_box(cell: Cell, own: pd.DataFrame, crafting: Objective, images: torch.Tensor, sample) -> Check:
+    """A query attack sees less than a white-box one: if it does better at the same budget (by more than one probe
+    of noise), the gradients the white-box attack follows are masked and its numbers overstate robustness."""
+    eps, attack_accuracy = _attacked_accuracy(cell, own, sample)
+    norm = cast(Norm, cell.config.norm)
+    result = PGD(steps=20)(crafting, images, Budget(norm, eps), seeded_generator(images.device, "white-box"))
+    white_accuracy = 1 - result.success.float().mean().item()
+    passed = attack_accuracy >= white_accuracy - 1 / len(sample) - 1e-9
+    shown = display_eps(eps, norm)
+    detail = f"at ε {shown:g}: query attack {attack_accuracy:.0%}, white-box PGD-20 {white_accuracy:.0%}"
+    if not passed:
+        detail += "; the white-box gradients may be masked"
+    return Check("white-box at least as strong", passed, detail)
+
+
+def _within_query_budget(cell: Cell, own: pd.DataFrame) -> Check:
+    """No probe was sent more images than ``--queries``, whatever interruptions and resumes the run went through."""
+    spent = own["queries"].dropna()
+    most = int(spent.max()) if len(spent) else 0
+    budget = cast(int, cell.config.queries)
+    return Check("query budget", most <= budget, f"at most {most} of {budget} queries per probe")
 
 
 def _transfer_consistency(cell: Cell, results: pd.DataFrame) -> list[Check]:
