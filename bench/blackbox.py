@@ -168,7 +168,7 @@ def main() -> None:
             print(f"| {name} | {len(found)}/{len(images)} | {median:g} | {1 - timed.seconds / seconds:.1%} |")
 
     starter = Oracle(verdict, images, "decisions", 16, "l2")
-    starts = executor._starts(probes, starter, images)
+    starts = executor.starting_points(probes, starter, images)
     decision = {
         "ours hsj": lambda o: run_ours("hsj", o, images, None, starts),
         "ours evolutionary": lambda o: run_ours("evolutionary", o, images, None, starts),

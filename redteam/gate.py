@@ -94,7 +94,7 @@ def write_baseline(runs: Sequence[Path], path: Path) -> list[dict]:
     for run in runs:
         if not (run / "results.sqlite").is_file():
             raise RedteamError(f"{run} is not a run folder (no results.sqlite).")
-        store = ResultStore(run / "results.sqlite")
+        store = ResultStore(run / "results.sqlite", writable=False)  # a baseline reads kept runs
         for cell, stored in store.cells(current=True).items():
             config = EvaluationConfig.from_dict(stored).resolve()
             curve = store.curves(cell)

@@ -96,7 +96,7 @@ def open_store(run: Path) -> ResultStore:
         raise RedteamError(f"{run} is a file; give run folders (written by `redteam run` or `redteam sweep`).")
     if not (run / "results.sqlite").is_file():
         raise RedteamError(f"{run} holds no results.sqlite; is it a run folder of `redteam run` or `redteam sweep`?")
-    return ResultStore(run / "results.sqlite")
+    return ResultStore(run / "results.sqlite", writable=False)
 
 
 def _column(norm: str, eps: float) -> str:

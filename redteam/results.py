@@ -57,17 +57,29 @@ STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
 CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "REAL", "accuracy": "REAL",
                  "n": "INTEGER"}  # fmt: skip
 
+#: Every table besides ``results`` and ``cells``, by name.
+TABLES = {"minimal": MINIMAL_COLUMNS, "trajectory": TRAJECTORY_COLUMNS, "checks": CHECK_COLUMNS,
+          "stages": STAGE_COLUMNS, "curves": CURVE_COLUMNS}  # fmt: skip
+
 
 @dataclass
 class ResultStore:
+    """``writable=False`` opens a kept store for reading only (reports): the file is never changed, and tables or
+    columns it predates read as empty."""
+
     path: Path
+    writable: bool = True
 
     def __post_init__(self) -> None:
         """Open the store at ``path``, creating it and its tables as needed. A file that is not a store, or a folder
         that cannot be written, is a one-line :class:`RedteamError`; nothing is ever deleted."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._create_tables()
+            if self.writable:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._create_tables()
+            else:
+                with self._connect() as db:
+                    db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except sqlite3.DatabaseError as error:
             if not self.path.is_file() or "unable to open" in str(error) or "readonly" in str(error):
                 raise RedteamError(
@@ -102,7 +114,9 @@ class ResultStore:
                         db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+        if self.writable:
+            return sqlite3.connect(self.path, timeout=60)
+        return sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60)
 
     def register_cell(self, cell: str, config: dict) -> None:
         with self._connect() as db:
@@ -178,6 +192,8 @@ class ResultStore:
 
     def _table(self, table: str, cell: str | None) -> pd.DataFrame:
         with self._connect() as db:
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone():
+                return pd.DataFrame(columns=list(TABLES[table]))  # a store older than the table
             if cell is None:
                 return pd.read_sql_query(f"SELECT * FROM {table}", db)
             return pd.read_sql_query(f"SELECT * FROM {table} WHERE cell = ?", db, params=[cell])

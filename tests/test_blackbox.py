@@ -56,7 +56,7 @@ def test_decision_attacks_start_from_another_face_and_shrink(dodging):
 
     executor, probes, images, verdict = dodging
     oracle = Oracle(verdict, images, "decisions", 60, "l2")
-    starts = executor._starts(probes, oracle, images)
+    starts = executor.starting_points(probes, oracle, images)
     start_size = (starts - images).flatten(1).norm(dim=1)
     assert (start_size > 0).all() and (oracle.spent >= 1).all()
     assert oracle(starts).fooled.all()

@@ -33,7 +33,9 @@ def test_report_aucs_of_one_measure_share_their_range(tmp_path):
     from redteam.report import make_report
 
     store = Path(__file__).parent / "fixtures" / "store-v1"  # ℓ∞ cells up to 2/255, one ℓ2 cell up to 0.5
+    kept = (store / "results.sqlite").read_bytes()
     make_report([store], tmp_path, PlainProgress(errors), examples=0)
+    assert (store / "results.sqlite").read_bytes() == kept  # a report reads a kept store and never changes it
     cells = json.loads((tmp_path / "report.json").read_text())["cells"]
     ranges = {cell["norm"]: set() for cell in cells}
     for cell in cells:

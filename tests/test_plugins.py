@@ -139,7 +139,8 @@ def test_decision_only_target_refuses_gradient_attacks_before_any_work(toy_packa
     done = redteam(toy_package, "run", "--target", "thumbnail-api", "--attack", "random-corners", "--data",
                    small_faces.root, "--limit", 4, "--eps", "0,16", "--out", out)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert len(pd.read_csv(out / "curve.csv")) == 2
+    curve = pd.read_csv(out / "curve.csv")  # two budgets, and the one above 0 against queries too
+    assert len(curve[curve["queries"].isna()]) == 2 and curve["queries"].dropna().between(1, 10).all()
 
 
 def test_a_new_file_in_a_plugin_package_registers_itself(tmp_path, monkeypatch):

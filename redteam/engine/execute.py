@@ -154,7 +154,7 @@ class Executor:
             generator = self.generator("min", batch_number)
             if isinstance(attack, MinimalQueryAttack):  # decisions only: from starts already on the wrong side
                 oracle = self.oracle(verdict, images)
-                result = attack(oracle, images, self._starts(batch, oracle, images), generator)
+                result = attack(oracle, images, self.starting_points(batch, oracle, images), generator)
                 steps = oracle.spent
             else:
                 if not isinstance(attack, MinimalAttack):
@@ -182,7 +182,7 @@ class Executor:
         ]
         return Computed(rows, trajectories(oracle, batch, 0.0) if oracle else [])
 
-    def _starts(self, batch: list[Probe], oracle: Oracle, images: Tensor) -> Tensor:
+    def starting_points(self, batch: list[Probe], oracle: Oracle, images: Tensor) -> Tensor:
         """Where a decision-based attack starts, per probe: the first of the threat's starting images the target
         already decides wrongly on (each try a counted query), else a blank grey image; the image itself (nothing
         to shrink) for a probe where neither works."""
