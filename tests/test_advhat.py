@@ -143,12 +143,12 @@ def test_too_few_photos_of_anyone_is_one_line_that_says_what_to_change(faces_roo
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(people, tmp_path):
-    """Ctrl-C once the first sticker area is stored (a later area may be stored before the signal lands: an area
-    takes about a second); the same command carries on from there, and every number and table equals an
-    uninterrupted run's."""
+    """Ctrl-C once the first sticker area is stored (24 steps make an area last seconds, so the signal lands while
+    later areas are still to do; one may be stored before it does); the same command carries on from there, and
+    every number and table equals an uninterrupted run's."""
     redteam = str(Path(sys.executable).parent / "redteam")
     command = [redteam, "run", "--target", "arcface", "--attack", "advhat", "--data", str(people)]
-    command += ["--identity", WEARER, "--eps", "0,0.02,0.03,0.04,0.05", "--steps", "4"]
+    command += ["--identity", WEARER, "--eps", "0,0.02,0.03,0.04,0.05", "--steps", "24"]
     command += ["--option", "draws=1", "--option", "train_photos=1"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -160,7 +160,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(people, tmp_path):
         if _stages(parts / "results.sqlite") >= 1:
             running.send_signal(signal.SIGINT)
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     stderr = running.communicate(timeout=120)[1]
     assert running.returncode == 130, stderr
     assert "every finished stage (an area, a budget, a poison rate, ...) is stored" in stderr
