@@ -154,7 +154,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(people, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     subprocess.run([*command, "--out", str(whole)], check=True, capture_output=True, env=environment, timeout=600)
 
-    running = subprocess.Popen([*command, "--out", str(parts)], stderr=subprocess.PIPE, text=True, env=environment)
+    # SIGINT as a terminal sends it, even where this suite was started in the background (which ignores SIGINT,
+    # and children inherit that).
+    running = subprocess.Popen([*command, "--out", str(parts)], stderr=subprocess.PIPE, text=True, env=environment,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and running.poll() is None:
         if _stages(parts / "results.sqlite") >= 1:
