@@ -107,20 +107,27 @@ class Oracle:
                 verdict = self._objective.select(index[part])(images[part])
                 fooled.append(verdict.success)
                 margin.append(verdict.loss)
-        self._record(images, index, torch.cat(fooled))
+        self._record(images, index, torch.cat(fooled), asked)
         return Answer(torch.cat(fooled), torch.cat(margin) if self.access == "scores" else None)
 
-    def _record(self, images: Tensor, index: Tensor, fooled: Tensor) -> None:
-        """Count the queries in the order sent and keep each probe's smallest fooling perturbation."""
+    def _record(self, images: Tensor, index: Tensor, fooled: Tensor, asked: Tensor) -> None:
+        """Count the ``asked`` queries per probe and keep each probe's smallest fooling perturbation, with the query
+        (in the order sent) that found it. Only fooling images are looked at one by one (this runs per call)."""
         ledger = self._ledger
         delta = images - ledger.origins[index]
         linf, l2 = perturbation_size(delta, "linf").tolist(), perturbation_size(delta, "l2").tolist()
         sizes = linf if self.norm == "linf" else l2
-        for k, probe in enumerate(index.tolist()):
-            ledger.spent[probe] += 1
-            if bool(fooled[k]) and sizes[k] < float(ledger.best_size[probe]):
+        running, order = ledger.spent.tolist(), []  # each image's query number for its probe, in plain ints
+        probes = index.tolist()
+        for probe in probes:
+            running[probe] += 1
+            order.append(running[probe])
+        for k in torch.nonzero(fooled).squeeze(1).tolist():
+            probe = probes[k]
+            if sizes[k] < float(ledger.best_size[probe]):
                 ledger.best_size[probe], ledger.best[probe] = sizes[k], images[k]
-                ledger.improved[probe].append((int(ledger.spent[probe]), linf[k], l2[k]))
+                ledger.improved[probe].append((order[k], linf[k], l2[k]))
+        ledger.spent += asked
 
     def best_so_far(self) -> tuple[Tensor, Tensor]:
         """This view's smallest fooling images ``[N, 3, H, W]`` among everything queried (the origin where none
