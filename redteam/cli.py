@@ -23,6 +23,8 @@ except ImportError:  # pragma: no cover
     from click import exceptions as command_line  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from redteam.datasets import FaceDataset
 
 
@@ -83,7 +85,13 @@ def run(
     seed: Annotated[int, typer.Option(help="Seed for probe selection and random starts.")] = 0,
     steps: Annotated[int | None, typer.Option(help="Gradient steps (default: the attack's own).")] = None,
     option: Annotated[list[str] | None, typer.Option(help="Extra attack setting key=value (repeatable).")] = None,
-    surrogate: Annotated[str | None, typer.Option(help="Craft on this target, judge on --target (transfer).")] = None,
+    surrogate: Annotated[
+        str | None,
+        typer.Option(
+            help="Craft on this target, or an ensemble a,b,c, and judge on --target (transfer); a query attack "
+            "starts from such an example."
+        ),
+    ] = None,
     threshold: Annotated[float | None, typer.Option(help="Decide at this similarity instead of the card's.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Your checkpoint, for targets that load one.")] = None,
     align: Annotated[
@@ -155,7 +163,8 @@ def run(
         defense=defense,
         adaptive=adaptivity != "non-adaptive",
     ).resolve()
-    out = out or Path("runs") / f"{surrogate + '-to-' if surrogate else ''}{target}-{attack}-{config.threat}"
+    crafted_on = f"{config.surrogate.replace(',', '+')}-to-" if config.surrogate else ""
+    out = out or Path("runs") / f"{crafted_on}{target}-{attack}-{config.threat}"
     from redteam.outputs import exclusive, write_outputs, write_summary
     from redteam.results import ResultStore
 
@@ -180,13 +189,16 @@ def run(
 
 def _evaluate(config, out: Path) -> dict[str, Any]:
     """One evaluation into ``out``'s store: attack, sanity checks, the printed table; its ``run.json`` summary."""
-    from redteam.engine import Evaluation, checks_of
+    from redteam.engine import TRANSFER_ATTACK, Evaluation, checks_of
 
     started = time.perf_counter()
     with console.status("loading target and data"):
         evaluation = Evaluation(config, out / "results.sqlite")
     cell, executor = evaluation.cell, evaluation.executor
-    crafted = f" · crafted on {config.surrogate}" if config.surrogate else ""
+    crafted = ""
+    if config.surrogate:
+        queries = config.attack_class.default_queries is not None
+        crafted = f" · {f'starts from {TRANSFER_ATTACK} on' if queries else 'crafted on'} {config.surrogate}"
     if config.defense != "none":
         crafted += f" · defense {config.defense_label}"
     console.print(
@@ -277,12 +289,7 @@ def _run_campaign(config, out: Path) -> None:
         table.add_row(escape(key), f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
     console.print(table)
     for name, frame in report.tables.items():
-        shown = Table(title=escape(name))
-        for column in frame.columns:
-            shown.add_column(escape(str(column)), justify="right")
-        for row in frame.itertuples(index=False):
-            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row))
-        console.print(shown)
+        _print_frame(name, frame)
     for line in report.lines:
         console.print(escape(line), highlight=False)
     summary = {
@@ -468,8 +475,23 @@ def sweep(
         except KeyboardInterrupt:
             raise Interrupted() from None
     computed = sum(cell["batches computed"] for cell in cells)
-    files = "(results.sqlite, curve.csv, curve.png, sweep.json)"
+    from redteam.results import ResultStore, transfer_tables
+
+    for title, matrix in transfer_tables(ResultStore(out / "results.sqlite", writable=False).frame()):
+        shown = matrix.map(lambda a: "" if a != a else f"{a:.0%}").reset_index(names="crafted on")  # NaN: no cell
+        _print_frame(f"accuracy under transfer: {title}", shown)
+    files = "(results.sqlite, curve.csv, curve.png, transfer.csv, sweep.json)"
     console.print(escape(f"{computed} batches computed · results in {out}/ {files}"), highlight=False)
+
+
+def _print_frame(title: str, frame: pd.DataFrame) -> None:
+    """A table of results as a rich table (numbers to four significant digits)."""
+    shown = Table(title=escape(title))
+    for column in frame.columns:
+        shown.add_column(escape(str(column)), justify="right")
+    for row in frame.itertuples(index=False):
+        shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row))
+    console.print(shown)
 
 
 @app.command()

@@ -35,7 +35,7 @@ from redteam.engine import Evaluation, EvaluationConfig
 from redteam.engine.assembly import drawing_from
 from redteam.errors import RedteamError
 from redteam.plots import plot_curves  # also selects matplotlib's headless backend before pyplot draws
-from redteam.results import ResultStore, curve_area
+from redteam.results import ResultStore, curve_area, transfer_tables
 
 #: How each perturbation measure's budgets are written in column headers.
 BUDGET_UNITS = {"linf": "{eps:g}/255 ℓ∞", "l2": "{eps:g} ℓ2"}
@@ -78,6 +78,7 @@ class Report:
     cards: dict[str, dict[str, Any]]
     figures: dict[str, str]  # target -> base64 PNG of its curves
     sweeps: list[str]  # the commands that made sweep folders
+    transfer: list[dict[str, Any]] = field(default_factory=list)  # transfer matrices: title, targets, rows
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the images."""
@@ -140,9 +141,13 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     if not runs:
         raise RedteamError("give at least one run folder.")
     cells, sweeps, wanted = [], [], set(budgets or ())
+    transfer: list[dict[str, Any]] = []
     for run in runs:
         store = open_store(run)
         configs, curves, checks = store.cells(), store.curves(), store.checks()
+        for title, table in transfer_tables(store.frame()):
+            rows = [{"surrogate": str(s), "accuracy": [_number(a) for a in row]} for s, row in table.iterrows()]
+            transfer.append({"title": f"{title} ({run})", "targets": [str(t) for t in table.columns], "rows": rows})
         if (run / "sweep.json").is_file():
             sweeps.append(json.loads((run / "sweep.json").read_text())["command"])
         order = {cell: number for number, cell in enumerate(configs)}  # the order they were run in
@@ -200,10 +205,16 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         runs=[str(run) for run in runs],
         columns=columns,
         cells=cells,
-        cards=_cards(sorted({c.target for c in cells} | {c.surrogate for c in cells})),
+        cards=_cards(sorted({c.target for c in cells} | {name for c in cells for name in c.surrogate.split(",")})),
         figures={},
         sweeps=sweeps,
+        transfer=transfer,
     )
+
+
+def _number(value: Any) -> float | None:
+    """A table's value, or None where the pivot has no cell (NaN)."""
+    return None if pd.isna(value) else float(value)
 
 
 def _cards(names: list[str]) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,8 @@ A sweep file is a YAML mapping. Lists make the grid; everything else applies to 
     attacks: {pgd: {steps: 2}, mim: {steps: 2}}   # or a list of names: [pgd, mim]
     defenses: [none, halftone]                     # optional (default: none)
     adaptive: [true, false]                        # optional: how defended cells are attacked (default: true)
+    surrogates: [none, facenet, [facenet, dlib-resnet]]  # optional: craft on these and judge on each target
+                                                   # (transfer; a list is an ensemble; none: white-box)
     eps: [0, 1, 2, 4]                              # /255 for linf, image units for l2
     limit: 8
     out: runs/my-sweep                             # optional; --out wins
@@ -50,7 +52,6 @@ SHARED_SETTINGS: dict[str, type | tuple[type, ...]] = {
     "limit": int,
     "seed": int,
     "threshold": (int, float),
-    "surrogate": str,
     "align": bool,
     "batch_size": int,
     "device": str,
@@ -61,7 +62,7 @@ SHARED_SETTINGS: dict[str, type | tuple[type, ...]] = {
     "queries": int,
     "steps": int,
 }
-GRID_KEYS = ("targets", "attacks", "defenses", "adaptive")
+GRID_KEYS = ("targets", "attacks", "defenses", "adaptive", "surrogates")
 KNOWN_KEYS = (*GRID_KEYS, *SHARED_SETTINGS, "out")
 
 
@@ -110,17 +111,21 @@ def load_sweep(path: Path) -> Sweep:
     adaptive = adaptive if isinstance(adaptive, list) else [adaptive]
     if not adaptive or not all(isinstance(a, bool) for a in adaptive):
         raise SweepConfigError(f"{path}: adaptive: expected true, false or a list of them, got {adaptive!r}.")
+    surrogates = _surrogates(path, settings.get("surrogates", "none"))
     steps = shared.pop("steps", None)
     if "eps" in shared:
         shared["eps"] = tuple(shared["eps"])
-    configs = []
-    for target, (attack, options), defense, adaptively in product(targets, attacks, defenses, adaptive):
+    configs: list[EvaluationConfig] = []
+    grid = product(surrogates, targets, attacks, defenses, adaptive)
+    for surrogate, target, (attack, options), defense, adaptively in grid:
         if defense == "none" and adaptively != adaptive[0]:
             continue  # without a defense there is nothing to be adaptive about: one cell, not two
         options = {**({"steps": steps} if steps is not None else {}), **options}
         config = EvaluationConfig(target, attack, attack_options=options, defense=defense, adaptive=adaptively,
-                                  **shared)  # fmt: skip
-        configs.append(_check_cell(path, config))
+                                  surrogate=surrogate, **shared)  # fmt: skip
+        checked = _check_cell(path, config)
+        if checked not in configs:  # a target listed as its own surrogate is its white-box cell, once
+            configs.append(checked)
     return Sweep(path, configs, Path(out) if out else None, settings)
 
 
@@ -163,6 +168,21 @@ def _names(path: Path, key: str, value: object) -> list[str]:
         except RedteamError as error:
             raise SweepConfigError(f"{path}: {key}: {error}") from None
     return value
+
+
+def _surrogates(path: Path, value: object) -> list[str | None]:
+    """``facenet``, ``[none, facenet, [facenet, dlib-resnet]]`` -> ``[None, "facenet", "facenet,dlib-resnet"]``."""
+    entries = value if isinstance(value, list) else [value]
+    sets: list[str | None] = []
+    for entry in entries:
+        members = entry if isinstance(entry, list) else [entry]
+        if not members or not all(isinstance(m, str) for m in members):
+            raise SweepConfigError(f"{path}: surrogates: expected names or lists of names, got {entry!r}.")
+        joined = ",".join(str(m) for m in members)
+        sets.append(None if joined == "none" else joined)
+    if len(set(sets)) != len(sets):
+        raise SweepConfigError(f"{path}: surrogates: {entries!r} lists a set twice.")
+    return sets
 
 
 def _attacks(path: Path, value: object) -> list[tuple[str, dict[str, Any]]]:

@@ -19,6 +19,7 @@ Adding an attack = one file in ``redteam/attacks/`` (or a package's ``redteam.at
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -106,14 +107,16 @@ class MinimalResult:
     steps: Tensor
 
 
-def objective_gradient(objective: Objective, x: Tensor, eot: int = 1) -> tuple[Verdict, Tensor]:
+def objective_gradient(
+    objective: Objective, x: Tensor, eot: int = 1, view: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Verdict, Tensor]:
     """Loss gradient w.r.t. ``x`` averaged over ``eot`` evaluations (expectation over transformation, for
-    randomised targets and defenses). The returned verdict averages the losses; a sample counts as a success
-    only if every draw fooled the system."""
+    randomised targets and defenses), the objective seeing ``view(x)`` when given (e.g. input diversity). The
+    returned verdict averages the losses; a sample counts as a success only if every draw fooled the system."""
     verdicts, gradient = [], None
     for _ in range(eot):
         x = x.detach().requires_grad_(True)
-        verdict = objective(x)
+        verdict = objective(view(x) if view else x)
         (draw,) = torch.autograd.grad(verdict.loss.sum(), x)
         gradient = draw if gradient is None else gradient.add_(draw)
         verdicts.append(Verdict(verdict.loss.detach(), verdict.success.detach(), verdict.score.detach()))
@@ -157,8 +160,12 @@ class QueryAttack(AttackBase):
     default_queries: ClassVar[int | None] = 1_000
 
     @abstractmethod
-    def __call__(self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator) -> QueryResult:
-        """Fool ``oracle`` within ``budget`` of ``images [B, 3, H, W]``, asking at most ``oracle.remaining()``."""
+    def __call__(
+        self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator, start: Tensor | None = None
+    ) -> QueryResult:
+        """Fool ``oracle`` within ``budget`` of ``images [B, 3, H, W]``, asking at most ``oracle.remaining()``.
+        ``start``: where to begin the search when given, images within the budget (a transfer attack's examples,
+        crafted on surrogates with no query); otherwise the attack's own starting point."""
 
 
 class MinimalQueryAttack(AttackBase):

@@ -32,8 +32,10 @@ class NES(QueryAttack):
     sigma: float = 0.001
     step: float = 0.5
 
-    def __call__(self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator) -> QueryResult:
-        current = images.clone()
+    def __call__(
+        self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator, start: Tensor | None = None
+    ) -> QueryResult:
+        current = images.clone() if start is None else budget.confine(images)(start)
         fooled = torch.zeros(len(images), dtype=torch.bool, device=images.device)
         while True:
             pairs = torch.clamp((oracle.remaining() - 1) // 2, min=0, max=self.samples)

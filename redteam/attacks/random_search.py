@@ -1,5 +1,5 @@
 """Random search, the baseline every query attack must beat: random points on the budget's boundary (corners of the
-ℓ∞ box, directions on the ℓ2 sphere), one query each, kept as soon as one fools the system."""
+ℓ∞ box, directions on the ℓ2 sphere; after a given start), one query each, kept as soon as one fools the system."""
 
 from __future__ import annotations
 
@@ -21,9 +21,15 @@ class RandomSearch(QueryAttack):
     positive = ("batch",)
     batch: int = 8
 
-    def __call__(self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator) -> QueryResult:
+    def __call__(
+        self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator, start: Tensor | None = None
+    ) -> QueryResult:
         found = images.clone()
         fooled = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        if start is not None:  # the given start is the first point tried
+            start = budget.confine(images)(start)
+            fooled = oracle(start).fooled.clone()
+            found[fooled] = start[fooled]
         while True:
             tries = torch.minimum(oracle.remaining(), torch.full_like(oracle.remaining(), self.batch))
             tries[fooled] = 0

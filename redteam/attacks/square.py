@@ -1,9 +1,10 @@
 """Square Attack (Andriushchenko et al., ECCV 2020), ℓ∞, on the threat's margin from scores alone.
 
-Random search with a structure that suits images: the perturbation starts as vertical stripes of ±ε, and each step
-proposes a new random ±ε value per channel on one random square window, kept only if the margin the API's score
-gives improves. The window's share of the image shrinks as the queries are spent (the paper's schedule: halved at
-fixed fractions of the budget). Each step is one query per probe still standing; a probe stops once fooled.
+Random search with a structure that suits images: the perturbation starts as vertical stripes of ±ε (or at a given
+start, such as a transfer example), and each step proposes a new random ±ε value per channel on one random square
+window, kept only if the margin the API's score gives improves. The window's share of the image shrinks as the
+queries are spent (the paper's schedule: halved at fixed fractions of the budget). Each step is one query per probe
+still standing; a probe stops once fooled.
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ class Square(QueryAttack):
     positive = ("p_init",)
     p_init: float = 0.8
 
-    def __call__(self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator) -> QueryResult:
+    def __call__(
+        self, oracle: Oracle, images: Tensor, budget: Budget, generator: torch.Generator, start: Tensor | None = None
+    ) -> QueryResult:
         count, channels, height, width = images.shape
         eps, device = float(budget.eps), images.device
         confine = budget.confine(images)
-        stripes = _signs((count, channels, 1, width), generator, device) * eps
-        x = confine(images + stripes)
+        if start is None:
+            start = images + _signs((count, channels, 1, width), generator, device) * eps  # vertical stripes
+        x = confine(start)
         answer = oracle(x)
         assert answer.margin is not None, "square needs scores"
         margin, fooled = answer.margin.clone(), answer.fooled.clone()

@@ -7,7 +7,7 @@ The engine imports the plugins' interfaces and the leaf modules; the front ends 
 gate, training) import the engine. Plugins never do.
 """
 
-from redteam.engine.assembly import build_attack, build_defense, load_target, parse_options
+from redteam.engine.assembly import TRANSFER_ATTACK, build_attack, build_defense, load_target, parse_options
 from redteam.engine.campaigns import CampaignRun, finish_campaign, prepare_campaign, run_campaign
 from redteam.engine.checks import Check, checks_of, run_checks
 from redteam.engine.config import EvaluationConfig
@@ -16,6 +16,7 @@ from redteam.engine.execute import Executor
 from redteam.engine.plan import Cell, Planner, Shard, prepare
 
 __all__ = [
+    "TRANSFER_ATTACK",
     "CampaignRun",
     "Cell",
     "Check",

@@ -44,6 +44,12 @@ from redteam.threats import THREATS
 
 #: Gradient samples per step when an adaptive attack meets a randomised defense and ``--option eot`` is not given.
 EOT_SAMPLES = 8
+#: What crafts a query attack's starting point on ``--surrogate`` (zero queries): momentum, input diversity and
+#: translation invariance, the transfer attack of Dong et al. 2019 / Xie et al. 2019.
+TRANSFER_ATTACK = "ti-dim"
+#: The ℓ∞ budget of a decision attack's transfer start: a decision attack has no budget of its own, and a start
+#: must already fool the target, so it is crafted well above the usual 8/255 (still far closer than another face).
+DECISION_START_EPS = 16 / 255
 
 
 def load_target(name: str, device: torch.device, threshold: float | None = None, weights: Path | None = None) -> Target:
@@ -69,6 +75,72 @@ def load_target(name: str, device: torch.device, threshold: float | None = None,
     if threshold is not None:
         target.decide_at(threshold)
     return target
+
+
+class SurrogateEnsemble(FaceRecognizer):
+    """Several recognisers as one, for transfer attacks that craft on them all (Liu et al. 2017; Dong et al. 2018).
+
+    Its embedding is the members' embeddings side by side, and two faces' similarity is the mean of the members'
+    margins over their own thresholds, so it decides "same person" at 0 when the members agree on average. A
+    threat objective built on it is the mean of the members' objectives, each on its own scale and threshold.
+    """
+
+    def __init__(self, members: Sequence[FaceRecognizer]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.widths = [self._width(m) for m in members]
+        names = [m.card.name for m in members]
+        self.card = replace(
+            members[0].card,
+            name=",".join(names),
+            architecture=f"ensemble of {', '.join(names)}",
+            weights="the members'",
+            embedding_dim=sum(self.widths),
+            threshold=0.0,
+            threshold_far=None,
+            calibration="the mean of the members' margins over their own thresholds",
+            metrics={},
+            parity="",
+            notes="a transfer surrogate: its members' cards describe the models",
+        )
+
+    @staticmethod
+    def _width(member: FaceRecognizer) -> int:
+        """A member's embedding size (its card's, else measured on a blank image)."""
+        if member.card.embedding_dim:
+            return member.card.embedding_dim
+        with torch.no_grad():
+            return int(member.embed(torch.zeros(1, 3, 112, 112, device=member.device)).shape[1])
+
+    def embed(self, images: Tensor) -> Tensor:
+        return torch.cat([member.embed(images) for member in self.recognisers], dim=-1)
+
+    @property
+    def recognisers(self) -> list[FaceRecognizer]:
+        return [member for member in self.members if isinstance(member, FaceRecognizer)]
+
+    def _margins(self, a: Tensor, b: Tensor, matrix: bool) -> Tensor:
+        margins = []
+        for member, a_part, b_part in zip(self.recognisers, a.split(self.widths, -1), b.split(self.widths, -1)):
+            score = member.similarity_matrix(a_part, b_part) if matrix else member.similarity(a_part, b_part)
+            margins.append(score - member.threshold)
+        return torch.stack(margins).mean(0)
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._margins(a, b, matrix=False)
+
+    def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._margins(a, b, matrix=True)
+
+
+def load_crafting_model(config: EvaluationConfig, device: torch.device) -> Target:
+    """What a transfer attack crafts on: the ``--surrogate`` target, or the ensemble of the several it lists."""
+    members = [load_target(name, device) for name in config.surrogates]
+    if len(members) == 1:
+        return members[0]
+    recognisers = [m for m in members if isinstance(m, FaceRecognizer)]
+    assert len(recognisers) == len(members), "check_capabilities admits recognisers only in an ensemble"
+    return frozen(SurrogateEnsemble(recognisers), device)
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -241,26 +313,34 @@ def check_capabilities(config: EvaluationConfig, chain: DefenseChain) -> None:
     the attack needs against what the target offers, the threat against the target's task, and what a defense or
     a surrogate asks of the attack (all read from declarations)."""
     attack_class, attack = config.attack_class, config.attack
-    crafted_on = config.surrogate or config.target
-    offered = TARGETS.get(config.surrogate).offers if config.surrogate else config.access
-    if not grants(offered, attack_class.needs):
-        able = _attacks_that(lambda a: grants(offered, a.needs) and a.kind != "campaign")
-        restricted = f" (--access {offered})" if offered != TARGETS.get(crafted_on).offers else ""
-        raise RedteamError(
-            f"{attack} needs {attack_class.needs}; {crafted_on} answers {_access(offered)}{restricted} "
-            f"(attacks that work with it: {able or 'none registered'})."
-        )
-    if attack_class.default_queries is not None and config.surrogate:
-        raise RedteamError(f"{attack} queries the target itself; --surrogate is for transfer attacks such as pgd.")
+    demands: list[tuple[str, str, str, str]] = []  # (what asks, what it needs, of which model, what it answers)
+    if not config.surrogate or attack_class.default_queries is not None:
+        demands.append((attack, attack_class.needs, config.target, config.access))
+    if config.surrogate:  # crafting on the surrogates: the attack itself, or a query attack's transfer start
+        crafting = attack_class if attack_class.default_queries is None else ATTACKS.get(TRANSFER_ATTACK)
+        label = attack if crafting is attack_class else f"{attack}'s transfer start ({TRANSFER_ATTACK})"
+        weakest = min((TARGETS.get(n).offers for n in config.surrogates), key=ACCESS_LEVELS.index)
+        demands.append((label, crafting.needs, config.surrogate, weakest))
+    for label, needs, model, answers in demands:
+        if not grants(answers, needs):
+            able = _attacks_that(lambda a, answers=answers: grants(answers, a.needs) and a.kind != "campaign")
+            restricted = model == config.target and answers != TARGETS.get(model).offers
+            restricted_text = f" (--access {answers})" if restricted else ""
+            raise RedteamError(
+                f"{label} needs {needs}; {model} answers {_access(answers)}{restricted_text} "
+                f"(attacks that work with it: {able or 'none registered'})."
+            )
     task = THREATS.get(config.threat).task
-    for name in filter(None, (config.target, config.surrogate)):
+    for name in (config.target, *config.surrogates):
         kind = TARGETS.get(name).card.task
         if kind != task:
             raise RedteamError(f"{config.threat} attacks {task} models; {name} is a {kind} model.")
+    if len(config.surrogates) > 1 and task != "recognition":
+        raise RedteamError("an ensemble of surrogates is for recognisers; give a detector one --surrogate.")
     if issubclass(attack_class, Campaign):
         if config.surrogate:
             raise RedteamError(f"{attack} reports its own transfer table; --surrogate is for per-probe attacks.")
-    elif attack_class.kind == "minimal" and config.surrogate:
+    elif attack_class.kind == "minimal" and attack_class.default_queries is None and config.surrogate:
         raise RedteamError(f"{attack} finds minimal perturbations; transfer needs a fixed-budget attack such as pgd.")
     if chain.empty:
         return

@@ -70,8 +70,9 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
             checks.append(_beats_noise(cell, own, verdict, images, sample))
             if cell.queries and cell.budgets[-1] > 0:
                 checks.append(_beats_random_search(cell, own, verdict, images, sample))
-                if white_box:
-                    checks.append(_below_white_box(cell, own, crafting, images, sample))
+                if white_box:  # the target's own gradients, not the surrogates' a transfer start was crafted on
+                    own_model = verdict if cell.config.surrogate else crafting
+                    checks.append(_below_white_box(cell, own, own_model, images, sample))
     if cell.queries:
         checks.append(_within_query_budget(cell, own))
     checks += _transfer_consistency(cell, results)

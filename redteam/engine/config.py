@@ -53,7 +53,7 @@ class EvaluationConfig:
     attack_options: dict[str, Any] = field(default_factory=dict)
     threshold: float | None = None
     weights: str | None = None
-    surrogate: str | None = None
+    surrogate: str | None = None  # a target, or several joined by commas (an ensemble), to craft on (transfer)
     align: bool = False
     batch_size: int | Literal["auto"] = 16  # "auto": as many as fit in accelerator memory (16 on a CPU)
     device: str = "auto"
@@ -71,6 +71,11 @@ class EvaluationConfig:
         return ATTACKS.get(self.attack)
 
     @property
+    def surrogates(self) -> tuple[str, ...]:
+        """The targets the attack crafts on when not the target itself (several: an ensemble), as listed."""
+        return tuple(name.strip() for name in self.surrogate.split(",")) if self.surrogate else ()
+
+    @property
     def campaign(self) -> bool:
         return self.attack_class.kind == "campaign"
 
@@ -84,7 +89,8 @@ class EvaluationConfig:
     @property
     def label(self) -> str:
         """One line naming the cell (progress bars, the gate's tables, sweep summaries)."""
-        return f"{self.target} / {self.defense_label} / {self.attack} / {self.threat} / {self.norm}"
+        target = f"{self.surrogate}→{self.target}" if self.surrogate else self.target
+        return f"{target} / {self.defense_label} / {self.attack} / {self.threat} / {self.norm}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "eps": list(self.eps)}
@@ -115,6 +121,7 @@ class EvaluationConfig:
             threat = "evasion" if TARGETS.get(self.target).card.task == "detection" else "dodging"
         THREATS.get(threat)
         check_weights(self.target, self.weights)
+        surrogate = self._surrogate()
         access, queries = self._access(attack_class)
         check_precision(self.precision)
         resolve_device(self.device)  # an unknown or absent device fails here, before any work
@@ -122,7 +129,7 @@ class EvaluationConfig:
             raise RedteamError(f"--limit must be at least 1, not {self.limit}.")
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise RedteamError(f"--batch-size must be a positive number or auto, not {self.batch_size!r}.")
-        resolved = replace(self, norm=norm, threat=threat, access=access, queries=queries)
+        resolved = replace(self, norm=norm, threat=threat, access=access, queries=queries, surrogate=surrogate)
         if issubclass(attack_class, Campaign):
             campaign = instantiate(self.attack, self.attack_options)
             assert isinstance(campaign, Campaign)
@@ -137,6 +144,20 @@ class EvaluationConfig:
                 if norm == "linf" and value > 255:
                     raise RedteamError(f"ℓ∞ budget {value:g}/255 exceeds the whole pixel range.")
         return replace(resolved, eps=tuple(float(e) for e in eps))
+
+    def _surrogate(self) -> str | None:
+        """``surrogate`` settled: known names, each once, joined by commas without spaces; None when it is the
+        target alone (that is a white-box run)."""
+        names = self.surrogates
+        for name in names:
+            if not name:
+                raise RedteamError(f"--surrogate {self.surrogate!r} has an empty name; list targets as a,b,c.")
+            TARGETS.get(name)
+        if len(set(names)) != len(names):
+            raise RedteamError(f"--surrogate lists {sorted({n for n in names if names.count(n) > 1})} twice.")
+        if names == (self.target,):
+            return None
+        return ",".join(names) or None
 
     def _access(self, attack_class: type[AttackBase]) -> tuple[str, int | None]:
         """``access`` settled (``score`` and ``decision`` accepted for ``scores`` and ``decisions``; ``auto``: all

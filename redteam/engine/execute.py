@@ -3,7 +3,8 @@
 An executor holds no store: the planner (:mod:`redteam.engine.plan`) decides what to compute and records the rows,
 in this process or, for a Ray sweep, in the driver while workers run executors.
 
-With a ``surrogate``, adversarial examples are crafted on the surrogate and judged on the target (transfer). With a
+With a ``surrogate`` (one target, or an ensemble of several), adversarial examples are crafted on it and judged on
+the target (transfer); a query attack starts from such an example instead, spending no query on it. With a
 defense, the judge is the defended target as deployed and the attack differentiates it through BPDA/EOT
 (adaptive) or differentiates the undefended target (non-adaptive).
 """
@@ -28,7 +29,16 @@ from redteam.api import (
     Target,
     perturbation_size,
 )
-from redteam.engine.assembly import behind_transforms, drawing_from, load_target, wrap_model
+from redteam.engine.assembly import (
+    DECISION_START_EPS,
+    TRANSFER_ATTACK,
+    behind_transforms,
+    drawing_from,
+    load_crafting_model,
+    load_target,
+    wrap_model,
+)
+from redteam.engine.config import instantiate
 from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
 from redteam.runtime import autocast, chunks, fit_batch_size, resolve_device, seeded_generator
@@ -50,7 +60,7 @@ class Executor:
         self.target = behind_transforms(model, config, cell.defense, adaptive=False)
         crafting = model if config.adaptive else undefended
         if config.surrogate:
-            crafting = load_target(config.surrogate, self.device)
+            crafting = load_crafting_model(config, self.device)
         if config.adaptive:
             crafting = behind_transforms(crafting, config, cell.defense, adaptive=True)
         self.crafting = crafting
@@ -113,7 +123,11 @@ class Executor:
         generator = self.generator(level, batch_number)
         if isinstance(attack, QueryAttack):  # it queries the target as deployed, never the model
             oracle = self.oracle(verdict, images)
-            found = attack(oracle, images, budget, generator)
+            if self.cell.config.surrogate:
+                start = self.transfer_examples(crafting, images, budget, generator)
+                found = attack(oracle, images, budget, generator, start=start)
+            else:
+                found = attack(oracle, images, budget, generator)
             return Crafted(images, found.images, oracle.spent, verdict, oracle)
         assert isinstance(attack, Attack)
         with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
@@ -182,28 +196,47 @@ class Executor:
         ]
         return Computed(rows, trajectories(oracle, batch, 0.0) if oracle else [])
 
+    def transfer_examples(
+        self, crafting: Objective, images: Tensor, budget: Budget, generator: torch.Generator
+    ) -> Tensor:
+        """Adversarial examples of ``images`` within ``budget`` crafted on the surrogates by the transfer attack
+        (:data:`~redteam.engine.assembly.TRANSFER_ATTACK`): a query attack's start, at no query."""
+        attack = instantiate(TRANSFER_ATTACK, {"early_stop": False})
+        assert isinstance(attack, Attack)
+        with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
+            return attack(crafting, images, budget, generator).images.detach()
+
     def starting_points(self, batch: list[Probe], oracle: Oracle, images: Tensor) -> Tensor:
-        """Where a decision-based attack starts, per probe: the first of the threat's starting images the target
-        already decides wrongly on (each try a counted query), else a blank grey image; the image itself (nothing
-        to shrink) for a probe where neither works."""
+        """Where a decision-based attack starts, per probe: the first candidate the target already decides wrongly
+        on (each try a counted query), else a blank grey image; the image itself (nothing to shrink) for a probe
+        where none works. The candidates: with ``--surrogate``, a transfer example at ℓ∞
+        :data:`~redteam.engine.assembly.DECISION_START_EPS` (far closer than another face), then the threat's
+        starting images (another person's photos for dodging, the victim's for impersonation)."""
         starts = images.clone()
         found = torch.zeros(len(batch), dtype=torch.bool)
-        candidates = [self.cell.threat.starting_images(probe) for probe in batch]
+        candidates: list[list[int | Tensor]] = [list(self.cell.threat.starting_images(probe)) for probe in batch]
+        if self.cell.config.surrogate:
+            crafting, _ = self.objectives(batch)
+            budget = Budget("linf", DECISION_START_EPS)
+            transferred = self.transfer_examples(crafting, images, budget, self.generator("start", batch[0].key))
+            candidates = [[transferred[k].cpu(), *c] for k, c in enumerate(candidates)]
         for attempt in range(max((len(c) for c in candidates), default=0) + 1):
             trying = [k for k in range(len(batch)) if not found[k] and attempt <= len(candidates[k])]
             trying = [k for k in trying if int(oracle.remaining()[k]) > 0]
             if not trying:
                 break
-            tried = [
-                self.cell.dataset.load([candidates[k][attempt]])[0] if attempt < len(candidates[k])
-                else torch.full_like(images[k], 0.5).cpu()  # no face at all
-                for k in trying
-            ]  # fmt: skip
+            tried = [self._candidate(candidates[k][attempt]) if attempt < len(candidates[k])
+                     else torch.full_like(images[k], 0.5).cpu()  # no face at all
+                     for k in trying]  # fmt: skip
             answer = oracle(torch.stack(tried).to(self.device), trying)
             for position, k in enumerate(trying):
                 if bool(answer.fooled[position]):
                     starts[k], found[k] = tried[position].to(self.device), True
         return starts
+
+    def _candidate(self, candidate: int | Tensor) -> Tensor:
+        """A starting candidate as an image: a dataset index is loaded."""
+        return candidate if isinstance(candidate, Tensor) else self.cell.dataset.load([candidate])[0]
 
 
 @dataclass

@@ -87,7 +87,7 @@ def content_fingerprint(config: EvaluationConfig, dataset: FaceDataset, defense:
         "results version": str(RESULTS_VERSION),
         "images": dataset.fingerprint(),
         "weights": weights,
-        "surrogate weights": TARGETS.get(config.surrogate).weights_fingerprint() if config.surrogate else "",
+        "surrogate weights": ",".join(TARGETS.get(name).weights_fingerprint() for name in config.surrogates),
         "defense weights": hashlib.sha256(":".join(parts).encode()).hexdigest() if parts else "",
     }
 
