@@ -71,6 +71,26 @@ def test_decision_attacks_start_from_another_face_and_shrink(dodging):
     assert all(later[2] <= earlier[2] for earlier, later in zip(trajectory, trajectory[1:]))
 
 
+def test_hsj_linf_searches_boxes_and_shrinks_them(dodging):
+    """ℓ∞ HopSkipJump: its path clips the start to growing boxes around the image (ends: the image and the start),
+    and from another face it shrinks the ℓ∞ distance within 80 queries, still fooling facenet."""
+    from redteam.api import toward
+    from redteam.attacks.hsj import HopSkipJump
+
+    executor, probes, images, verdict = dodging
+    oracle = Oracle(verdict, images, "decisions", 80, "linf")
+    starts = executor.starting_points(probes, oracle, images)
+    start_size = (starts - images).flatten(1).abs().amax(1)
+    weights = torch.tensor([0.0, 1.0]), torch.tensor([0.25, 0.5])
+    assert torch.equal(toward(images, starts, weights[0], "linf")[0], images[0])
+    assert torch.allclose(toward(images, starts, weights[0], "linf")[1], starts[1])
+    boxed = (toward(images, starts, weights[1], "linf") - images).flatten(1).abs().amax(1)
+    assert torch.allclose(boxed, weights[1] * start_size)
+    result = HopSkipJump(norm="linf", initial_samples=10)(oracle, images, starts, torch.Generator().manual_seed(0))
+    assert (oracle.spent <= 80).all() and verdict(result.images).success.all()
+    assert (result.size < 0.8 * start_size).all()
+
+
 def test_square_fools_within_a_large_budget_and_stops_once_fooled(dodging):
     """At 32/255 a score attack fools facenet within 200 queries; each probe stops once fooled."""
     from redteam.attacks.square import Square
@@ -81,6 +101,24 @@ def test_square_fools_within_a_large_budget_and_stops_once_fooled(dodging):
     assert torch.isfinite(result.size).all() and (result.size <= 32 / 255 + 1e-6).all()
     assert verdict(result.images).success.all()
     assert (oracle.spent < 200).all()
+
+
+def test_square_l2_stays_on_the_sphere_and_lowers_the_margin(dodging):
+    """ℓ2 Square: its start and every step lie within ε in ℓ2 (the mass moves between windows, never grows), and 40
+    queries bring each probe closer to the threshold."""
+    from redteam.attacks.square import Square
+
+    _, _, images, verdict = dodging
+    generator = torch.Generator().manual_seed(0)
+    x = (images + Square._tiles(images, 12.0, generator)).clamp(0, 1)
+    for share in (0.1, 0.02, 0.002):
+        x = Square._sphere_proposal(images, x, 12.0, share, generator)
+        assert ((x - images).flatten(1).norm(dim=1) <= 12.0 + 1e-3).all()
+    oracle = Oracle(verdict, images, "scores", 40, "l2")
+    result = Square()(oracle, images, Budget("l2", 12.0), torch.Generator().manual_seed(0))
+    assert (oracle.spent == 40).all() and ((result.images - images).flatten(1).norm(dim=1) <= 12.0 + 1e-3).all()
+    with torch.no_grad():
+        assert (verdict(result.images).loss > verdict(images).loss).all()
 
 
 def test_decision_access_refuses_gradient_attacks_in_one_line(cli, capsys, faces_root, tmp_path):

@@ -19,7 +19,7 @@ from redteam.api.attacks import (
 )
 from redteam.api.campaigns import Axis, Campaign, CampaignContext, CampaignReport
 from redteam.api.defenses import DEFENSES, InputTransform, ModelWrapper
-from redteam.api.oracles import Answer, Oracle, QueryBudgetExceeded, bisect_boundary, blend
+from redteam.api.oracles import Answer, Oracle, QueryBudgetExceeded, bisect_boundary, blend, toward
 from redteam.api.targets import (
     ACCESS_LEVELS,
     TARGETS,
@@ -74,6 +74,7 @@ __all__ = [
     "Objective",
     "Oracle",
     "bisect_boundary",
+    "toward",
     "blend",
     "Preprocessing",
     "Probe",

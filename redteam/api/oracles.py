@@ -154,10 +154,11 @@ class Oracle:
         return points
 
 
-def bisect_boundary(oracle: Oracle, images: Tensor, fooling: Tensor, tolerance: float) -> Tensor:
-    """The point on each segment from ``images`` to ``fooling`` (``[N, 3, H, W]``, ``fooling`` decided wrongly)
-    nearest the image that still fools ``oracle``, to within ``tolerance`` of the segment's length: a binary search,
-    one query per probe and halving, while the probe has queries left."""
+def bisect_boundary(oracle: Oracle, images: Tensor, fooling: Tensor, tolerance: float, norm: Norm = "l2") -> Tensor:
+    """The point on each path from ``images`` to ``fooling`` (``[N, 3, H, W]``, ``fooling`` decided wrongly) nearest
+    the image that still fools ``oracle``, to within ``tolerance`` of the path's length: a binary search, one query
+    per probe and halving, while the probe has queries left. The path (:func:`toward`) is the segment between them
+    for ℓ2, and for ℓ∞ ``fooling`` clipped to a growing box around the image (HopSkipJump's ℓ∞ projection)."""
     # float64: in float32 a gap below the spacing of floats near ``high`` never closes, and the search would spend
     # the whole budget on it.
     low = torch.zeros(len(images), dtype=torch.float64, device=images.device)
@@ -165,11 +166,21 @@ def bisect_boundary(oracle: Oracle, images: Tensor, fooling: Tensor, tolerance: 
     while True:
         searching = torch.nonzero((high - low > tolerance) & (oracle.remaining() > 0)).squeeze(1)
         if len(searching) == 0:
-            return blend(images, fooling, high)
+            return toward(images, fooling, high, norm)
         middle = (low[searching] + high[searching]) / 2
-        fooled = oracle(blend(images[searching], fooling[searching], middle), searching).fooled
+        fooled = oracle(toward(images[searching], fooling[searching], middle, norm), searching).fooled
         high[searching] = torch.where(fooled, middle, high[searching])
         low[searching] = torch.where(fooled, low[searching], middle)
+
+
+def toward(images: Tensor, other: Tensor, weight: Tensor, norm: Norm = "l2") -> Tensor:
+    """The point a share ``weight [N]`` of the way from ``images`` to ``other``: for ℓ2 on the segment between them,
+    for ℓ∞ ``other`` clipped to the box around ``images`` of that share of their ℓ∞ distance."""
+    if norm == "l2":
+        return blend(images, other, weight)
+    delta = other - images
+    radius = (weight.to(images.dtype) * delta.flatten(1).abs().amax(1)).view(-1, *([1] * (images.dim() - 1)))
+    return images + torch.maximum(torch.minimum(delta, radius), -radius)
 
 
 def blend(images: Tensor, other: Tensor, weight: Tensor) -> Tensor:

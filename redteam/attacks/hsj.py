@@ -1,10 +1,12 @@
-"""HopSkipJump (Chen, Jordan & Wainwright, IEEE S&P 2020), ℓ2, from decisions alone.
+"""HopSkipJump (Chen, Jordan & Wainwright, IEEE S&P 2020), ℓ2 and ℓ∞, from decisions alone.
 
 From a starting image the system already decides wrongly on, each iteration: a binary search along the line to the
 original image finds the decision boundary; Monte Carlo sampling around that boundary point estimates the direction
 in which the decision flips (each sample one query: fooled or not, baseline-subtracted); a geometric search steps
 along it until the system is still fooled; and a binary search pulls back to the boundary again. The sample count
-grows as √t and the step as the distance / √t, as in the paper. Every probe runs in lockstep with the others, so
+grows as √t and the step as the distance / √t, as in the paper. For ℓ∞ (the paper's second variant) the searches
+clip to a box around the image instead of moving along a line, the step follows the estimate's sign, and θ and the
+sampling radius scale with d instead of √d. Every probe runs in lockstep with the others, so
 each phase is one oracle call for all of them; the oracle's record keeps the smallest fooling image ever queried,
 which is what the attack returns.
 """
@@ -21,14 +23,15 @@ from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect
 from redteam.budgets import Norm, perturbation_size
 
 
-@ATTACKS.register("hsj", "HopSkipJump (Chen et al. 2020): boundary walk from decisions only (ℓ2), minimal")
+@ATTACKS.register("hsj", "HopSkipJump (Chen et al. 2020): boundary walk from decisions only (ℓ2, ℓ∞), minimal")
 @dataclass
 class HopSkipJump(MinimalQueryAttack):
     """``initial_samples``: boundary samples at the first iteration (then × √t, up to ``most_samples``);
-    ``gamma``: sets the binary searches' precision and the sampling radius (the paper's θ = γ / d^1.5)."""
+    ``gamma``: sets the binary searches' precision and the sampling radius (the paper's θ = γ / d^1.5 for ℓ2,
+    γ / d² for ℓ∞)."""
 
     name = "hsj"
-    norms = ("l2",)
+    norms = ("l2", "linf")
     positive = ("initial_samples", "most_samples", "gamma")
     norm: Norm = "l2"
     initial_samples: int = 100
@@ -37,23 +40,27 @@ class HopSkipJump(MinimalQueryAttack):
 
     def __call__(self, oracle: Oracle, images: Tensor, starts: Tensor, generator: torch.Generator) -> QueryResult:
         dimensions = images[0].numel()
-        theta = self.gamma / (math.sqrt(dimensions) * dimensions)
-        boundary = bisect_boundary(oracle, images, starts, theta)
+        # The scale of the problem in the norm: √d for ℓ2, d for ℓ∞ (the paper's θ and sampling radius).
+        scale = math.sqrt(dimensions) if self.norm == "l2" else float(dimensions)
+        theta = self.gamma / (scale * dimensions)
+        boundary = bisect_boundary(oracle, images, starts, theta, self.norm)
         iteration = 1
         while True:
             live = self._live(oracle, boundary, images)
             if len(live) == 0:
                 break
-            distance = perturbation_size(boundary[live] - images[live], "l2")
+            distance = perturbation_size(boundary[live] - images[live], self.norm)
             # The sampling radius: the reference implementation's 0.1 at first (no previous step to scale by), then
-            # √d θ times the distance.
-            radius = math.sqrt(dimensions) * theta * distance if iteration > 1 else torch.full_like(distance, 0.1)
+            # the scale times θ times the distance.
+            radius = scale * theta * distance if iteration > 1 else torch.full_like(distance, 0.1)
             samples = int(min(self.initial_samples * math.sqrt(iteration), self.most_samples))
             direction = self._direction(oracle.narrow(live), boundary[live], radius, samples, generator)
+            if self.norm == "linf":
+                direction = direction.sign()
             moved = self._step(
                 oracle.narrow(live), images[live], boundary[live], direction, distance / math.sqrt(iteration)
             )
-            boundary[live] = bisect_boundary(oracle.narrow(live), images[live], moved, theta)
+            boundary[live] = bisect_boundary(oracle.narrow(live), images[live], moved, theta, self.norm)
             iteration += 1
         return QueryResult(*oracle.best_so_far())
 
