@@ -42,6 +42,12 @@ def per_sample(value: float | Tensor, like: Tensor) -> float | Tensor:
     return value.view(-1, *([1] * (like.dim() - 1))) if isinstance(value, Tensor) else value
 
 
+def scaled_to(directions: Tensor, length: float | Tensor = 1.0) -> Tensor:
+    """Each sample of ``directions [B, ...]`` scaled to ℓ2 length ``length`` (a scalar or ``[B]``)."""
+    size = perturbation_size(directions, "l2").clamp_min(1e-12)
+    return directions * per_sample(length / size, directions)
+
+
 @dataclass(frozen=True)
 class Budget:
     """A perturbation budget in image units (pixels in ``[0, 1]``): ``eps = 8/255`` is 8 grey levels in ℓ∞.
@@ -74,13 +80,10 @@ class Budget:
             return (2 * uniform - 1) * per_sample(self.eps, like)
         direction = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
         radius = torch.rand(like.shape[0], generator=generator, device=like.device, dtype=like.dtype) * self.eps
-        return (
-            direction / per_sample(perturbation_size(direction, "l2").clamp_min(1e-12), like) * per_sample(radius, like)
-        )
+        return scaled_to(direction, radius)
 
     def ascent(self, gradient: Tensor, step: float | Tensor) -> Tensor:
         """The steepest-ascent step of length ``step`` (scalar or ``[B]``) for this norm."""
-        step = per_sample(step, gradient)
         if self.norm == "linf":
-            return gradient.sign().mul_(step)
-        return gradient * (step / per_sample(perturbation_size(gradient, "l2").clamp_min(1e-12), gradient))
+            return gradient.sign().mul_(per_sample(step, gradient))
+        return scaled_to(gradient, step)

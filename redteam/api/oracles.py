@@ -114,19 +114,21 @@ class Oracle:
         """Count the ``asked`` queries per probe and keep each probe's smallest fooling perturbation, with the query
         (in the order sent) that found it. Only fooling images are looked at one by one (this runs per call)."""
         ledger = self._ledger
-        delta = images - ledger.origins[index]
-        linf, l2 = perturbation_size(delta, "linf").tolist(), perturbation_size(delta, "l2").tolist()
-        sizes = linf if self.norm == "linf" else l2
         running, order = ledger.spent.tolist(), []  # each image's query number for its probe, in plain ints
         probes = index.tolist()
         for probe in probes:
             running[probe] += 1
             order.append(running[probe])
-        for k in torch.nonzero(fooled).squeeze(1).tolist():
-            probe = probes[k]
-            if sizes[k] < float(ledger.best_size[probe]):
-                ledger.best_size[probe], ledger.best[probe] = sizes[k], images[k]
-                ledger.improved[probe].append((order[k], linf[k], l2[k]))
+        fooling = torch.nonzero(fooled).squeeze(1)
+        if len(fooling):  # sizes of the fooling images only: most of what a boundary attack sends does not fool
+            delta = images[fooling] - ledger.origins[index[fooling]]
+            linf, l2 = perturbation_size(delta, "linf").tolist(), perturbation_size(delta, "l2").tolist()
+            sizes = linf if self.norm == "linf" else l2
+            for j, k in enumerate(fooling.tolist()):
+                probe = probes[k]
+                if sizes[j] < float(ledger.best_size[probe]):
+                    ledger.best_size[probe], ledger.best[probe] = sizes[j], images[k]
+                    ledger.improved[probe].append((order[k], linf[j], l2[j]))
         ledger.spent += asked
 
     def best_so_far(self) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
-from redteam.budgets import Norm, per_sample, perturbation_size
+from redteam.budgets import Norm, per_sample, perturbation_size, scaled_to
 
 #: The success rate the 1/5 rule steers towards.
 TARGET_SUCCESS = 0.2
@@ -77,14 +77,10 @@ class Evolutionary(MinimalQueryAttack):
             toward = images[live] - current[live]
             distance = toward.flatten(1).norm(dim=1)
             pulled = current[live] + per_sample(pull[live], toward) * toward
-            direction = upsampled / per_sample(upsampled.flatten(1).norm(dim=1).clamp_min(1e-12), upsampled)
-            candidate = pulled + per_sample(self.sigma * distance, direction) * direction
+            candidate = pulled + scaled_to(upsampled, self.sigma * distance)
             # Back to the pulled distance from the original: the random part turns, the pull shrinks.
-            offset = candidate - images[live]
             radius = perturbation_size(pulled - images[live], "l2")
-            scale = radius / perturbation_size(offset, "l2").clamp_min(1e-12)
-            candidate = images[live] + offset * per_sample(scale, offset)
-            candidate = candidate.clamp(0, 1)
+            candidate = (images[live] + scaled_to(candidate - images[live], radius)).clamp(0, 1)
             fooled = oracle(candidate, live).fooled
             closer = perturbation_size(candidate - images[live], "l2") < distance
             accepted = fooled & closer

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
-from redteam.budgets import Norm, perturbation_size
+from redteam.budgets import Norm, perturbation_size, scaled_to
 
 
 @ATTACKS.register("hsj", "HopSkipJump (Chen et al. 2020): boundary walk from decisions only (ℓ2, ℓ∞), minimal")
@@ -73,20 +73,25 @@ class HopSkipJump(MinimalQueryAttack):
     @staticmethod
     def _direction(oracle: Oracle, points: Tensor, radius: Tensor, samples: int, generator: torch.Generator) -> Tensor:
         """Monte Carlo estimate of each boundary point's normal, towards fooling: ``samples`` random unit
-        directions (fewer where the budget is short), weighted by the baseline-subtracted decision."""
+        directions (fewer where the budget is short), weighted by the decision minus its mean over the point's
+        samples (the paper's baseline; the decision itself where every sample agrees)."""
         counts = torch.clamp(oracle.remaining() - 2, min=1, max=samples)
         probes = torch.repeat_interleave(torch.arange(len(points), device=points.device), counts)
+        # In place where it can be: this is the attack's own work per query, over every sampled image.
         noise = torch.randn((len(probes), *points.shape[1:]), generator=generator, device=points.device)
-        noise = noise / noise.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        perturbed = (points[probes] + radius[probes].view(-1, 1, 1, 1) * noise).clamp(0, 1)
-        noise = (perturbed - points[probes]) / radius[probes].view(-1, 1, 1, 1).clamp_min(1e-12)
+        origins = points[probes]
+        perturbed = scaled_to(noise, radius[probes]).add_(origins).clamp_(0, 1)
         votes = oracle(perturbed, probes).fooled.float() * 2 - 1
-        direction = torch.zeros_like(points)
-        for k in range(len(points)):
-            mine = votes[probes == k]
-            centred = mine - mine.mean() if 0 < float(mine.abs().sum()) and abs(float(mine.mean())) < 1 else mine
-            direction[k] = (centred.view(-1, 1, 1, 1) * noise[probes == k]).mean(0)
-        return direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        mean = torch.zeros(len(points), device=points.device).index_add_(0, probes, votes) / counts
+        agreed = mean.abs() >= 1  # every sample on one side: no baseline to subtract
+        weights = torch.where(agreed[probes], votes, votes - mean[probes]) / counts[probes]
+        # The unit sample actually sent (clipping to the image range may have shortened it), weighted and summed
+        # per point: one matrix product.
+        sent = perturbed.sub_(origins).flatten(1)
+        spread = torch.zeros(len(points), len(probes), device=points.device)
+        spread[probes, torch.arange(len(probes), device=points.device)] = weights / radius[probes].clamp_min(1e-12)
+        direction = (spread @ sent).view_as(points)
+        return scaled_to(direction)
 
     @staticmethod
     def _step(oracle: Oracle, images: Tensor, points: Tensor, direction: Tensor, step: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
-from redteam.budgets import Norm, perturbation_size
+from redteam.budgets import Norm, perturbation_size, scaled_to
 
 #: Binary searches stop within this share of the distance they search.
 PRECISION = 1e-3
@@ -53,15 +53,15 @@ class SignOPT(MinimalQueryAttack):
         while int(oracle.remaining()) > 2:
             count = min(self.samples, int(oracle.remaining()) - 2)
             noise = torch.randn((count, *image.shape[1:]), generator=generator, device=image.device)
-            nudged = _unit(theta + beta * noise)
-            fooled = oracle((image + distance * nudged).clamp(0, 1), [0] * count).fooled
-            signs = torch.where(fooled, -1.0, 1.0).view(-1, 1, 1, 1)
-            gradient = (signs * noise).mean(0, keepdim=True)
+            nudged = scaled_to(noise.mul(beta).add_(theta), distance).add_(image).clamp_(0, 1)
+            fooled = oracle(nudged, [0] * count).fooled
+            signs = torch.where(fooled, -1.0, 1.0) / count
+            gradient = (signs @ noise.flatten(1)).view_as(image)  # the mean of the signed samples
             step, improved = self.alpha, False
             for _ in range(HALVINGS):
                 if int(oracle.remaining()) < 1:
                     return
-                candidate = _unit(theta - step * gradient)
+                candidate = scaled_to(theta - step * gradient)
                 if bool(oracle((image + distance * candidate).clamp(0, 1)).fooled[0]):
                     # Fooled at the old distance: the boundary along ``candidate`` is nearer; find it.
                     far = (image + distance * candidate).clamp(0, 1)
@@ -72,8 +72,3 @@ class SignOPT(MinimalQueryAttack):
                 step /= 2
             if not improved:
                 beta /= 2  # a finer estimate next time: the paper shrinks β too as the search stalls
-
-
-def _unit(directions: Tensor) -> Tensor:
-    """Each direction ``[N, 3, H, W]`` scaled to length 1."""
-    return directions / directions.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

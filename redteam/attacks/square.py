@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, Budget, Oracle, QueryAttack, QueryResult, perturbation_size
+from redteam.budgets import scaled_to
 
 #: Fractions of the budget (in the paper's 10,000-query scale) after which the window's share halves again.
 HALVINGS = (10, 50, 200, 500, 1_000, 2_000, 4_000, 6_000, 8_000)
@@ -106,7 +107,7 @@ class Square(QueryAttack):
             for left in range(left0, width - side + 1, side):
                 signs = _signs((count, channels, 1, 1), generator, images.device)
                 delta[..., top : top + side, left : left + side] = signs * _bump(side, generator, images.device)
-        return delta * (eps / perturbation_size(delta, "l2").clamp_min(1e-12)).view(-1, 1, 1, 1)
+        return scaled_to(delta, eps)
 
     @staticmethod
     def _sphere_proposal(images: Tensor, x: Tensor, eps: float, share: float, generator: torch.Generator) -> Tensor:
