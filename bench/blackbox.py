@@ -9,7 +9,9 @@ A contender is stopped when a probe has spent ``--queries``; the oracle's record
 Score attacks (ℓ∞, ``--eps`` /255): success rate and median queries to the first fooling image. Decision attacks
 (ℓ2, from the same starting images: another person's photo for dodging, the victim's for impersonation): median ℓ2
 of the smallest fooling image after each share of the queries, and success within ℓ2 = 1 and 2. "own time" is the
-share of a contender's time spent outside the face system's forward passes.
+share of a contender's time spent outside the face system's forward passes. With ``--surrogate a,b,c`` every
+decision attack starts from the ensemble's transfer example where it fools the system (the same starts for all),
+and ``ours square from transfer`` joins the score attacks.
 """
 
 from __future__ import annotations
@@ -73,8 +75,15 @@ def as_classifier(oracle: Oracle, limit: int) -> Callable[[Tensor], Tensor]:
 
 
 def run_ours(name: str, oracle: Oracle, images: Tensor, budget: Budget | None, starts: Tensor | None) -> None:
-    attack: Any = ATTACKS.get(name)()  # a query attack: fixed-budget (a budget) or minimal (starting images)
-    attack(oracle, images, starts if budget is None else budget, torch.Generator().manual_seed(0))
+    """A query attack: minimal from ``starts`` without a budget; fixed-budget with one, from ``starts`` if given."""
+    attack: Any = ATTACKS.get(name)()
+    generator = torch.Generator().manual_seed(0)
+    if budget is None:
+        attack(oracle, images, starts, generator)
+    elif starts is None:
+        attack(oracle, images, budget, generator)
+    else:
+        attack(oracle, images, budget, generator, start=starts)
 
 
 def run_torchattacks_square(oracle: Oracle, images: Tensor, budget: Budget, limit: int) -> None:
@@ -133,17 +142,19 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--eps", type=float, default=8.0, help="ℓ∞ budget of the score attacks, /255")
     parser.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
+    parser.add_argument("--surrogate", default=None, help="start from transfer examples crafted on these (a,b,c)")
     args = parser.parse_args()
     torch.manual_seed(0)
     cell = prepare(EvaluationConfig(target=args.target, attack="pgd", threat=args.threat, data=args.data,
-                                    limit=args.probes, checks=False))  # fmt: skip
+                                    limit=args.probes, checks=False, surrogate=args.surrogate))  # fmt: skip
     executor = Executor(cell)
     images = cell.dataset.load([p.image for p in cell.probes])
-    _, verdict = executor.objectives(cell.probes)
+    crafting, verdict = executor.objectives(cell.probes)
     with torch.no_grad():
         standing = ~verdict(images).success
     probes = [p for p, keep in zip(cell.probes, standing.tolist()) if keep]
-    images, verdict = images[standing], verdict.select(torch.nonzero(standing).squeeze(1))
+    kept = torch.nonzero(standing).squeeze(1)
+    images, verdict, crafting = images[standing], verdict.select(kept), crafting.select(kept)
     budget, limit = Budget("linf", args.eps / 255), args.queries
     print(f"{args.target} · {args.threat} · {len(probes)} probes decided correctly · {limit} queries per probe")
     wanted = set(args.only.split(",")) if args.only else None
@@ -155,6 +166,9 @@ def main() -> None:
         "torchattacks Square": lambda o: run_torchattacks_square(o, images, budget, limit),
         "ART SquareAttack": lambda o: run_art("square", o, images, budget, None, limit),
     }
+    if args.surrogate:
+        transferred = executor.transfer_examples(crafting, images, budget, torch.Generator().manual_seed(0))
+        score["ours square from transfer"] = lambda o: run_ours("square", o, images, budget, transferred)
     print(f"\nscores, ℓ∞ {args.eps:g}/255")
     print("| contender | success | median queries to success | own time |\n|---|---|---|---|")
     for name, work in score.items():
@@ -177,7 +191,9 @@ def main() -> None:
     }
     marks = sorted({max(1, limit // 10), limit // 2, limit})
     heads = " | ".join(f"median ℓ2 @{q}" for q in marks)
-    print(f"\ndecisions, ℓ2 (starts: {args.threat} starting images, found with {starter.spent.tolist()} queries)")
+    source = f"transfer from {args.surrogate}, else " if args.surrogate else ""
+    spent = starter.spent.tolist()
+    print(f"\ndecisions, ℓ2 (starts: {source}{args.threat} starting images, found with {spent} queries)")
     print(f"| contender | {heads} | ℓ2 ≤ 1 | ℓ2 ≤ 2 | own time |\n|---|{'---|' * len(marks)}---|---|---|")
     for name, work in decision.items():
         if wanted is None or name in wanted:
