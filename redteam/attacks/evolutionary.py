@@ -74,13 +74,13 @@ class Evolutionary(MinimalQueryAttack):
             step = noise * covariance[live].sqrt() * keep
             grid = step.view(-1, channels, self.side, self.side)
             upsampled = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-            toward = images[live] - current[live]
-            distance = toward.flatten(1).norm(dim=1)
-            pulled = current[live] + per_sample(pull[live], toward) * toward
-            candidate = pulled + scaled_to(upsampled, self.sigma * distance)
+            offset = current[live] - images[live]
+            distance = perturbation_size(offset, "l2")
+            pulled = offset * per_sample(1 - pull[live], offset)  # from the original, pulled towards it
+            moved = pulled.add_(scaled_to(upsampled, self.sigma * distance))
             # Back to the pulled distance from the original: the random part turns, the pull shrinks.
-            radius = perturbation_size(pulled - images[live], "l2")
-            candidate = (images[live] + scaled_to(candidate - images[live], radius)).clamp(0, 1)
+            radius = (1 - pull[live]).abs() * distance
+            candidate = scaled_to(moved, radius).add_(images[live]).clamp_(0, 1)
             fooled = oracle(candidate, live).fooled
             closer = perturbation_size(candidate - images[live], "l2") < distance
             accepted = fooled & closer
