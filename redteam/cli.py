@@ -447,6 +447,44 @@ def fetch(
 
 
 @app.command()
+def serve(
+    target: Annotated[str, typer.Option(help="The zoo recogniser that answers.")] = "facenet",
+    expose: Annotated[
+        Literal["score", "decision"], typer.Option(help="What answers carry: the score too, or the decision only.")
+    ] = "score",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    detector: Annotated[str | None, typer.Option(help="A zoo detector: each upload must show one face.")] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Require header X-API-Key equal to this environment variable's value.")
+    ] = None,
+    rate: Annotated[str | None, typer.Option(help="Most requests per second or per minute (20/s, 600/min).")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Another operating point, in the target's unit.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+) -> None:
+    """A reference face-verification service over a zoo recogniser: enrol, verify, identify, health (a demo target)."""
+    from redteam.runtime import resolve_device
+    from redteam.serve import ServiceConfig, api_key_from, parse_rate
+    from redteam.serve import serve as run_service
+
+    config = ServiceConfig(
+        target=target,
+        expose=expose,
+        detector=detector,
+        api_key=api_key_from(api_key_env),
+        rate=parse_rate(rate) if rate else None,
+        threshold=threshold,
+        device=str(resolve_device(device)),
+    )
+    guarded = f" · key from ${api_key_env}" if api_key_env else ""
+    limited = f" · at most {config.rate:g} requests/s" if config.rate else ""
+    console.print(
+        escape(f"{target} answers {expose}s on http://{host}:{port}{guarded}{limited} (Ctrl-C stops)"), highlight=False
+    )
+    run_service(config, host, port)
+
+
+@app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep file (YAML): targets, attacks, defenses, eps, ...")],
     out: Annotated[Path | None, typer.Option(help="Run folder (default: the file's out, or runs/<its stem>).")] = None,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -80,19 +80,20 @@ class FaceDataset(ABC):
         return dict(groups)
 
 
-def open_image(path: Path, decode: bool = True) -> Image.Image:
-    """Open an image file (decoding its pixels unless ``decode`` is False), with a one-line error for anything a
-    face model cannot use: unreadable, empty, grayscale or tiny."""
+def open_image(path: Path | IO[bytes], decode: bool = True, name: str | None = None) -> Image.Image:
+    """Open an image file or stream (decoding its pixels unless ``decode`` is False), with a one-line error naming
+    it (``name``, else ``path``) for anything a face model cannot use: unreadable, empty, grayscale or tiny."""
+    name = name or str(path)
     try:
         image = Image.open(path)
         if decode:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image {name}: {error}") from None
     if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
-        raise DataError(f"{path} is a grayscale image; the face models here need colour (RGB) photos.")
+        raise DataError(f"{name} is a grayscale image; the face models here need colour (RGB) photos.")
     if min(image.size) < MIN_IMAGE_SIDE:
-        raise DataError(f"{path} is {image.size[0]}x{image.size[1]} pixels; faces need at least {MIN_IMAGE_SIDE}.")
+        raise DataError(f"{name} is {image.size[0]}x{image.size[1]} pixels; faces need at least {MIN_IMAGE_SIDE}.")
     return image
 
 

@@ -1,0 +1,218 @@
+"""`redteam serve`: a reference face-verification service over any zoo recogniser, on FastAPI and uvicorn.
+
+It is what a red team is usually handed, made from a model we hold: a demo target, and the service the tests attack
+over the wire. Endpoints (images are uploaded as files; faces framed like LFW, or any photo with ``--detector``):
+
+- ``GET /health``: the service is up, which target answers and what it exposes;
+- ``POST /enrol`` (``identity``, ``image``): add a face to the gallery;
+- ``POST /verify`` (``image`` and either ``other`` or ``identity``): same person or not;
+- ``POST /identify`` (``image``): the best gallery identity at or above the threshold (``null`` if none).
+
+With ``--expose decision`` answers carry only the decision, never the score or the threshold; with ``score`` they
+add the similarity (higher is the same person; minus the distance for an L2 model) and the threshold. Uploads are
+checked before the model sees them (type, size, decodable, colour, at least 32 px; exactly one face with
+``--detector``), each failure a 4xx whose ``detail`` says why. ``--api-key-env VAR`` requires the header
+``X-API-Key`` to equal that variable's value (read once at start; never printed). ``--rate 20/s`` answers 429 with
+``Retry-After`` beyond that rate.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from torch import Tensor
+
+from redteam.align import CANONICAL_SIZE
+from redteam.api import FaceDetector, FaceRecognizer
+from redteam.datasets import open_image, square_resize, to_tensor
+from redteam.engine import load_target
+from redteam.errors import DataError, RedteamError
+
+#: Uploads larger than this are refused unread (413).
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+#: The content types an upload may declare.
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")
+API_KEY_HEADER = "X-API-Key"
+#: An uploaded image field (at module level: FastAPI resolves the endpoints' annotations here).
+ImageUpload = Annotated[UploadFile, File()]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """``target``: the zoo recogniser that answers; ``expose``: what answers carry; ``detector``: a zoo detector
+    that must find exactly one face in each upload; ``api_key``: the key clients must send (None: open);
+    ``rate``: requests per second (None: unlimited); ``threshold``: another operating point, as users write it."""
+
+    target: str
+    expose: Literal["score", "decision"] = "score"
+    detector: str | None = None
+    api_key: str | None = None
+    rate: float | None = None
+    threshold: float | None = None
+    device: str = "cpu"
+
+
+def parse_rate(text: str) -> float:
+    """``20/s``, ``600/min``, ``5`` (per second) -> requests per second; a one-line error otherwise."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|second|m|min|minute))?\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise RedteamError(f"--rate {text!r}: write requests per second or minute, such as 20/s or 600/min.")
+    per_minute = (match.group(2) or "s").startswith("m")
+    return float(match.group(1)) / (60 if per_minute else 1)
+
+
+class RateLimit:
+    """A token bucket: ``rate`` requests per second, bursts up to one second's worth (at least one)."""
+
+    def __init__(self, rate: float):
+        self.rate, self.capacity = rate, max(1.0, rate)
+        self.tokens, self.updated = self.capacity, time.monotonic()
+        self.lock = threading.Lock()
+
+    def wait(self) -> float:
+        """Take a token and return 0, or return the seconds until one is free (nothing taken)."""
+        with self.lock:
+            now = time.monotonic()
+            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+            self.updated = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return 0.0
+            return (1 - self.tokens) / self.rate
+
+
+class FaceService:
+    """The model, the optional face detector and the gallery behind the endpoints."""
+
+    def __init__(self, config: ServiceConfig):
+        device = torch.device(config.device)
+        model = load_target(config.target, device, config.threshold)
+        if not isinstance(model, FaceRecognizer):
+            raise RedteamError(f"{config.target} is a detector; redteam serve answers with a recogniser.")
+        detector = load_target(config.detector, device) if config.detector else None
+        if detector is not None and not isinstance(detector, FaceDetector):
+            raise RedteamError(f"--detector {config.detector} is a recogniser; give a detector such as mtcnn.")
+        self.config, self.model, self.detector, self.device = config, model, detector, device
+        self.gallery: dict[str, Tensor] = {}
+        self.lock = threading.Lock()  # one model call at a time: the model is shared by the server's threads
+
+    def face(self, upload: UploadFile, data: bytes) -> Tensor:
+        """An upload as a canonical face ``[1, 3, S, S]``, or an HTTP error that says what is wrong with it."""
+        name = upload.filename or "upload"
+        if upload.content_type not in IMAGE_TYPES:
+            raise HTTPException(415, f"{name}: content type {upload.content_type!r}; send {', '.join(IMAGE_TYPES)}.")
+        try:
+            image = open_image(io.BytesIO(data), name=name).convert("RGB")
+        except DataError as error:
+            raise HTTPException(422, str(error)) from None
+        face = square_resize(to_tensor(image), CANONICAL_SIZE)[None].to(self.device)
+        if self.detector is not None:
+            with self.lock, torch.no_grad():
+                found = len(self.detector.detect(face)[0].boxes)
+            if found != 1:
+                raise HTTPException(422, f"{name}: {found} faces found; upload a photo of exactly one face.")
+        return face
+
+    def embed(self, face: Tensor) -> Tensor:
+        with self.lock, torch.no_grad():
+            return self.model.embed(face)[0]
+
+    def answer(self, score: float, **fields: Any) -> dict[str, Any]:
+        """The decision, and the score and threshold when the service exposes scores."""
+        threshold = self.model.threshold
+        answer = {**fields, "match": score >= threshold}
+        if self.config.expose == "score":
+            answer |= {"score": score, "threshold": threshold}
+        return answer
+
+
+async def _read(upload: UploadFile) -> bytes:
+    """An upload's bytes, refused (413) past :data:`MAX_UPLOAD_BYTES` without reading the rest."""
+    data = await upload.read(MAX_UPLOAD_BYTES + 1)
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise HTTPException(413, f"{upload.filename or 'upload'} is over {MAX_UPLOAD_BYTES // 2**20} MiB.")
+    return data
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The service for ``config`` (the model is loaded here, before the first request)."""
+    service = FaceService(config)
+    limit = RateLimit(config.rate) if config.rate else None
+
+    def guard(request: Request) -> None:
+        """Every endpoint: the API key first (401), then the rate limit (429 with Retry-After)."""
+        if config.api_key is not None and request.headers.get(API_KEY_HEADER) != config.api_key:
+            raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header.")
+        if limit is not None:
+            wait = limit.wait()
+            if wait > 0:
+                raise HTTPException(429, "too many requests.", headers={"Retry-After": str(math.ceil(wait))})
+
+    app = FastAPI(title=f"redteam reference face service: {config.target}", dependencies=[Depends(guard)])
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "target": config.target, "expose": config.expose, "enrolled": len(service.gallery)}
+
+    @app.post("/enrol")
+    async def enrol(identity: Annotated[str, Form(min_length=1, max_length=200)], image: ImageUpload) -> dict[str, Any]:
+        embedding = service.embed(service.face(image, await _read(image)))
+        service.gallery[identity] = embedding
+        return {"identity": identity, "enrolled": len(service.gallery)}
+
+    @app.post("/verify")
+    async def verify(
+        image: ImageUpload,
+        other: Annotated[UploadFile | None, File()] = None,
+        identity: Annotated[str | None, Form()] = None,
+    ) -> dict[str, Any]:
+        if (other is None) == (identity is None):
+            raise HTTPException(422, "send either a second image (other) or an enrolled identity, not both.")
+        probe = service.embed(service.face(image, await _read(image)))
+        if other is not None:
+            reference = service.embed(service.face(other, await _read(other)))
+        elif identity in service.gallery:
+            reference = service.gallery[identity]
+        else:
+            raise HTTPException(404, f"identity {identity!r} is not enrolled.")
+        score = float(service.model.similarity(probe[None], reference[None])[0])
+        return service.answer(score)
+
+    @app.post("/identify")
+    async def identify(image: ImageUpload) -> dict[str, Any]:
+        if not service.gallery:
+            raise HTTPException(409, "the gallery is empty: enrol faces first.")
+        probe = service.embed(service.face(image, await _read(image)))
+        names = list(service.gallery)
+        scores = service.model.similarity_matrix(probe[None], torch.stack([service.gallery[n] for n in names]))[0]
+        best = int(scores.argmax())
+        answer = service.answer(float(scores[best]))
+        return {"identity": names[best] if answer.pop("match") else None, **answer}
+
+    return app
+
+
+def serve(config: ServiceConfig, host: str, port: int) -> None:
+    """Run the service until interrupted (uvicorn, one process)."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
+
+
+def api_key_from(variable: str | None) -> str | None:
+    """The key in environment variable ``variable`` (None: no key); a one-line error when it is unset or empty."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable)
+    if not key:
+        raise RedteamError(f"--api-key-env {variable}: that environment variable is unset or empty.")
+    return key

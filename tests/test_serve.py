@@ -1,0 +1,140 @@
+"""The reference face service, started as a user starts it (`redteam serve` on 127.0.0.1, a free port) and spoken
+to over HTTP: its decisions are the model's, a decision-only service never shows a score, uploads are checked with
+4xx answers that say why, the API key is required and never echoed, and the rate limit answers 429 with
+Retry-After."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from redteam.datasets import ImageFolderDataset
+from redteam.engine import load_target
+
+KEY = "s3cret-key-for-tests"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(request) -> Iterator[tuple[httpx.Client, str]]:
+    """`redteam serve --target facenet` with the given exposure and options, until the module's tests are done."""
+    expose, *options = request.param
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "redteam"), "serve", "--target", "facenet", "--expose", expose,
+               "--port", str(port), "--api-key-env", "RT_TEST_KEY", "--device", "cpu", *options]  # fmt: skip
+    environment = {**os.environ, "RT_TEST_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": KEY}, timeout=60)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert running.poll() is None, running.stdout.read() if running.stdout else "the service exited"
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the service did not come up in 180 s"
+            time.sleep(0.5)
+        yield client, expose
+    finally:
+        client.close()
+        running.terminate()
+        output = running.communicate(timeout=30)[0]
+        assert KEY not in output  # the key is never printed
+
+
+@pytest.fixture(scope="module")
+def people(faces_root) -> tuple[list[Path], list[Path]]:
+    """Two photos each of two people of the evaluation faces."""
+    dataset = ImageFolderDataset(faces_root)
+    names = [n for n, photos in dataset.by_identity.items() if len(photos) >= 2][:2]
+    return tuple([Path(dataset.records[i].source) for i in dataset.by_identity[n][:2]] for n in names)  # type: ignore[return-value]
+
+
+def _files(**paths: Path) -> dict[str, tuple[str, bytes, str]]:
+    return {field: (path.name, path.read_bytes(), "image/jpeg") for field, path in paths.items()}
+
+
+def _in_process(first: Path, second: Path) -> float:
+    """facenet's similarity of two photos, computed here as the service should."""
+    model = load_target("facenet", torch.device("cpu"))
+    dataset = ImageFolderDataset(first.parent.parent)
+    index = {record.source: k for k, record in enumerate(dataset.records)}
+    with torch.no_grad():
+        embeddings = model.embed(dataset.load([index[str(first)], index[str(second)]]))
+    return float(model.similarity(embeddings[:1], embeddings[1:])[0])
+
+
+@pytest.mark.parametrize("service", [("score",)], indirect=True)
+def test_scores_are_the_models_and_the_gallery_answers(service, people):
+    client, _ = service
+    (a1, a2), (b1, b2) = people
+    genuine = client.post("/verify", files=_files(image=a1, other=a2)).json()
+    impostor = client.post("/verify", files=_files(image=a1, other=b1)).json()
+    assert genuine["score"] == pytest.approx(_in_process(a1, a2), abs=1e-4)
+    assert impostor["score"] == pytest.approx(_in_process(a1, b1), abs=1e-4)
+    assert genuine["match"] == (genuine["score"] >= genuine["threshold"]) and genuine["match"]
+    assert not impostor["match"]
+    for name, photo in (("a", a1), ("b", b1)):
+        assert client.post("/enrol", data={"identity": name}, files=_files(image=photo)).status_code == 200
+    assert client.post("/verify", data={"identity": "a"}, files=_files(image=a2)).json()["match"]
+    assert client.post("/identify", files=_files(image=b2)).json()["identity"] == "b"
+    assert client.post("/verify", data={"identity": "nobody"}, files=_files(image=a2)).status_code == 404
+
+
+@pytest.mark.parametrize("service", [("decision", "--rate", "2/s")], indirect=True)
+def test_a_decision_service_shows_no_score_checks_uploads_and_limits_the_rate(service, people, tmp_path):
+    client, _ = service
+    (a1, a2), (b1, _) = people
+    time.sleep(1.5)  # a full bucket
+    answer = client.post("/verify", files=_files(image=a1, other=a2))
+    assert answer.status_code == 200 and answer.json() == {"match": True}
+    assert client.post("/verify", files=_files(image=a1, other=b1)).json() == {"match": False}
+
+    def refused(files, status: int, why: str) -> None:
+        time.sleep(0.6)  # room under the rate limit
+        reply = client.post("/verify", files=files)
+        assert reply.status_code == status and why in reply.json()["detail"], reply.text
+
+    grey = io.BytesIO()
+    Image.new("L", (64, 64)).save(grey, format="PNG")
+    refused({"image": ("notes.txt", b"hello", "text/plain"), "other": _files(image=a2)["image"]}, 415, "content type")
+    refused({"image": ("broken.jpg", b"\xff\xd8 not a jpeg", "image/jpeg"), **_files(other=a2)}, 422, "cannot read")
+    refused({"image": ("grey.png", grey.getvalue(), "image/png"), **_files(other=a2)}, 422, "grayscale")
+    refused({"image": ("huge.png", b"\x89PNG" + bytes(6 * 2**20), "image/png"), **_files(other=a2)}, 413, "MiB")
+    refused(_files(image=a1), 422, "either a second image")
+    time.sleep(0.6)
+    assert client.get("/health", headers={"X-API-Key": ""}).status_code == 401  # no key
+    statuses = [client.get("/health") for _ in range(6)]
+    limited = [reply for reply in statuses if reply.status_code == 429]
+    assert limited and all(int(reply.headers["Retry-After"]) >= 1 for reply in limited)
+    assert all(KEY not in reply.text for reply in statuses)
+
+
+def test_bad_service_options_fail_in_one_line(cli, capsys, monkeypatch):
+    monkeypatch.delenv("RT_UNSET_KEY", raising=False)
+    for args, message in (
+        (("--rate", "fast"), "--rate 'fast'"),
+        (("--api-key-env", "RT_UNSET_KEY"), "unset or empty"),
+        (("--target", "mtcnn"), "is a detector"),
+    ):
+        assert cli("serve", *args) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error, error
