@@ -38,6 +38,7 @@ class Registry(Generic[T]):
         self.kind, self.package, self.group, self.check = kind, package, group, check
         self._entries: dict[str, T] = {}
         self._summaries: dict[str, str] = {}
+        self._schemes: dict[str, tuple[Callable[[str], T], str]] = {}
         self._discovered = package is None and group is None
 
     def register(self, name: str, summary: str = "") -> Callable[[T], T]:
@@ -57,6 +58,23 @@ class Registry(Generic[T]):
             return entry
 
         return add
+
+    def register_scheme(self, scheme: str, summary: str) -> Callable[[Callable[[str], T]], Callable[[str], T]]:
+        """Decorator for a factory of entries named ``scheme:argument`` (e.g. ``remote:api.yaml``): ``get`` calls
+        it with the argument, once per name."""
+
+        def add(factory: Callable[[str], T]) -> Callable[[str], T]:
+            if scheme in self._schemes:
+                raise PluginError(f"{self.kind} scheme {scheme!r} is registered twice.")
+            self._schemes[scheme] = (factory, summary)
+            return factory
+
+        return add
+
+    def schemes(self) -> dict[str, str]:
+        """Each scheme and what it makes."""
+        self._discover()
+        return {scheme: summary for scheme, (_, summary) in self._schemes.items()}
 
     def _discover(self) -> None:
         if self._discovered:
@@ -82,10 +100,15 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self._discover()
-        try:
+        if name in self._entries:
             return self._entries[name]
-        except KeyError:
-            raise UnknownNameError(self.kind, name, self._entries) from None
+        scheme, separator, argument = name.partition(":")
+        if separator and scheme in self._schemes:
+            factory, _ = self._schemes[scheme]
+            entry = factory(argument)  # raises a one-line error for a bad argument
+            self.register(name)(entry)
+            return entry
+        raise UnknownNameError(self.kind, name, [*self._entries, *(f"{s}:" for s in self._schemes)])
 
     def summary(self, name: str) -> str:
         self._discover()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -23,6 +25,7 @@ from redteam.datasets import ImageFolderDataset
 from redteam.engine import load_target
 
 KEY = "s3cret-key-for-tests"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "remote"
 
 
 def _free_port() -> int:
@@ -52,7 +55,7 @@ def service(request) -> Iterator[tuple[httpx.Client, str]]:
                 pass
             assert time.monotonic() < deadline, "the service did not come up in 180 s"
             time.sleep(0.5)
-        yield client, expose
+        yield client, port
     finally:
         client.close()
         running.terminate()
@@ -136,5 +139,49 @@ def test_bad_service_options_fail_in_one_line(cli, capsys, monkeypatch):
         (("--target", "mtcnn"), "is a detector"),
     ):
         assert cli("serve", *args) == 2
+        error = capsys.readouterr().err
+        assert message in error and "Traceback" not in error, error
+
+
+def _spec(tmp_path: Path, example: str, port: int) -> Path:
+    """A shipped example spec pointed at the test's port."""
+    text = (EXAMPLES / example).read_text().replace("127.0.0.1:8080", f"127.0.0.1:{port}")
+    spec = tmp_path / example
+    spec.write_text(text.replace("REDTEAM_API_KEY", "RT_TEST_KEY"))
+    return spec
+
+
+@pytest.mark.parametrize("service", [("decision",)], indirect=True)
+def test_a_query_attack_through_the_wire(service, cli, capsys, monkeypatch, faces_root, tmp_path):
+    """`redteam run --target remote:<spec>` against the decision service: the clean verdicts are facenet's own (the
+    photos cross the wire losslessly), the attack shrinks a start within its query budget, and the key appears
+    nowhere in the run folder."""
+    _, port = service
+    monkeypatch.setenv("RT_TEST_KEY", KEY)
+    spec = _spec(tmp_path, "reference-decision.yaml", port)
+    common = ("--attack", "hsj", "--queries", 25, "--limit", 2, "--data", faces_root, "--no-checks")
+    assert cli("run", "--target", f"remote:{spec}", *common, "--out", tmp_path / "remote") == 0
+    assert cli("run", "--target", "facenet", "--access", "decision", *common, "--out", tmp_path / "local") == 0
+    capsys.readouterr()
+    remote, local = (pd.read_csv(tmp_path / run / "curve.csv") for run in ("remote", "local"))
+    clean = [frame[frame["eps"] == 0]["accuracy"].iloc[0] for frame in (remote, local)]
+    assert clean[0] == clean[1]
+    with sqlite3.connect(tmp_path / "remote" / "results.sqlite") as db:
+        minimal = pd.read_sql_query("SELECT * FROM minimal", db)
+    assert minimal["queries"].between(1, 25).all() and len(minimal) == 2
+    for file in (tmp_path / "remote").rglob("*"):
+        assert not file.is_file() or KEY.encode() not in file.read_bytes(), file
+
+
+def test_bad_specs_fail_in_one_line(cli, capsys, tmp_path):
+    spec = tmp_path / "api.yaml"
+    for text, message in (
+        ("url: ftp://x\nanswer: a\nmeaning: decision\nfields: {a: $PROBE, b: $REFERENCE}\n", "http:// or https://"),
+        ("url: http://x\nanswer: a\nmeaning: similarity\nfields: {a: $PROBE, b: $REFERENCE}\n", "threshold"),
+        ("url: http://x\nanswer: a\nmeaning: decision\nfields: {a: $PROBE}\n", "$REFERENCE"),
+        ("url: http://x\nanswer: a\nmeaning: decision\nfields: {a: $PROBE, b: $REFERENCE}\nverb: GET\n", "unknown key"),
+    ):
+        spec.write_text(text)
+        assert cli("run", "--target", f"remote:{spec}", "--attack", "hsj", "--out", tmp_path / "out") == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error, error

@@ -1,0 +1,285 @@
+"""A face-verification API as a target: ``--target remote:api.yaml``, described by a spec file.
+
+The API compares two faces; redteam treats it as a recogniser whose "embedding" is the image itself and whose
+similarity is one request per pair (``similarity(a, b)``), so every threat that compares a probe with an enrolment
+image (dodging, impersonation) and every query attack works unchanged, and the oracle counts each request. It
+offers scores or decisions only, as the spec says; never gradients.
+
+A spec (YAML)::
+
+    url: http://127.0.0.1:8080/verify
+    method: POST                            # default
+    headers: {X-API-Key: "${MY_API_KEY}"}   # ${VAR}: from the environment when the target loads, never stored
+    body: multipart                         # or json (images as base64 strings)
+    fields: {image: $PROBE, other: $REFERENCE}
+    encoding: png                           # or jpeg (with quality: 1-100): the API sees the image re-encoded
+    answer: score                           # where the answer is in the JSON reply: a.b.0.c
+    meaning: similarity                     # similarity (higher: same person), distance, confidence (0-100)
+                                            # or decision (a boolean, or a string listed in match_values)
+    threshold: 0.45                         # for a score: where it decides "same person"
+    timeout: 30                             # seconds per request
+    retries: 5                              # on 429, 5xx and connection errors, exponential backoff,
+                                            # honouring Retry-After
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import httpx
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from torch import Tensor, nn
+
+from redteam.api import TARGETS, FaceRecognizer, ModelCard, Preprocessing
+from redteam.errors import RedteamError
+
+Meaning = Literal["similarity", "distance", "confidence", "decision"]
+PLACEHOLDERS = ("$PROBE", "$REFERENCE")
+#: A reply larger than this is refused unread (a misbehaving API must not fill memory).
+MAX_REPLY_BYTES = 1 << 20
+
+
+class RemoteError(RedteamError):
+    """The API cannot be used: a wrong spec, a refusal, or an endpoint that stays down."""
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """A parsed, checked spec file (see the module docstring)."""
+
+    path: Path
+    url: str
+    meaning: Meaning
+    answer: str
+    fields: dict[str, str]
+    method: str = "POST"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: Literal["multipart", "json"] = "multipart"
+    encoding: Literal["png", "jpeg"] = "png"
+    quality: int = 95
+    threshold: float | None = None
+    match_values: tuple[str, ...] = ("match", "same", "true", "yes")
+    timeout: float = 30.0
+    retries: int = 5
+
+    @classmethod
+    def load(cls, path: Path) -> RemoteSpec:
+        """Read and check a spec; one-line :class:`RemoteError` naming the file and key otherwise."""
+        if not path.is_file():
+            raise RemoteError(f"remote spec {path} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise RemoteError(f"{path} is not a YAML spec: {str(error).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise RemoteError(f"{path} must be a YAML mapping (url:, fields:, answer:, meaning:, ...).")
+        known = {f for f in cls.__dataclass_fields__ if f != "path"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RemoteError(f"{path}: unknown key {', '.join(unknown)}; a spec takes {', '.join(sorted(known))}.")
+        missing = [key for key in ("url", "answer", "meaning", "fields") if key not in raw]
+        if missing:
+            raise RemoteError(f"{path}: missing {', '.join(missing)}.")
+        spec = cls(path=path, **raw)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        where = str(self.path)
+        if not re.match(r"https?://", self.url):
+            raise RemoteError(f"{where}: url must start with http:// or https://, not {self.url!r}.")
+        if self.meaning not in ("similarity", "distance", "confidence", "decision"):
+            raise RemoteError(
+                f"{where}: meaning is similarity, distance, confidence or decision, not {self.meaning!r}."
+            )
+        if self.meaning != "decision" and self.threshold is None:
+            raise RemoteError(f"{where}: a {self.meaning} needs its threshold (where the API decides a match).")
+        if self.body not in ("multipart", "json") or self.encoding not in ("png", "jpeg"):
+            raise RemoteError(f"{where}: body is multipart or json and encoding png or jpeg.")
+        values = list(self.fields.values()) if isinstance(self.fields, dict) else []
+        if sorted(v for v in values if v in PLACEHOLDERS) != sorted(PLACEHOLDERS):
+            raise RemoteError(f"{where}: fields must place both $PROBE and $REFERENCE, e.g. {{image: $PROBE, ...}}.")
+
+    @property
+    def answers(self) -> Literal["scores", "decisions"]:
+        return "decisions" if self.meaning == "decision" else "scores"
+
+    def resolved_headers(self) -> dict[str, str]:
+        """Headers with ``${VAR}`` taken from the environment (a one-line error naming an unset variable)."""
+
+        def value(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if not os.environ.get(name):
+                raise RemoteError(f"{self.path}: header needs ${{{name}}}, which is unset or empty.")
+            return os.environ[name]
+
+        return {key: re.sub(r"\$\{(\w+)\}", value, str(text)) for key, text in self.headers.items()}
+
+
+class RemoteRecognizer(FaceRecognizer):
+    """A face API behind a spec: ``embed`` is the image itself, ``similarity`` one request per pair."""
+
+    spec: ClassVar[RemoteSpec]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.placement = nn.Parameter(torch.zeros(0))  # a target lives on a device: one (empty) parameter
+        self.headers = self.spec.resolved_headers()
+        self.client = httpx.Client(timeout=self.spec.timeout, follow_redirects=False)
+
+    @classmethod
+    def weights_fingerprint(cls) -> str:
+        """What the API is: the spec's content (secrets stay in the environment, not in the file)."""
+        return hashlib.sha256(cls.spec.path.read_bytes()).hexdigest()
+
+    @property
+    def threshold(self) -> float:
+        if self.threshold_override is not None:
+            return self.threshold_override
+        return 0.5 if self.spec.threshold is None else self._scale(self.spec.threshold)
+
+    def threshold_text(self, threshold: float | None = None) -> str:
+        if self.spec.meaning == "decision":
+            return "the API's own (it answers decisions)"
+        value = self.threshold if threshold is None else threshold
+        return f"{self.spec.meaning} {-value if self.spec.meaning == 'distance' else value:g}"
+
+    def embed(self, images: Tensor) -> Tensor:
+        return images.flatten(1)
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        """One request per row pair of flattened ``[B, 3 * S * S]`` images -> ``[B]`` scores (higher: same)."""
+        scores = [self.compare(self._image(x), self._image(y)) for x, y in zip(a, b)]
+        return torch.tensor(scores, dtype=a.dtype, device=a.device)
+
+    def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
+        raise RemoteError("a remote verification API compares pairs; identification needs an identify endpoint.")
+
+    def compare(self, probe: bytes, reference: bytes) -> float:
+        """The API's answer for two encoded images, on the similarity scale (a decision is 1 or 0)."""
+        reply = self._send(probe, reference)
+        return self._scale(self._read(reply))
+
+    def _image(self, flat: Tensor) -> bytes:
+        side = int(round((flat.numel() / 3) ** 0.5))
+        pixels = (flat.detach().view(3, side, side).permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        buffer = io.BytesIO()
+        if self.spec.encoding == "png":
+            Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+        else:
+            Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=self.spec.quality)
+        return buffer.getvalue()
+
+    def _send(self, probe: bytes, reference: bytes) -> Any:
+        images = {"$PROBE": probe, "$REFERENCE": reference}
+        kind = f"image/{self.spec.encoding}"
+        if self.spec.body == "multipart":
+            files = {
+                k: (f"{k}.{self.spec.encoding}", images[v], kind) for k, v in self.spec.fields.items() if v in images
+            }
+            data = {k: v for k, v in self.spec.fields.items() if v not in images}
+            request = {"files": files, "data": data}
+        else:
+            body = {k: base64.b64encode(images[v]).decode() if v in images else v for k, v in self.spec.fields.items()}
+            request = {"json": body}
+        return _with_retries(self.spec.retries)(self._request)(request)
+
+    def _request(self, request: dict[str, Any]) -> Any:
+        try:
+            reply = self.client.request(self.spec.method, self.spec.url, headers=self.headers, **request)
+        except httpx.TransportError as error:
+            raise Transient(f"{type(error).__name__}: {error}", None) from None
+        if reply.status_code == 429 or reply.status_code >= 500:
+            raise Transient(f"HTTP {reply.status_code}", reply.headers.get("Retry-After"))
+        if len(reply.content) > MAX_REPLY_BYTES:
+            raise RemoteError(f"{self.spec.url} answered {len(reply.content)} bytes; more than a verdict needs.")
+        if reply.status_code >= 400:
+            raise RemoteError(f"{self.spec.url} refused the request: HTTP {reply.status_code} {reply.text[:200]}")
+        try:
+            return reply.json()
+        except ValueError:
+            raise RemoteError(f"{self.spec.url} answered something that is not JSON: {reply.text[:100]!r}") from None
+
+    def _read(self, reply: Any) -> float | bool | str:
+        """The value at the spec's ``answer`` path."""
+        value = reply
+        for part in self.spec.answer.split("."):
+            if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            elif isinstance(value, dict) and part in value:
+                value = value[part]
+            else:
+                raise RemoteError(f"{self.spec.path}: answer {self.spec.answer!r} is not in the reply {reply!r:.200}.")
+        if isinstance(value, bool | int | float | str):
+            return value
+        raise RemoteError(f"{self.spec.path}: answer {self.spec.answer!r} is {value!r:.100}, not a value.")
+
+    def _scale(self, value: float | bool | str) -> float:
+        """A value as the API means it -> a similarity (higher: same person)."""
+        meaning = self.spec.meaning
+        if meaning == "decision":
+            if isinstance(value, str):
+                return float(value.strip().lower() in self.spec.match_values)
+            return float(bool(value))
+        if isinstance(value, str | bool):
+            raise RemoteError(f"{self.spec.path}: a {meaning} answer must be a number, got {value!r}.")
+        return -float(value) if meaning == "distance" else float(value)
+
+
+class Transient(Exception):
+    """A failure worth retrying (429, 5xx, a dropped connection), with the server's Retry-After if any."""
+
+    def __init__(self, what: str, retry_after: str | None):
+        super().__init__(what)
+        self.retry_after = float(retry_after) if retry_after and retry_after.isdigit() else None
+
+
+def _with_retries(attempts: int):
+    """Retry transient failures with exponential backoff (1 s doubling, at most 30 s), waiting at least what the
+    server's Retry-After asks; after ``attempts`` more tries, one :class:`RemoteError` line."""
+    backoff = wait_exponential(multiplier=1, max=30)
+
+    def wait(state: Any) -> float:
+        error = state.outcome.exception()
+        asked = error.retry_after if isinstance(error, Transient) and error.retry_after else 0.0
+        return max(asked, backoff(state))
+
+    def give_up(state: Any) -> None:
+        raise RemoteError(f"the API stays unavailable after {state.attempt_number} tries: {state.outcome.exception()}")
+
+    return retry(
+        retry=retry_if_exception(lambda error: isinstance(error, Transient)),
+        wait=wait,
+        stop=stop_after_attempt(attempts + 1),
+        retry_error_callback=give_up,
+        reraise=False,
+    )
+
+
+@TARGETS.register_scheme("remote", "a face-verification API described by a spec file (remote:api.yaml)")
+def remote_target(argument: str) -> type[RemoteRecognizer]:
+    """The target class for the spec at ``argument``."""
+    spec = RemoteSpec.load(Path(argument))
+    card = ModelCard(
+        name=f"remote:{argument}",
+        task="recognition",
+        architecture=f"the API at {spec.url}",
+        weights="unknown (a remote service)",
+        licence="the service's terms",
+        preprocessing=Preprocessing(mean=None, notes=f"sent as {spec.encoding.upper()}; the service's own beyond"),
+        threshold=spec.threshold,
+        notes=f"answers {spec.answers}: {spec.meaning} at {spec.answer!r}",
+    )
+    attributes = {"spec": spec, "card": card, "offers": spec.answers}
+    return type(f"Remote_{Path(argument).stem}", (RemoteRecognizer,), attributes)
