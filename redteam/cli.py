@@ -485,6 +485,41 @@ def serve(
 
 
 @app.command()
+def probe(
+    spec: Annotated[Path, typer.Argument(help="A remote target's spec file (YAML).")],
+    data: Annotated[str, typer.Option(help="Faces to take the two pairs from.")] = "default",
+) -> None:
+    """Send a remote API one genuine and one impostor pair and show what its spec reads from the answers, so that
+    a wrong spec is caught before an attack spends queries."""
+    import torch
+
+    from redteam.datasets import open_dataset
+    from redteam.engine import load_target
+    from redteam.targets.remote import RemoteRecognizer
+
+    target = load_target(f"remote:{spec}", torch.device("cpu"))
+    assert isinstance(target, RemoteRecognizer)
+    dataset = open_dataset(data)
+    people = [photos for photos in dataset.by_identity.values() if len(photos) >= 2][:2]
+    if len(people) < 2:
+        raise RedteamError(f"{data}: probing needs two people with two photos each.")
+    wrong = []
+    for kind, (first, second) in (("genuine", people[0][:2]), ("impostor", (people[0][0], people[1][0]))):
+        images = dataset.load([first, second])
+        value, reply = target.ask(target.encode(images[0]), target.encode(images[1]))
+        same = target.as_similarity(value) >= target.threshold
+        read = f"{kind} pair: {target.spec.answer} = {value!r} -> {'same' if same else 'different'} person"
+        console.print(escape(f"{read} ({target.threshold_text()}); reply {reply!r:.200}"), highlight=False)
+        if same != (kind == "genuine"):
+            wrong.append(kind)
+    if wrong:
+        raise RedteamError(
+            f"the {' and '.join(wrong)} pair came out wrong: check the spec's answer, meaning and threshold."
+        )
+    console.print("the spec reads the API as expected")
+
+
+@app.command()
 def sweep(
     config: Annotated[Path, typer.Argument(help="Sweep file (YAML): targets, attacks, defenses, eps, ...")],
     out: Annotated[Path | None, typer.Option(help="Run folder (default: the file's out, or runs/<its stem>).")] = None,

@@ -173,6 +173,22 @@ def test_a_query_attack_through_the_wire(service, cli, capsys, monkeypatch, face
         assert not file.is_file() or KEY.encode() not in file.read_bytes(), file
 
 
+@pytest.mark.parametrize("service", [("score",)], indirect=True)
+def test_probe_reads_a_spec_right_and_catches_a_wrong_one(service, cli, capsys, monkeypatch, faces_root, tmp_path):
+    """`redteam probe` on the score example: the genuine pair reads as the same person, the impostor as not; a spec
+    that reads the threshold field as the score fails in one line before any attack."""
+    _, port = service
+    monkeypatch.setenv("RT_TEST_KEY", KEY)
+    spec = _spec(tmp_path, "reference-score.yaml", port)
+    assert cli("probe", spec, "--data", faces_root) == 0
+    printed = capsys.readouterr().out
+    assert "genuine pair: score = " in printed and "impostor pair" in printed and "as expected" in printed
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(spec.read_text().replace("answer: score", "answer: threshold"))
+    assert cli("probe", wrong, "--data", faces_root) == 2
+    assert "impostor pair came out wrong" in capsys.readouterr().err
+
+
 def test_bad_specs_fail_in_one_line(cli, capsys, tmp_path):
     spec = tmp_path / "api.yaml"
     for text, message in (

@@ -147,7 +147,7 @@ class RemoteRecognizer(FaceRecognizer):
     def threshold(self) -> float:
         if self.threshold_override is not None:
             return self.threshold_override
-        return 0.5 if self.spec.threshold is None else self._scale(self.spec.threshold)
+        return 0.5 if self.spec.threshold is None else self.as_similarity(self.spec.threshold)
 
     def threshold_text(self, threshold: float | None = None) -> str:
         if self.spec.meaning == "decision":
@@ -168,8 +168,16 @@ class RemoteRecognizer(FaceRecognizer):
 
     def compare(self, probe: bytes, reference: bytes) -> float:
         """The API's answer for two encoded images, on the similarity scale (a decision is 1 or 0)."""
+        return self.as_similarity(self.ask(probe, reference)[0])
+
+    def ask(self, probe: bytes, reference: bytes) -> tuple[float | bool | str, Any]:
+        """The value the spec reads from the API's reply for two encoded images, and the whole reply."""
         reply = self._send(probe, reference)
-        return self._scale(self._read(reply))
+        return self._read(reply), reply
+
+    def encode(self, image: Tensor) -> bytes:
+        """``[3, S, S]`` in ``[0, 1]`` -> the bytes sent (the spec's encoding)."""
+        return self._image(image.flatten())
 
     def _image(self, flat: Tensor) -> bytes:
         side = int(round((flat.numel() / 3) ** 0.5))
@@ -225,7 +233,7 @@ class RemoteRecognizer(FaceRecognizer):
             return value
         raise RemoteError(f"{self.spec.path}: answer {self.spec.answer!r} is {value!r:.100}, not a value.")
 
-    def _scale(self, value: float | bool | str) -> float:
+    def as_similarity(self, value: float | bool | str) -> float:
         """A value as the API means it -> a similarity (higher: same person)."""
         meaning = self.spec.meaning
         if meaning == "decision":
