@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, replace
@@ -486,18 +487,19 @@ def serve(
 
 @app.command()
 def probe(
-    spec: Annotated[Path, typer.Argument(help="A remote target's spec file (YAML).")],
+    spec: Annotated[Path, typer.Argument(help="A remote API's or a tool's spec file (YAML).")],
     data: Annotated[str, typer.Option(help="Faces to take the two pairs from.")] = "default",
 ) -> None:
-    """Send a remote API one genuine and one impostor pair and show what its spec reads from the answers, so that
-    a wrong spec is caught before an attack spends queries."""
+    """Send a remote API (or tool) one genuine and one impostor pair and show what its spec reads from the answers,
+    so that a wrong spec is caught before an attack spends queries."""
     import torch
 
     from redteam.datasets import open_dataset
     from redteam.engine import load_target
     from redteam.targets.remote import RemoteRecognizer
 
-    target = load_target(f"remote:{spec}", torch.device("cpu"))
+    kind = "exec" if spec.is_file() and re.search(r"^command\s*:", spec.read_text(errors="replace"), re.M) else "remote"
+    target = load_target(f"{kind}:{spec}", torch.device("cpu"))
     assert isinstance(target, RemoteRecognizer)
     dataset = open_dataset(data)
     people = [photos for photos in dataset.by_identity.values() if len(photos) >= 2][:2]

@@ -189,6 +189,28 @@ def test_probe_reads_a_spec_right_and_catches_a_wrong_one(service, cli, capsys, 
     assert "impostor pair came out wrong" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("service", [("score",)], indirect=True)
+def test_a_vendor_tool_is_a_target(service, cli, capsys, monkeypatch, faces_root, tmp_path):
+    """`--target exec:tool.yaml`: a command-line tool (a stand-in that asks the score service and prints a 0-100
+    confidence) given image files, its output read at the spec's answer: probe reads it right, and a score attack
+    runs through it within its query budget."""
+    _, port = service
+    monkeypatch.setenv("RT_TEST_KEY", KEY)
+    tool = Path(__file__).parent / "fixtures" / "vendor_cli.py"
+    spec = tmp_path / "tool.yaml"
+    spec.write_text(
+        f"command: [{sys.executable}, {tool}, --port, '{port}', $PROBE, $REFERENCE]\n"
+        "answer: result.confidence\nmeaning: confidence\nthreshold: 44.69\n"
+    )
+    assert cli("probe", spec, "--data", faces_root) == 0
+    assert "as expected" in capsys.readouterr().out
+    run = ("run", "--target", f"exec:{spec}", "--attack", "square", "--queries", 4, "--eps", "0,8", "--limit", 2)
+    assert cli(*run, "--data", faces_root, "--no-checks", "--out", tmp_path / "run") == 0
+    with sqlite3.connect(tmp_path / "run" / "results.sqlite") as db:
+        rows = pd.read_sql_query("SELECT eps, queries FROM results", db)
+    assert len(rows) == 4 and rows.loc[rows["eps"] > 0, "queries"].between(1, 4).all()
+
+
 def test_bad_specs_fail_in_one_line(cli, capsys, tmp_path):
     spec = tmp_path / "api.yaml"
     for text, message in (
@@ -196,8 +218,10 @@ def test_bad_specs_fail_in_one_line(cli, capsys, tmp_path):
         ("url: http://x\nanswer: a\nmeaning: similarity\nfields: {a: $PROBE, b: $REFERENCE}\n", "threshold"),
         ("url: http://x\nanswer: a\nmeaning: decision\nfields: {a: $PROBE}\n", "$REFERENCE"),
         ("url: http://x\nanswer: a\nmeaning: decision\nfields: {a: $PROBE, b: $REFERENCE}\nverb: GET\n", "unknown key"),
+        ("command: [tool, $PROBE]\nanswer: a\nmeaning: decision\n", "must place both"),
     ):
         spec.write_text(text)
-        assert cli("run", "--target", f"remote:{spec}", "--attack", "hsj", "--out", tmp_path / "out") == 2
+        scheme = "exec" if text.startswith("command") else "remote"
+        assert cli("run", "--target", f"{scheme}:{spec}", "--attack", "hsj", "--out", tmp_path / "out") == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error, error

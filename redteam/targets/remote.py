@@ -1,4 +1,5 @@
-"""A face-verification API as a target: ``--target remote:api.yaml``, described by a spec file.
+"""A face-verification API as a target, ``--target remote:api.yaml``, or a vendor's command-line tool,
+``--target exec:tool.yaml``, each described by a spec file.
 
 The API compares two faces; redteam treats it as a recogniser whose "embedding" is the image itself and whose
 similarity is one request per pair (``similarity(a, b)``), so every threat that compares a probe with an enrolment
@@ -20,6 +21,11 @@ A spec (YAML)::
     timeout: 30                             # seconds per request
     retries: 5                              # on 429, 5xx and connection errors, exponential backoff,
                                             # honouring Retry-After
+
+A tool's spec has ``command`` instead of ``url``, ``headers``, ``body`` and ``fields``: its argument list (never a
+shell string), with ``$PROBE`` and ``$REFERENCE`` where the two image files go, e.g. ``command: [vendor-cli,
+compare, $PROBE, $REFERENCE, --json]``; its standard output is read like a reply (JSON at ``answer``; an empty
+``answer`` takes the whole output, a JSON value or plain text).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -59,10 +68,11 @@ class RemoteSpec:
     """A parsed, checked spec file (see the module docstring)."""
 
     path: Path
-    url: str
     meaning: Meaning
     answer: str
-    fields: dict[str, str]
+    url: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    command: list[str] | None = None
     method: str = "POST"
     headers: dict[str, str] = field(default_factory=dict)
     body: Literal["multipart", "json"] = "multipart"
@@ -74,8 +84,9 @@ class RemoteSpec:
     retries: int = 5
 
     @classmethod
-    def load(cls, path: Path) -> RemoteSpec:
-        """Read and check a spec; one-line :class:`RemoteError` naming the file and key otherwise."""
+    def load(cls, path: Path, kind: Literal["remote", "exec"]) -> RemoteSpec:
+        """Read and check a spec of an API (``remote``) or a tool (``exec``); one-line :class:`RemoteError` naming
+        the file and key otherwise."""
         if not path.is_file():
             raise RemoteError(f"remote spec {path} does not exist.")
         try:
@@ -88,7 +99,8 @@ class RemoteSpec:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise RemoteError(f"{path}: unknown key {', '.join(unknown)}; a spec takes {', '.join(sorted(known))}.")
-        missing = [key for key in ("url", "answer", "meaning", "fields") if key not in raw]
+        needed = ("url", "fields") if kind == "remote" else ("command",)
+        missing = [key for key in (*needed, "answer", "meaning") if key not in raw]
         if missing:
             raise RemoteError(f"{path}: missing {', '.join(missing)}.")
         spec = cls(path=path, **raw)
@@ -97,8 +109,16 @@ class RemoteSpec:
 
     def check(self) -> None:
         where = str(self.path)
-        if not re.match(r"https?://", self.url):
-            raise RemoteError(f"{where}: url must start with http:// or https://, not {self.url!r}.")
+        if (self.url is None) == (self.command is None):
+            raise RemoteError(f"{where}: give either url (an API) or command (a tool), not both.")
+        if self.command is not None:
+            if not isinstance(self.command, list) or not all(isinstance(a, str) for a in self.command):
+                raise RemoteError(f"{where}: command is a list of arguments such as [tool, $PROBE, $REFERENCE].")
+            placed = self.command
+        else:
+            if not re.match(r"https?://", str(self.url)):
+                raise RemoteError(f"{where}: url must start with http:// or https://, not {self.url!r}.")
+            placed = list(self.fields.values()) if isinstance(self.fields, dict) else []
         if self.meaning not in ("similarity", "distance", "confidence", "decision"):
             raise RemoteError(
                 f"{where}: meaning is similarity, distance, confidence or decision, not {self.meaning!r}."
@@ -107,9 +127,9 @@ class RemoteSpec:
             raise RemoteError(f"{where}: a {self.meaning} needs its threshold (where the API decides a match).")
         if self.body not in ("multipart", "json") or self.encoding not in ("png", "jpeg"):
             raise RemoteError(f"{where}: body is multipart or json and encoding png or jpeg.")
-        values = list(self.fields.values()) if isinstance(self.fields, dict) else []
-        if sorted(v for v in values if v in PLACEHOLDERS) != sorted(PLACEHOLDERS):
-            raise RemoteError(f"{where}: fields must place both $PROBE and $REFERENCE, e.g. {{image: $PROBE, ...}}.")
+        if sorted(v for v in placed if v in PLACEHOLDERS) != sorted(PLACEHOLDERS):
+            what = "command" if self.command is not None else "fields"
+            raise RemoteError(f"{where}: {what} must place both $PROBE and $REFERENCE once each.")
 
     @property
     def answers(self) -> Literal["scores", "decisions"]:
@@ -190,6 +210,8 @@ class RemoteRecognizer(FaceRecognizer):
         return buffer.getvalue()
 
     def _send(self, probe: bytes, reference: bytes) -> Any:
+        if self.spec.command is not None:
+            return self._run(probe, reference)
         images = {"$PROBE": probe, "$REFERENCE": reference}
         kind = f"image/{self.spec.encoding}"
         if self.spec.body == "multipart":
@@ -203,7 +225,29 @@ class RemoteRecognizer(FaceRecognizer):
             request = {"json": body}
         return _with_retries(self.spec.retries)(self._request)(request)
 
+    def _run(self, probe: bytes, reference: bytes) -> Any:
+        """The tool run on the two images written to files; its output as JSON where it is JSON, else text."""
+        with tempfile.TemporaryDirectory(prefix="redteam-exec-") as folder:
+            files = {}
+            for placeholder, data in (("$PROBE", probe), ("$REFERENCE", reference)):
+                files[placeholder] = Path(folder) / f"{placeholder[1:].lower()}.{self.spec.encoding}"
+                files[placeholder].write_bytes(data)
+            arguments = [str(files.get(argument, argument)) for argument in self.spec.command or []]
+            try:
+                done = subprocess.run(arguments, capture_output=True, timeout=self.spec.timeout, check=False)
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise RemoteError(f"{arguments[0]} could not run: {error}") from None
+        if done.returncode != 0:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise RemoteError(f"{arguments[0]} failed (exit {done.returncode}): {tail[0][:200]}")
+        output = done.stdout[:MAX_REPLY_BYTES].decode(errors="replace").strip()
+        try:
+            return json.loads(output)
+        except ValueError:
+            return output
+
     def _request(self, request: dict[str, Any]) -> Any:
+        assert self.spec.url is not None
         try:
             reply = self.client.request(self.spec.method, self.spec.url, headers=self.headers, **request)
         except httpx.TransportError as error:
@@ -222,7 +266,7 @@ class RemoteRecognizer(FaceRecognizer):
     def _read(self, reply: Any) -> float | bool | str:
         """The value at the spec's ``answer`` path."""
         value = reply
-        for part in self.spec.answer.split("."):
+        for part in filter(None, self.spec.answer.split(".")):
             if isinstance(value, list) and part.isdigit() and int(part) < len(value):
                 value = value[int(part)]
             elif isinstance(value, dict) and part in value:
@@ -240,9 +284,13 @@ class RemoteRecognizer(FaceRecognizer):
             if isinstance(value, str):
                 return float(value.strip().lower() in self.spec.match_values)
             return float(bool(value))
-        if isinstance(value, str | bool):
+        if isinstance(value, bool):
             raise RemoteError(f"{self.spec.path}: a {meaning} answer must be a number, got {value!r}.")
-        return -float(value) if meaning == "distance" else float(value)
+        try:
+            number = float(value)
+        except ValueError:
+            raise RemoteError(f"{self.spec.path}: a {meaning} answer must be a number, got {value!r}.") from None
+        return -number if meaning == "distance" else number
 
 
 class Transient(Exception):
@@ -277,17 +325,28 @@ def _with_retries(attempts: int):
 
 @TARGETS.register_scheme("remote", "a face-verification API described by a spec file (remote:api.yaml)")
 def remote_target(argument: str) -> type[RemoteRecognizer]:
-    """The target class for the spec at ``argument``."""
-    spec = RemoteSpec.load(Path(argument))
+    """The target class for the API spec at ``argument``."""
+    return _target_class("remote", argument)
+
+
+@TARGETS.register_scheme("exec", "a vendor's command-line tool described by a spec file (exec:tool.yaml)")
+def exec_target(argument: str) -> type[RemoteRecognizer]:
+    """The target class for the tool spec at ``argument``."""
+    return _target_class("exec", argument)
+
+
+def _target_class(kind: Literal["remote", "exec"], argument: str) -> type[RemoteRecognizer]:
+    spec = RemoteSpec.load(Path(argument), kind)
+    where = f"the API at {spec.url}" if spec.url else f"the tool {(spec.command or ['?'])[0]}"
     card = ModelCard(
-        name=f"remote:{argument}",
+        name=f"{kind}:{argument}",
         task="recognition",
-        architecture=f"the API at {spec.url}",
-        weights="unknown (a remote service)",
-        licence="the service's terms",
-        preprocessing=Preprocessing(mean=None, notes=f"sent as {spec.encoding.upper()}; the service's own beyond"),
+        architecture=where,
+        weights="unknown (the vendor's)",
+        licence="the vendor's terms",
+        preprocessing=Preprocessing(mean=None, notes=f"sent as {spec.encoding.upper()}; the vendor's own beyond"),
         threshold=spec.threshold,
-        notes=f"answers {spec.answers}: {spec.meaning} at {spec.answer!r}",
+        notes=f"answers {spec.answers}: {spec.meaning} at {spec.answer or 'the whole output'!r}",
     )
     attributes = {"spec": spec, "card": card, "offers": spec.answers}
-    return type(f"Remote_{Path(argument).stem}", (RemoteRecognizer,), attributes)
+    return type(f"{kind.title()}_{Path(argument).stem}", (RemoteRecognizer,), attributes)
