@@ -462,10 +462,13 @@ def serve(
     rate: Annotated[str | None, typer.Option(help="Most requests per second or per minute (20/s, 600/min).")] = None,
     threshold: Annotated[float | None, typer.Option(help="Another operating point, in the target's unit.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    faults: Annotated[
+        str | None, typer.Option(help="Misbehave for testing clients: 500:0.1,429:0.05,slow:0.05 (shares of requests).")
+    ] = None,
 ) -> None:
     """A reference face-verification service over a zoo recogniser: enrol, verify, identify, health (a demo target)."""
     from redteam.runtime import resolve_device
-    from redteam.serve import ServiceConfig, api_key_from, parse_rate
+    from redteam.serve import ServiceConfig, api_key_from, parse_faults, parse_rate
     from redteam.serve import serve as run_service
 
     config = ServiceConfig(
@@ -476,6 +479,7 @@ def serve(
         rate=parse_rate(rate) if rate else None,
         threshold=threshold,
         device=str(resolve_device(device)),
+        faults=parse_faults(faults) if faults else (),
     )
     guarded = f" · key from ${api_key_env}" if api_key_env else ""
     limited = f" · at most {config.rate:g} requests/s" if config.rate else ""

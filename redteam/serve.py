@@ -13,14 +13,18 @@ add the similarity (higher is the same person; minus the distance for an L2 mode
 checked before the model sees them (type, size, decodable, colour, at least 32 px; exactly one face with
 ``--detector``), each failure a 4xx whose ``detail`` says why. ``--api-key-env VAR`` requires the header
 ``X-API-Key`` to equal that variable's value (read once at start; never printed). ``--rate 20/s`` answers 429 with
-``Retry-After`` beyond that rate.
+``Retry-After`` beyond that rate. ``--faults 500:0.1,429:0.05,slow:0.05`` makes it misbehave on purpose, for testing
+clients: that share of requests (drawn from a seeded generator) is answered 500, answered 429, or answered only after
+:data:`SLOW_SECONDS`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import os
+import random
 import re
 import threading
 import time
@@ -29,6 +33,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
 from torch import Tensor
 
 from redteam.align import CANONICAL_SIZE
@@ -42,6 +47,9 @@ MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 #: The content types an upload may declare.
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp")
 API_KEY_HEADER = "X-API-Key"
+#: How long a ``slow`` fault holds a request before answering it (longer than clients' usual timeouts in tests).
+SLOW_SECONDS = 3.0
+FAULTS = ("500", "429", "slow")
 #: An uploaded image field (at module level: FastAPI resolves the endpoints' annotations here).
 ImageUpload = Annotated[UploadFile, File()]
 
@@ -59,6 +67,7 @@ class ServiceConfig:
     rate: float | None = None
     threshold: float | None = None
     device: str = "cpu"
+    faults: tuple[tuple[str, float], ...] = ()  # (fault, share of requests), see parse_faults
 
 
 def parse_rate(text: str) -> float:
@@ -68,6 +77,25 @@ def parse_rate(text: str) -> float:
         raise RedteamError(f"--rate {text!r}: write requests per second or minute, such as 20/s or 600/min.")
     per_minute = (match.group(2) or "s").startswith("m")
     return float(match.group(1)) / (60 if per_minute else 1)
+
+
+def parse_faults(text: str) -> tuple[tuple[str, float], ...]:
+    """``500:0.1,429:0.05,slow:0.05`` -> ``(("500", 0.1), ...)``; shares in [0, 1] summing to at most 1."""
+    faults = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, share = part.partition(":")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if kind not in FAULTS or not 0 <= value <= 1:
+            raise RedteamError(
+                f"--faults {part!r}: write fault:share with a fault of {', '.join(FAULTS)}, e.g. 500:0.1."
+            )
+        faults.append((kind, value))
+    if sum(share for _, share in faults) > 1:
+        raise RedteamError(f"--faults {text!r}: the shares add up to more than 1.")
+    return tuple(faults)
 
 
 class RateLimit:
@@ -159,9 +187,31 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     app = FastAPI(title=f"redteam reference face service: {config.target}", dependencies=[Depends(guard)])
 
+    injected: dict[str, int] = {}
+    if config.faults:
+        draws, draw_lock = random.Random(0), threading.Lock()
+
+        @app.middleware("http")
+        async def misbehave(request: Request, call_next: Any) -> Any:
+            """Answer a seeded share of requests with the configured faults instead of (or after) the real answer."""
+            with draw_lock:
+                roll = draws.random()
+            for kind, share in config.faults:
+                if roll < share:
+                    injected[kind] = injected.get(kind, 0) + 1
+                    if kind == "500":
+                        return JSONResponse({"detail": "injected fault"}, status_code=500)
+                    if kind == "429":
+                        return JSONResponse({"detail": "injected throttle"}, 429, headers={"Retry-After": "1"})
+                    await asyncio.sleep(SLOW_SECONDS)
+                    break
+                roll -= share
+            return await call_next(request)
+
     @app.get("/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "target": config.target, "expose": config.expose, "enrolled": len(service.gallery)}
+        status = {"status": "ok", "target": config.target, "expose": config.expose, "enrolled": len(service.gallery)}
+        return status | ({"faults injected": injected} if config.faults else {})
 
     @app.post("/enrol")
     async def enrol(identity: Annotated[str, Form(min_length=1, max_length=200)], image: ImageUpload) -> dict[str, Any]:

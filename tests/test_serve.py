@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,10 +35,9 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def service(request) -> Iterator[tuple[httpx.Client, str]]:
-    """`redteam serve --target facenet` with the given exposure and options, until the module's tests are done."""
-    expose, *options = request.param
+@contextmanager
+def running_service(expose: str, *options: str) -> Iterator[tuple[httpx.Client, int]]:
+    """`redteam serve --target facenet` with the given exposure and options, on a free port, until the block ends."""
     port = _free_port()
     command = [str(Path(sys.executable).parent / "redteam"), "serve", "--target", "facenet", "--expose", expose,
                "--port", str(port), "--api-key-env", "RT_TEST_KEY", "--device", "cpu", *options]  # fmt: skip
@@ -61,6 +61,13 @@ def service(request) -> Iterator[tuple[httpx.Client, str]]:
         running.terminate()
         output = running.communicate(timeout=30)[0]
         assert KEY not in output  # the key is never printed
+
+
+@pytest.fixture(scope="module")
+def service(request) -> Iterator[tuple[httpx.Client, int]]:
+    """A service with the test's parameters (exposure, options), shared by the module's tests that ask the same."""
+    with running_service(*request.param) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +150,11 @@ def test_bad_service_options_fail_in_one_line(cli, capsys, monkeypatch):
         assert message in error and "Traceback" not in error, error
 
 
-def _spec(tmp_path: Path, example: str, port: int) -> Path:
-    """A shipped example spec pointed at the test's port."""
+def _spec(folder: Path, example: str, port: int) -> Path:
+    """A shipped example spec pointed at the test's port, written into ``folder``."""
     text = (EXAMPLES / example).read_text().replace("127.0.0.1:8080", f"127.0.0.1:{port}")
-    spec = tmp_path / example
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / example
     spec.write_text(text.replace("REDTEAM_API_KEY", "RT_TEST_KEY"))
     return spec
 
@@ -209,6 +217,29 @@ def test_a_vendor_tool_is_a_target(service, cli, capsys, monkeypatch, faces_root
     with sqlite3.connect(tmp_path / "run" / "results.sqlite") as db:
         rows = pd.read_sql_query("SELECT eps, queries FROM results", db)
     assert len(rows) == 4 and rows.loc[rows["eps"] > 0, "queries"].between(1, 4).all()
+
+
+@pytest.mark.parametrize("service", [("decision", "--faults", "500:0.2,429:0.06,slow:0.04")], indirect=True)
+def test_faults_are_survived_and_change_nothing(service, cli, capsys, monkeypatch, faces_root, tmp_path):
+    """Against a service that answers 20% of requests 500, 6% 429 and 4% too slowly (past the spec's timeout),
+    the attack completes: retries stay below the oracle, so every query is counted once and the results equal a run
+    against a fault-free service with the same seed."""
+    client, port = service
+    monkeypatch.setenv("RT_TEST_KEY", KEY)
+    common = ("--attack", "hsj", "--queries", 12, "--limit", 2, "--data", faces_root, "--no-checks")
+    results = []
+    with running_service("decision") as (_, clean_port):
+        for name, where in (("faulty", port), ("clean", clean_port)):
+            spec = _spec(tmp_path / name, "reference-decision.yaml", where)
+            spec.write_text(spec.read_text() + "timeout: 2\nretries: 8\n")
+            assert cli("run", "--target", f"remote:{spec}", *common, "--out", tmp_path / name / "run") == 0
+            with sqlite3.connect(tmp_path / name / "run" / "results.sqlite") as db:
+                results.append(pd.read_sql_query("SELECT probe, size, l2, queries FROM minimal ORDER BY probe", db))
+    capsys.readouterr()
+    pd.testing.assert_frame_equal(results[0], results[1])
+    assert results[0]["queries"].between(1, 12).all()
+    health = next(r for r in (client.get("/health") for _ in range(20)) if r.status_code == 200).json()
+    assert set(health["faults injected"]) == {"500", "429", "slow"}  # each kind happened, and was survived
 
 
 def test_bad_specs_fail_in_one_line(cli, capsys, tmp_path):
