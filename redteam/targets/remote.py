@@ -21,6 +21,7 @@ A spec (YAML)::
     timeout: 30                             # seconds per request
     retries: 5                              # on 429, 5xx and connection errors, exponential backoff,
                                             # honouring Retry-After
+    insecure: false                         # true: skip TLS certificate checks (warned about at load)
 
 A tool's spec has ``command`` instead of ``url``, ``headers``, ``body`` and ``fields``: its argument list (never a
 shell string), with ``$PROBE`` and ``$REFERENCE`` where the two image files go, e.g. ``command: [vendor-cli,
@@ -51,6 +52,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 from torch import Tensor, nn
 
 from redteam.api import TARGETS, FaceRecognizer, ModelCard, Preprocessing
+from redteam.console import console
 from redteam.errors import RedteamError
 
 Meaning = Literal["similarity", "distance", "confidence", "decision"]
@@ -82,6 +84,7 @@ class RemoteSpec:
     match_values: tuple[str, ...] = ("match", "same", "true", "yes")
     timeout: float = 30.0
     retries: int = 5
+    insecure: bool = False
 
     @classmethod
     def load(cls, path: Path, kind: Literal["remote", "exec"]) -> RemoteSpec:
@@ -156,7 +159,9 @@ class RemoteRecognizer(FaceRecognizer):
         super().__init__()
         self.placement = nn.Parameter(torch.zeros(0))  # a target lives on a device: one (empty) parameter
         self.headers = self.spec.resolved_headers()
-        self.client = httpx.Client(timeout=self.spec.timeout, follow_redirects=False)
+        if self.spec.insecure:
+            console.print(f"warning: {self.spec.path} turns TLS certificate checks off (insecure: true)")
+        self.client = httpx.Client(timeout=self.spec.timeout, follow_redirects=False, verify=not self.spec.insecure)
 
     @classmethod
     def weights_fingerprint(cls) -> str:
