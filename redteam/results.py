@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -57,9 +59,33 @@ STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
 CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "REAL", "accuracy": "REAL",
                  "n": "INTEGER"}  # fmt: skip
 
+#: A deployed target's query ledger: one row per distinct request (``request``: a digest of the images sent), its
+#: reply (JSON), HTTP status (0 for a tool), seconds until answered, tries it took, and when (Unix time).
+LEDGER_COLUMNS = {"cell": "TEXT", "request": "TEXT", "reply": "TEXT", "status": "INTEGER", "latency": "REAL",
+                  "attempts": "INTEGER", "at": "REAL"}  # fmt: skip
+
 #: Every table besides ``results`` and ``cells``, by name.
 TABLES = {"minimal": MINIMAL_COLUMNS, "trajectory": TRAJECTORY_COLUMNS, "checks": CHECK_COLUMNS,
-          "stages": STAGE_COLUMNS, "curves": CURVE_COLUMNS}  # fmt: skip
+          "stages": STAGE_COLUMNS, "curves": CURVE_COLUMNS, "ledger": LEDGER_COLUMNS}  # fmt: skip
+
+
+class QueryLedger:
+    """The requests one cell sent a deployed target, kept in its store as they are answered: an identical request
+    is answered from here instead of being sent again (within a run, and when an interrupted run resumes)."""
+
+    def __init__(self, path: Path, cell: str):
+        self.cell = cell
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)  # autocommit
+
+    def answer(self, request: str) -> Any | None:
+        """The stored reply to ``request`` (None if it was never answered)."""
+        row = self.db.execute("SELECT reply FROM ledger WHERE cell = ? AND request = ?", (self.cell, request))
+        found = row.fetchone()
+        return None if found is None else json.loads(found[0])
+
+    def record(self, request: str, reply: Any, status: int, latency: float, attempts: int) -> None:
+        values = (self.cell, request, json.dumps(reply), status, latency, attempts, time.time())
+        self.db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)", values)
 
 
 @dataclass
@@ -107,6 +133,8 @@ class ResultStore:
             db.execute(f"CREATE TABLE IF NOT EXISTS stages ({stages}, PRIMARY KEY (cell, stage))")
             steps = ", ".join(f"{name} {kind}" for name, kind in TRAJECTORY_COLUMNS.items())
             db.execute(f"CREATE TABLE IF NOT EXISTS trajectory ({steps}, PRIMARY KEY (cell, probe, eps, queries))")
+            ledger = ", ".join(f"{name} {kind}" for name, kind in LEDGER_COLUMNS.items())
+            db.execute(f"CREATE TABLE IF NOT EXISTS ledger ({ledger}, PRIMARY KEY (cell, request))")
             for table, added in ADDED_COLUMNS.items():
                 present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
                 for name, kind in added.items():
@@ -117,6 +145,10 @@ class ResultStore:
         if self.writable:
             return sqlite3.connect(self.path, timeout=60)
         return sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=60)
+
+    def ledger(self, cell: str) -> QueryLedger:
+        """``cell``'s query ledger in this store."""
+        return QueryLedger(self.path, cell)
 
     def register_cell(self, cell: str, config: dict) -> None:
         with self._connect() as db:

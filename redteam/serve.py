@@ -131,6 +131,7 @@ class FaceService:
             raise RedteamError(f"--detector {config.detector} is a recogniser; give a detector such as mtcnn.")
         self.config, self.model, self.detector, self.device = config, model, detector, device
         self.gallery: dict[str, Tensor] = {}
+        self.comparisons = 0  # verifications and identifications answered (clients' queries, as the service saw them)
         self.lock = threading.Lock()  # one model call at a time: the model is shared by the server's threads
 
     def face(self, upload: UploadFile, data: bytes) -> Tensor:
@@ -156,6 +157,7 @@ class FaceService:
 
     def answer(self, score: float, **fields: Any) -> dict[str, Any]:
         """The decision, and the score and threshold when the service exposes scores."""
+        self.comparisons += 1
         threshold = self.model.threshold
         answer = {**fields, "match": score >= threshold}
         if self.config.expose == "score":
@@ -210,7 +212,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        status = {"status": "ok", "target": config.target, "expose": config.expose, "enrolled": len(service.gallery)}
+        status = {"status": "ok", "target": config.target, "expose": config.expose, "enrolled": len(service.gallery),
+                  "comparisons": service.comparisons}  # fmt: skip
         return status | ({"faults injected": injected} if config.faults else {})
 
     @app.post("/enrol")

@@ -256,3 +256,50 @@ def test_bad_specs_fail_in_one_line(cli, capsys, tmp_path):
         assert cli("run", "--target", f"{scheme}:{spec}", "--attack", "hsj", "--out", tmp_path / "out") == 2
         error = capsys.readouterr().err
         assert message in error and "Traceback" not in error, error
+
+
+@pytest.mark.parametrize("service", [("decision",)], indirect=True)
+def test_kill_9_mid_attack_resumes_from_the_ledger(service, faces_root, tmp_path):
+    """`kill -9` while an attack queries the service, then the same command: the ledger answers what was asked
+    before, so no request is sent twice (the service counts them), and the results equal an uninterrupted run's."""
+    client, port = service
+    spec = _spec(tmp_path, "reference-decision.yaml", port)
+    command = [str(Path(sys.executable).parent / "redteam"), "run", "--target", f"remote:{spec}", "--attack", "hsj",
+               "--queries", "30", "--limit", "2", "--data", str(faces_root), "--no-checks"]  # fmt: skip
+    environment = {**os.environ, "RT_TEST_KEY": KEY, "OMP_NUM_THREADS": "1"}
+
+    def comparisons() -> int:
+        return client.get("/health").json()["comparisons"]
+
+    def ledger(run: Path) -> int:
+        with sqlite3.connect(run / "results.sqlite") as db:
+            return db.execute("SELECT count(*) FROM ledger").fetchone()[0]
+
+    before = comparisons()
+    subprocess.run([*command, "--out", str(tmp_path / "whole")], env=environment, check=True, capture_output=True)
+    whole = comparisons() - before
+    assert whole == ledger(tmp_path / "whole") > 30  # every request sent once, and kept
+
+    before = comparisons()
+    killed = subprocess.Popen([*command, "--out", str(tmp_path / "parts")], env=environment,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while killed.poll() is None and time.monotonic() < deadline:
+        if (tmp_path / "parts" / "results.sqlite").is_file() and ledger(tmp_path / "parts") >= whole // 2:
+            killed.kill()  # SIGKILL: nothing is flushed or closed
+            break
+        time.sleep(0.05)
+    killed.wait()
+    assert killed.returncode == -9, "the run finished before it could be killed"
+    kept = ledger(tmp_path / "parts")
+    subprocess.run([*command, "--out", str(tmp_path / "parts")], env=environment, check=True, capture_output=True)
+    resent = comparisons() - before - whole
+    print(f"ledger: {whole} requests uninterrupted; {kept} kept at kill -9; {ledger(tmp_path / 'parts')} after the "
+          f"resume; {resent} sent twice")  # fmt: skip
+    assert 0 < kept < whole and ledger(tmp_path / "parts") == whole
+    assert resent <= 1  # at most the request in flight at the kill is asked again
+    tables = []
+    for run in ("whole", "parts"):
+        with sqlite3.connect(tmp_path / run / "results.sqlite") as db:
+            tables.append(pd.read_sql_query("SELECT probe, size, l2, queries FROM minimal ORDER BY probe", db))
+    pd.testing.assert_frame_equal(tables[0], tables[1])

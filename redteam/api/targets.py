@@ -27,6 +27,7 @@ from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE, TEMPLATES, simila
 from redteam.assets import RegistryFile
 from redteam.errors import RedteamError
 from redteam.registry import Registry
+from redteam.results import QueryLedger
 
 
 def check_target_class(name: str, target_class: Any) -> None:
@@ -211,6 +212,10 @@ class Target(nn.Module, ABC):
     weights: ClassVar[tuple[RegistryFile, ...]] = ()
     #: What it shows an attacker: zoo targets are white-box graphs.
     offers: ClassVar[Access] = "gradients"
+    #: A deployed system whose every request costs: the engine gives it its cell's :class:`QueryLedger` as
+    #: ``ledger``, which it answers repeated requests from (and an interrupted run resumes from).
+    keeps_ledger: ClassVar[bool] = False
+    ledger: QueryLedger | None = None
     #: Whether ``__init__`` takes ``weights`` (a user's file, ``--weights``).
     accepts_weights: ClassVar[bool] = False
     #: Set to decide at another operating point than the card's.

@@ -26,6 +26,7 @@ class Evaluation:
         self.executor = Executor(self.cell)
         store = store if isinstance(store, ResultStore) else ResultStore(Path(store))
         self.planner = Planner(self.cell, store, self.executor.batch_size)
+        self.executor.keep_ledger(store.ledger(self.cell.key))
 
     @property
     def config(self) -> EvaluationConfig:

@@ -41,6 +41,7 @@ from redteam.engine.assembly import (
 from redteam.engine.config import instantiate
 from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
+from redteam.results import QueryLedger
 from redteam.runtime import autocast, chunks, fit_batch_size, resolve_device, seeded_generator
 from redteam.threats import Enrolment, Objective, Probe
 
@@ -56,6 +57,7 @@ class Executor:
         self.device = device or resolve_device(config.device)
         weights = Path(config.weights) if config.weights else None
         undefended = load_target(config.target, self.device, config.threshold, weights)
+        self.undefended = undefended
         model = wrap_model(undefended, config, cell.defense)
         self.target = behind_transforms(model, config, cell.defense, adaptive=False)
         crafting = model if config.adaptive else undefended
@@ -86,6 +88,11 @@ class Executor:
 
         with drawing_from(self.generator("enrol"), model):
             return self.cell.threat.enrol(encode, self.cell.probes)
+
+    def keep_ledger(self, ledger: QueryLedger) -> None:
+        """Give a target that keeps a query ledger (a deployed system) its cell's."""
+        if type(self.undefended).keeps_ledger:
+            self.undefended.ledger = ledger
 
     def generator(self, *parts: object) -> torch.Generator:
         """A generator for ``parts`` of this cell's run (same seed, same draws, in any process)."""
