@@ -254,6 +254,10 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     for check in outcome:
         mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"
         console.print(f"{mark} {escape(check.name)}: {escape(check.detail)}", highlight=False)
+    ledger = evaluation.store.ledger_summary().get(cell.key)
+    if ledger:
+        summary["ledger"] = ledger
+        console.print(escape(f"{config.target}: {ledger}"), highlight=False)
     return summary
 
 

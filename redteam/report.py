@@ -66,6 +66,7 @@ class CellSummary:
     curve: list[dict[str, float]]
     config: dict[str, Any]
     examples: dict[str, Any] = field(default_factory=dict)  # "png" (base64), "note", "file"
+    ledger: str = ""  # a deployed target's queries: sent, retries, answered from the ledger, latency
 
 
 @dataclass
@@ -144,7 +145,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     transfer: list[dict[str, Any]] = []
     for run in runs:
         store = open_store(run)
-        configs, curves, checks = store.cells(), store.curves(), store.checks()
+        configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
         for title, table in transfer_tables(store.frame()):
             rows = [{"surrogate": str(s), "accuracy": [_number(a) for a in row]} for s, row in table.iterrows()]
             transfer.append({"title": f"{title} ({run})", "targets": [str(t) for t in table.columns], "rows": rows})
@@ -177,6 +178,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     command=run_command(config, curve["eps"].tolist(), run),
                     curve=curve[["eps", "accuracy", "n"]].to_dict(orient="records"),
                     config=config,
+                    ledger=ledgers.get(str(cell), ""),
                 )
             )
     if not cells:

@@ -51,7 +51,7 @@ MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "RE
 TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries": "INTEGER", "linf": "REAL",
                       "l2": "REAL"}  # fmt: skip
 #: Columns added since stores were first written, with their types: added to older stores when opened.
-ADDED_COLUMNS = {"results": {"queries": "INTEGER"}, "minimal": {"queries": "INTEGER"}}
+ADDED_COLUMNS = {"results": {"queries": "INTEGER"}, "minimal": {"queries": "INTEGER"}, "ledger": {"hits": "INTEGER"}}
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
 #: A campaign's finished stages (an area, a budget, a poison rate), serialised, so an interrupted campaign resumes.
 STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
@@ -60,9 +60,10 @@ CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "
                  "n": "INTEGER"}  # fmt: skip
 
 #: A deployed target's query ledger: one row per distinct request (``request``: a digest of the images sent), its
-#: reply (JSON), HTTP status (0 for a tool), seconds until answered, tries it took, and when (Unix time).
+#: reply (JSON), HTTP status (0 for a tool), seconds until answered, tries it took, when (Unix time), and how often
+#: the same request was answered from the ledger instead of being sent again.
 LEDGER_COLUMNS = {"cell": "TEXT", "request": "TEXT", "reply": "TEXT", "status": "INTEGER", "latency": "REAL",
-                  "attempts": "INTEGER", "at": "REAL"}  # fmt: skip
+                  "attempts": "INTEGER", "at": "REAL", "hits": "INTEGER"}  # fmt: skip
 
 #: Every table besides ``results`` and ``cells``, by name.
 TABLES = {"minimal": MINIMAL_COLUMNS, "trajectory": TRAJECTORY_COLUMNS, "checks": CHECK_COLUMNS,
@@ -81,11 +82,14 @@ class QueryLedger:
         """The stored reply to ``request`` (None if it was never answered)."""
         row = self.db.execute("SELECT reply FROM ledger WHERE cell = ? AND request = ?", (self.cell, request))
         found = row.fetchone()
-        return None if found is None else json.loads(found[0])
+        if found is None:
+            return None
+        self.db.execute("UPDATE ledger SET hits = hits + 1 WHERE cell = ? AND request = ?", (self.cell, request))
+        return json.loads(found[0])
 
     def record(self, request: str, reply: Any, status: int, latency: float, attempts: int) -> None:
-        values = (self.cell, request, json.dumps(reply), status, latency, attempts, time.time())
-        self.db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+        values = (self.cell, request, json.dumps(reply), status, latency, attempts, time.time(), 0)
+        self.db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
 
 
 @dataclass
@@ -149,6 +153,18 @@ class ResultStore:
     def ledger(self, cell: str) -> QueryLedger:
         """``cell``'s query ledger in this store."""
         return QueryLedger(self.path, cell)
+
+    def ledger_summary(self) -> dict[str, str]:
+        """Per cell with a ledger, one line: requests sent, retries, answers from the ledger, latency percentiles."""
+        ledger = self._table("ledger", None)
+        lines = {}
+        for cell, rows in ledger.groupby("cell"):
+            p50, p95 = (1000 * rows["latency"].quantile(q) for q in (0.5, 0.95))
+            lines[str(cell)] = (
+                f"{len(rows)} requests sent ({int(rows['attempts'].sum()) - len(rows)} retries), "
+                f"{int(rows['hits'].sum())} answered from the ledger, latency p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+            )
+        return lines
 
     def register_cell(self, cell: str, config: dict) -> None:
         with self._connect() as db:

@@ -303,3 +303,10 @@ def test_kill_9_mid_attack_resumes_from_the_ledger(service, faces_root, tmp_path
         with sqlite3.connect(tmp_path / run / "results.sqlite") as db:
             tables.append(pd.read_sql_query("SELECT probe, size, l2, queries FROM minimal ORDER BY probe", db))
     pd.testing.assert_frame_equal(tables[0], tables[1])
+    with sqlite3.connect(tmp_path / "parts" / "results.sqlite") as db:
+        hits = db.execute("SELECT sum(hits) FROM ledger").fetchone()[0]
+    assert hits >= kept - 1  # the resumed run replayed what was kept from the ledger
+    report = subprocess.run([str(Path(sys.executable).parent / "redteam"), "report", str(tmp_path / "parts"),
+                             "--examples", "0"], env=environment, capture_output=True, text=True)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert f"{whole} requests sent" in (tmp_path / "parts" / "report.md").read_text()
