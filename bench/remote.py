@@ -1,0 +1,113 @@
+"""What the wire costs: queries per second through a deployed target against the same model called in-process.
+
+    python bench/remote.py [--target facenet] [--queries 64] [--clients 1,4]
+
+Starts `redteam serve --target T --expose decision` on 127.0.0.1 (a free port), points the shipped example spec at
+it, and times the same comparisons (probe photo against reference photo, each a different image so no ledger or
+cache answers them) three ways: the oracle in-process (batches of the whole set, as query attacks send them), and
+through the remote target with ``--clients`` concurrent clients (each its own connection). Prints queries per
+second and the ratio to in-process, measured in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+from redteam.api import Oracle
+from redteam.engine import EvaluationConfig, load_target, prepare
+from redteam.engine.execute import Executor
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_FACES = ROOT.parent / "shared" / "data" / "faces"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="facenet")
+    parser.add_argument("--data", default=str(SHARED_FACES))
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--clients", default="1,4")
+    args = parser.parse_args()
+    cell = prepare(EvaluationConfig(target=args.target, attack="hsj", access="decision", data=args.data, limit=1,
+                                    checks=False))  # fmt: skip
+    executor = Executor(cell)
+    images = cell.dataset.load([cell.probes[0].image])
+    _, verdict = executor.objectives(cell.probes[:1])
+    # Distinct images: the probe with a little seeded noise each, so every comparison is a new request.
+    noise = torch.rand((args.queries, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
+    batch = (images + 0.03 * (noise - 0.5)).clamp(0, 1)
+
+    oracle = Oracle(verdict, images, "decisions", args.queries, "l2")
+    started = time.perf_counter()
+    local = oracle(batch, [0] * args.queries).fooled
+    in_process = args.queries / (time.perf_counter() - started)
+    print(f"{args.target} · {args.queries} comparisons\n| how | queries/s | ratio to in-process |\n|---|---|---|")
+    print(f"| in-process oracle, one batch | {in_process:.1f} | 1.00 |")
+
+    port = _free_port()
+    environment = {**os.environ, "REDTEAM_API_KEY": "bench-key"}
+    command = [str(Path(sys.executable).parent / "redteam"), "serve", "--target", args.target, "--expose",
+               "decision", "--port", str(port), "--api-key-env", "REDTEAM_API_KEY"]  # fmt: skip
+    service = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(port)
+        os.environ["REDTEAM_API_KEY"] = "bench-key"
+        with tempfile.TemporaryDirectory() as folder:
+            spec = Path(folder) / "api.yaml"
+            example = (ROOT / "examples" / "remote" / "reference-decision.yaml").read_text()
+            spec.write_text(example.replace("127.0.0.1:8080", f"127.0.0.1:{port}"))
+            reference = cell.dataset.load([cell.probes[0].reference])[0]
+            for clients in (int(c) for c in args.clients.split(",")):
+                remotes: list[Any] = [load_target(f"remote:{spec}", torch.device("cpu")) for _ in range(clients)]
+                encoded = remotes[0].encode(reference)
+                started = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    answers = list(pool.map(partial(_ask, remotes, batch, encoded), range(args.queries)))
+                rate = args.queries / (time.perf_counter() - started)
+                agree = sum((a < 0.5) == bool(f) for a, f in zip(answers, local.tolist()))
+                print(f"| remote, {clients} client(s) | {rate:.1f} | {rate / in_process:.2f} |  "
+                      f"(decisions agreeing with in-process: {agree}/{args.queries})")  # fmt: skip
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+
+def _ask(remotes: list[Any], batch: torch.Tensor, reference: bytes, k: int) -> float:
+    """Comparison ``k`` through one of the clients (round robin)."""
+    remote = remotes[k % len(remotes)]
+    return remote.compare(remote.encode(batch[k]), reference)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait(port: int) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", headers={"X-API-Key": "bench-key"}).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the service did not come up in 180 s")
+
+
+if __name__ == "__main__":
+    main()
