@@ -347,6 +347,8 @@ def list_(
                 threshold = f"L2 {-card.threshold:.4f}"  # as users write it: a distance
             metrics = ", ".join(f"{k} {v:.3g}" for k, v in card.metrics.items()) or "-"
             table.add_row(name, card.task, TARGETS.summary(name), threshold, metrics)
+        for scheme, summary in TARGETS.schemes().items():
+            table.add_row(f"{scheme}:SPEC", "recognition", summary, "the spec's", "-")
         console.print(table)
         if targets:
             for name in TARGETS:
