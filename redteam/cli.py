@@ -562,10 +562,11 @@ def sweep(
     computed = sum(cell["batches computed"] for cell in cells)
     from redteam.results import ResultStore, transfer_tables
 
-    for title, matrix in transfer_tables(ResultStore(out / "results.sqlite", writable=False).frame()):
+    tables = transfer_tables(ResultStore(out / "results.sqlite", writable=False).frame())
+    for title, matrix in tables:
         shown = matrix.map(lambda a: "" if a != a else f"{a:.0%}").reset_index(names="crafted on")  # NaN: no cell
         _print_frame(f"accuracy under transfer: {title}", shown)
-    files = "(results.sqlite, curve.csv, curve.png, transfer.csv, sweep.json)"
+    files = f"(results.sqlite, curve.csv, curve.png{', transfer.csv' if tables else ''}, sweep.json)"
     console.print(escape(f"{computed} batches computed · results in {out}/ {files}"), highlight=False)
 
 
