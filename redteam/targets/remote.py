@@ -164,6 +164,7 @@ class RemoteRecognizer(FaceRecognizer):
         if self.spec.insecure:
             console.print(f"warning: {self.spec.path} turns TLS certificate checks off (insecure: true)")
         self.client = httpx.Client(timeout=self.spec.timeout, follow_redirects=False, verify=not self.spec.insecure)
+        self.retrying = _with_retries(self.spec.retries)  # built once: every request goes through it
 
     @classmethod
     def weights_fingerprint(cls) -> str:
@@ -187,7 +188,16 @@ class RemoteRecognizer(FaceRecognizer):
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
         """One request per row pair of flattened ``[B, 3 * S * S]`` images -> ``[B]`` scores (higher: same)."""
-        scores = [self.compare(self._image(x), self._image(y)) for x, y in zip(a, b)]
+        encoded: dict[bytes, bytes] = {}  # a call's rows share few references: encode each once
+
+        def reference(flat: Tensor) -> bytes:
+            pixels = self._pixels(flat)
+            key = pixels.tobytes()
+            if key not in encoded:
+                encoded[key] = self._encoded(pixels)
+            return encoded[key]
+
+        scores = [self.compare(self._encoded(self._pixels(x)), reference(y)) for x, y in zip(a, b)]
         return torch.tensor(scores, dtype=a.dtype, device=a.device)
 
     def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
@@ -204,16 +214,20 @@ class RemoteRecognizer(FaceRecognizer):
 
     def encode(self, image: Tensor) -> bytes:
         """``[3, S, S]`` in ``[0, 1]`` -> the bytes sent (the spec's encoding)."""
-        return self._image(image.flatten())
+        return self._encoded(self._pixels(image.flatten()))
 
-    def _image(self, flat: Tensor) -> bytes:
+    @staticmethod
+    def _pixels(flat: Tensor) -> np.ndarray:
+        """A flattened ``[3 * S * S]`` image in ``[0, 1]`` -> ``[S, S, 3]`` 8-bit pixels."""
         side = int(round((flat.numel() / 3) ** 0.5))
         pixels = (flat.detach().view(3, side, side).permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        return np.ascontiguousarray(pixels)
+
+    def _encoded(self, pixels: np.ndarray) -> bytes:
+        """Pixels in the spec's encoding (JPEG at its quality)."""
         buffer = io.BytesIO()
-        if self.spec.encoding == "png":
-            Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
-        else:
-            Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=self.spec.quality)
+        options = {"quality": self.spec.quality} if self.spec.encoding == "jpeg" else {}
+        Image.fromarray(pixels).save(buffer, format=self.spec.encoding.upper(), **options)
         return buffer.getvalue()
 
     def _send(self, probe: bytes, reference: bytes) -> Any:
@@ -251,7 +265,7 @@ class RemoteRecognizer(FaceRecognizer):
             tries[0] += 1
             return self._request(request)
 
-        return _with_retries(self.spec.retries)(attempt)()
+        return self.retrying(attempt)()
 
     def _run(self, probe: bytes, reference: bytes) -> Any:
         """The tool run on the two images written to files; its output as JSON where it is JSON, else text."""
