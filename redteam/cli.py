@@ -394,8 +394,9 @@ def calibrate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
 ) -> None:
     """Measure a recogniser's verification accuracy and thresholds on real pairs, or a detector's recall. With
-    --weights, a recogniser's thresholds are stored for that file's content and later runs with it use them."""
-    from redteam.calibrations import save_calibration
+    --weights (or a target that is a file, file:model.onnx), a recogniser's thresholds are stored for that file's
+    content and later runs with it use them."""
+    from redteam.calibrations import file_fingerprint, save_calibration
     from redteam.datasets import open_dataset
     from redteam.engine import load_target
     from redteam.metrics import DetectionReport, VerificationReport, detection_recall, impostors_needed
@@ -404,7 +405,7 @@ def calibrate(
 
     prepare_torch()
     dataset = open_dataset(data)
-    model = load_target(target, resolve_device(device), weights=weights)
+    model = load_target(target, resolve_device(device), weights=weights, access="scores")  # as deployed
     detector = model.card.task == "detection"
     with progress() as tracker:
         task = tracker.add_task("detecting" if detector else "embedding", total=len(dataset) if detector else None)
@@ -428,9 +429,11 @@ def calibrate(
             "raise --impostors, or ask for a larger --far.",
             highlight=False,
         )
-    if weights is not None and not detector:
-        stored = save_calibration(target, weights, {"data": str(data), **report.to_dict()})
-        console.print(f"thresholds stored for {escape(str(weights))} ({escape(str(stored))}): later runs use them")
+    fingerprint = file_fingerprint(type(model), weights)
+    if fingerprint is not None and not detector:
+        stored = save_calibration(target, fingerprint, {"data": str(data), **report.to_dict()})
+        user_file = weights or type(model).user_file
+        console.print(f"thresholds stored for {escape(str(user_file))} ({escape(str(stored))}): later runs use them")
     if json_out:
         json_out.write_text(json.dumps({"target": target, "data": str(data), **report.to_dict()}, indent=2))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -218,12 +219,19 @@ class Target(nn.Module, ABC):
     ledger: QueryLedger | None = None
     #: Whether ``__init__`` takes ``weights`` (a user's file, ``--weights``).
     accepts_weights: ClassVar[bool] = False
+    #: The user's file this target is (``file:model.onnx``): ``redteam calibrate`` keeps its thresholds for the
+    #: file's content, as for ``--weights``.
+    user_file: ClassVar[Path | None] = None
     #: Set to decide at another operating point than the card's.
     threshold_override: float | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def limit_to(self, access: Access) -> None:
+        """Told that attackers get only ``access`` (below what it ``offers``); a target may then answer from another
+        path, e.g. a model file from its own runtime. Nothing changes by default."""
 
     def decide_at(self, threshold: float) -> None:
         """Decide at ``threshold`` as users write it (:meth:`on_score_scale`) instead of the card's."""

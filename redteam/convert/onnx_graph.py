@@ -28,11 +28,13 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from torch import Tensor, nn
 
 from redteam.convert.cache import convert_once
 from redteam.convert.graph import CompiledOp, GraphModule, UnsupportedModelError, same_padding
+from redteam.errors import RedteamError
 from redteam.registry import RuleTable
 
 
@@ -331,6 +333,17 @@ def load_onnx(source: Path | str | bytes) -> OnnxModule:
 
 
 # ---------------------------------------------------------------------------------------------- op rules
+
+
+def normalises_its_input(model: onnx.ModelProto | Path) -> bool:
+    """InsightFace's rule for its MXNet exports: Sub and Mul among the first 8 nodes mean the graph takes raw pixels
+    and normalises them itself (InsightFace's own loader feeds those raw pixels)."""
+    if isinstance(model, Path):
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except DecodeError as error:
+            raise RedteamError(f"{model} is not an ONNX model ({error}).") from None
+    return {"Sub", "Mul"} <= {node.op_type for node in model.graph.node[:8]}
 
 
 def _to_common_device(*tensors: Tensor) -> list[Tensor]:

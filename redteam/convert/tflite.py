@@ -363,6 +363,14 @@ def nodes_from_tflite(data: bytes) -> list[GraphNode]:
     return t.nodes
 
 
+def tflite_io_names(data: bytes) -> tuple[list[str], list[str]]:
+    """A TFLite model's input and output node names, as :func:`nodes_from_tflite` names them."""
+    graph = _Translator(data).graph
+    names = _tensor_names(graph)
+    inputs = [names[graph.Inputs(k)] for k in range(graph.InputsLength())]
+    return inputs, [names[graph.Outputs(k)] for k in range(graph.OutputsLength())]
+
+
 def load_tflite(source: RegistryFile, inputs: list[str], outputs: list[str]) -> TFGraphModule:
     """A TFLite model as a module, converted once (cached by the source's checksum)."""
     return load_converted(

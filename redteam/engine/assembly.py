@@ -36,7 +36,7 @@ from redteam.api import (
     Target,
     grants,
 )
-from redteam.calibrations import stored_calibration
+from redteam.calibrations import file_fingerprint, stored_calibration
 from redteam.engine.config import EvaluationConfig, check_weights, instantiate
 from redteam.errors import RedteamError
 from redteam.runtime import frozen
@@ -52,25 +52,32 @@ TRANSFER_ATTACK = "ti-dim"
 DECISION_START_EPS = 16 / 255
 
 
-def load_target(name: str, device: torch.device, threshold: float | None = None, weights: Path | None = None) -> Target:
+def load_target(
+    name: str,
+    device: torch.device,
+    threshold: float | None = None,
+    weights: Path | None = None,
+    access: str = "gradients",
+) -> Target:
     """A registered target in eval mode with frozen parameters. ``weights``: a user's file, for targets that take
-    one; its threshold is the one ``redteam calibrate --weights`` stored for that file's content, if any.
-    ``threshold`` decides at another operating point."""
+    one; its threshold (or that of a target that is a user's file, ``file:model.onnx``) is the one ``redteam
+    calibrate`` stored for that file's content, if any. ``threshold`` decides at another operating point; ``access``
+    is what attackers get of it."""
     target_class = TARGETS.get(name)
     check_weights(name, weights)
-    if weights is None:
-        target = target_class()
-    else:
-        target = target_class(weights=Path(weights))
-        calibrated = stored_calibration(name, Path(weights))
-        if calibrated is not None and target.card.threshold is None:
-            target.card = replace(
-                target.card,
-                threshold=calibrated["threshold"],
-                threshold_far=calibrated.get("threshold_far"),
-                calibration=f"`redteam calibrate --weights` on {calibrated.get('data', 'the calibration faces')}: "
-                f"balanced accuracy {calibrated['accuracy']:.3f} at the threshold",
-            )
+    target = target_class() if weights is None else target_class(weights=Path(weights))
+    fingerprint = file_fingerprint(target_class, Path(weights) if weights else None)
+    calibrated = stored_calibration(name, fingerprint) if fingerprint is not None else None
+    if calibrated is not None and target.card.threshold is None:
+        target.card = replace(
+            target.card,
+            threshold=calibrated["threshold"],
+            threshold_far=calibrated.get("threshold_far"),
+            calibration=f"`redteam calibrate` on {calibrated.get('data', 'the calibration faces')}: "
+            f"balanced accuracy {calibrated['accuracy']:.3f} at the threshold",
+        )
+    if access != "gradients":
+        target.limit_to(access)  # type: ignore[arg-type]
     target = frozen(target, device)
     if threshold is not None:
         target.decide_at(threshold)

@@ -27,7 +27,7 @@ import torch
 from google.protobuf.message import DecodeError
 from torch import Tensor, nn
 
-from redteam.convert.onnx_graph import OnnxModule
+from redteam.convert.onnx_graph import OnnxModule, normalises_its_input
 from redteam.errors import RedteamError
 
 INPUT_SIZE = 112
@@ -138,11 +138,6 @@ class OnnxBackbone(nn.Module):
         return self.graph(x).flatten(1)
 
 
-def _normalises_inside(model: onnx.ModelProto) -> bool:
-    """InsightFace's rule for its MXNet exports: Sub and Mul among the first 8 nodes mean raw-pixel input."""
-    return {"Sub", "Mul"} <= {n.op_type for n in model.graph.node[:8]}
-
-
 def _is_torch_file(path: Path) -> bool:
     with open(path, "rb") as handle:
         legacy_pickle = handle.read(1) == b"\x80"
@@ -192,4 +187,4 @@ def load_insightface_backbone(path: Path) -> nn.Module:
     expected = (3, INPUT_SIZE, INPUT_SIZE)
     if len(shape) != 4 or any(isinstance(s, int) and s > 0 and s != e for s, e in zip(shape[1:], expected)):
         raise RedteamError(f"{path}: input {shape} is not InsightFace's [batch, 3, 112, 112] (RGB, NCHW).")
-    return OnnxBackbone(graph, raw_pixels=_normalises_inside(model)).eval()
+    return OnnxBackbone(graph, raw_pixels=normalises_its_input(model)).eval()
