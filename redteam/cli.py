@@ -474,6 +474,13 @@ def serve(
     faults: Annotated[
         str | None, typer.Option(help="Misbehave for testing clients: 500:0.1,429:0.05,slow:0.05 (shares of requests).")
     ] = None,
+    reply: Annotated[
+        Literal["reference", "matches", "confidence"],
+        typer.Option(
+            help="/verify's answer shape: the reference's, or a commercial API's (a list of 0-100 matches, "
+            "a 0-100 confidence with thresholds)."
+        ),
+    ] = "reference",
 ) -> None:
     """A reference face-verification service over a zoo recogniser: enrol, verify, identify, health (a demo target)."""
     from redteam.runtime import resolve_device
@@ -489,6 +496,7 @@ def serve(
         threshold=threshold,
         device=str(resolve_device(device)),
         faults=parse_faults(faults) if faults else (),
+        reply=reply,
     )
     guarded = f" · key from ${api_key_env}" if api_key_env else ""
     limited = f" · at most {config.rate:g} requests/s" if config.rate else ""

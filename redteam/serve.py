@@ -16,6 +16,16 @@ checked before the model sees them (type, size, decodable, colour, at least 32 p
 ``Retry-After`` beyond that rate. ``--faults 500:0.1,429:0.05,slow:0.05`` makes it misbehave on purpose, for testing
 clients: that share of requests (drawn from a seeded generator) is answered 500, answered 429, or answered only after
 :data:`SLOW_SECONDS`.
+
+``--reply`` gives ``/verify`` the shape of a commercial API's answer instead, as local stand-ins for clients' specs
+(``examples/remote/vendor-*.yaml``), each with a 0-100 score (:func:`vendor_score`, the model's threshold at
+:data:`VENDOR_THRESHOLD`):
+
+- ``matches``: ``{"matches": [{"similarity": 93.1}]}``, listing the face only when its similarity reaches the
+  request's ``similarity_threshold`` (default :data:`VENDOR_THRESHOLD`; an empty list otherwise), as face-comparison
+  APIs that return a list of matching faces do;
+- ``confidence``: ``{"confidence": 93.1, "thresholds": {"1e-3": 88.4}}``, a confidence and the vendor's thresholds at
+  the false-accept rates it knows (the model card's).
 """
 
 from __future__ import annotations
@@ -53,6 +63,10 @@ CACHED_EMBEDDINGS = 256
 #: How long a ``slow`` fault holds a request before answering it (longer than clients' usual timeouts in tests).
 SLOW_SECONDS = 3.0
 FAULTS = ("500", "429", "slow")
+#: Where the 0-100 scores of ``--reply matches|confidence`` put the model's own threshold (a common vendor default).
+VENDOR_THRESHOLD = 80.0
+#: How many units of the model's similarity take a vendor score from 80 to about 98 (a logistic's width).
+VENDOR_WIDTH = 0.05
 #: An uploaded image field (at module level: FastAPI resolves the endpoints' annotations here).
 ImageUpload = Annotated[UploadFile, File()]
 
@@ -71,6 +85,14 @@ class ServiceConfig:
     threshold: float | None = None
     device: str = "cpu"
     faults: tuple[tuple[str, float], ...] = ()  # (fault, share of requests), see parse_faults
+    reply: Literal["reference", "matches", "confidence"] = "reference"  # /verify's answer shape (module docstring)
+
+
+def vendor_score(similarity: float, threshold: float) -> float:
+    """A similarity on the model's scale -> a vendor-style 0-100 score, increasing, with ``threshold`` at
+    :data:`VENDOR_THRESHOLD` (a logistic of width :data:`VENDOR_WIDTH`), to 3 decimals as vendors print them."""
+    z = (similarity - threshold) / VENDOR_WIDTH + math.log(VENDOR_THRESHOLD / (100 - VENDOR_THRESHOLD))
+    return round(100 / (1 + math.exp(-max(min(z, 700.0), -700.0))), 3)
 
 
 def parse_rate(text: str) -> float:
@@ -132,6 +154,8 @@ class FaceService:
         detector = load_target(config.detector, device) if config.detector else None
         if detector is not None and not isinstance(detector, FaceDetector):
             raise RedteamError(f"--detector {config.detector} is a recogniser; give a detector such as mtcnn.")
+        if config.reply != "reference" and config.expose != "score":
+            raise RedteamError(f"--reply {config.reply} answers with a 0-100 score: use it with --expose score.")
         self.config, self.model, self.detector, self.device = config, model, detector, device
         self.gallery: dict[str, Tensor] = {}
         self.cache: dict[bytes, Tensor] = {}
@@ -179,6 +203,18 @@ class FaceService:
         if self.config.expose == "score":
             answer |= {"score": score, "threshold": threshold}
         return answer
+
+    def vendor_answer(self, score: float, similarity_threshold: float | None) -> dict[str, Any]:
+        """A comparison answered in the ``--reply`` shape of a commercial API (module docstring)."""
+        self.comparisons += 1
+        threshold = self.model.threshold
+        shown = vendor_score(score, threshold)
+        if self.config.reply == "matches":
+            cut = VENDOR_THRESHOLD if similarity_threshold is None else similarity_threshold
+            return {"matches": [{"similarity": shown}] if shown >= cut else []}
+        strict = self.model.card.threshold_far
+        known = {"1e-3": vendor_score(strict, threshold)} if strict is not None and threshold != strict else {}
+        return {"confidence": shown, "thresholds": known}
 
 
 async def _read(upload: UploadFile) -> bytes:
@@ -243,6 +279,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         image: ImageUpload,
         other: Annotated[UploadFile | None, File()] = None,
         identity: Annotated[str | None, Form()] = None,
+        similarity_threshold: Annotated[float | None, Form(ge=0, le=100)] = None,
     ) -> dict[str, Any]:
         if (other is None) == (identity is None):
             raise HTTPException(422, "send either a second image (other) or an enrolled identity, not both.")
@@ -254,6 +291,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         else:
             raise HTTPException(404, f"identity {identity!r} is not enrolled.")
         score = float(service.model.similarity(probe[None], reference[None])[0])
+        if config.reply != "reference":
+            return service.vendor_answer(score, similarity_threshold)
         return service.answer(score)
 
     @app.post("/identify")

@@ -197,6 +197,35 @@ def test_probe_reads_a_spec_right_and_catches_a_wrong_one(service, cli, capsys, 
     assert "impostor pair came out wrong" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "service, example",
+    [
+        (("score", "--reply", "matches"), "vendor-matches.yaml"),
+        (("score", "--reply", "confidence"), "vendor-confidence.yaml"),
+    ],
+    indirect=["service"],
+)
+def test_commercial_answer_shapes_are_read_right(service, example, cli, capsys, monkeypatch, faces_root, tmp_path):
+    """The shipped specs for two commercial answer shapes, against their local stand-ins: probe reads each right;
+    a list of matches that leaves the impostor out reads as no match only with ``missing``; a vendor stating a
+    threshold other than the spec's stops the run in one line."""
+    _, port = service
+    monkeypatch.setenv("RT_TEST_KEY", KEY)
+    spec = _spec(tmp_path, example, port)
+    assert cli("probe", spec, "--data", faces_root) == 0
+    assert "as expected" in capsys.readouterr().out
+    changed = tmp_path / "changed.yaml"
+    if example == "vendor-matches.yaml":  # the vendor's own cut-off: the impostor is not listed at all
+        changed.write_text(spec.read_text().replace(', similarity_threshold: "0"', "").replace("missing: 0\n", ""))
+        message = "is not in the reply {'matches': []}"
+    else:
+        changed.write_text(spec.read_text().replace("threshold: 97.639", "threshold: 90"))
+        message = "the API decides at 97.639 (thresholds.1e-3), the spec at threshold 90"
+    assert cli("probe", changed, "--data", faces_root) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error, error
+
+
 @pytest.mark.parametrize("service", [("score",)], indirect=True)
 def test_a_vendor_tool_is_a_target(service, cli, capsys, monkeypatch, faces_root, tmp_path):
     """`--target exec:tool.yaml`: a command-line tool (a stand-in that asks the score service and prints a 0-100

@@ -18,6 +18,10 @@ A spec (YAML)::
     meaning: similarity                     # similarity (higher: same person), distance, confidence (0-100)
                                             # or decision (a boolean, or a string listed in match_values)
     threshold: 0.45                         # for a score: where it decides "same person"
+    threshold_from: thresholds.1e-4         # optional: where replies state the vendor's threshold; each reply's
+                                            # must equal `threshold` (else the run stops, saying so)
+    missing: 0                              # optional: the value an absent answer stands for (an API that
+                                            # lists no match under its cut-off); absent answers are errors otherwise
     timeout: 30                             # seconds per request
     retries: 5                              # on 429, 5xx and connection errors, exponential backoff,
                                             # honouring Retry-After
@@ -82,6 +86,8 @@ class RemoteSpec:
     encoding: Literal["png", "jpeg"] = "png"
     quality: int = 95
     threshold: float | None = None
+    threshold_from: str | None = None
+    missing: float | None = None
     match_values: tuple[str, ...] = ("match", "same", "true", "yes")
     timeout: float = 30.0
     retries: int = 5
@@ -129,6 +135,8 @@ class RemoteSpec:
             )
         if self.meaning != "decision" and self.threshold is None:
             raise RemoteError(f"{where}: a {self.meaning} needs its threshold (where the API decides a match).")
+        if self.threshold_from is not None and self.threshold is None:
+            raise RemoteError(f"{where}: threshold_from checks replies against threshold; give threshold too.")
         if self.body not in ("multipart", "json") or self.encoding not in ("png", "jpeg"):
             raise RemoteError(f"{where}: body is multipart or json and encoding png or jpeg.")
         if sorted(v for v in placed if v in PLACEHOLDERS) != sorted(PLACEHOLDERS):
@@ -210,6 +218,7 @@ class RemoteRecognizer(FaceRecognizer):
     def ask(self, probe: bytes, reference: bytes) -> tuple[float | bool | str, Any]:
         """The value the spec reads from the API's reply for two encoded images, and the whole reply."""
         reply = self._send(probe, reference)
+        self._check_threshold(reply)
         return self._read(reply), reply
 
     def encode(self, image: Tensor) -> bytes:
@@ -306,18 +315,33 @@ class RemoteRecognizer(FaceRecognizer):
             raise RemoteError(f"{self.spec.url} answered something that is not JSON: {reply.text[:100]!r}") from None
 
     def _read(self, reply: Any) -> float | bool | str:
-        """The value at the spec's ``answer`` path."""
-        value = reply
-        for part in filter(None, self.spec.answer.split(".")):
-            if isinstance(value, list) and part.isdigit() and int(part) < len(value):
-                value = value[int(part)]
-            elif isinstance(value, dict) and part in value:
-                value = value[part]
-            else:
-                raise RemoteError(f"{self.spec.path}: answer {self.spec.answer!r} is not in the reply {reply!r:.200}.")
-        if isinstance(value, bool | int | float | str):
-            return value
-        raise RemoteError(f"{self.spec.path}: answer {self.spec.answer!r} is {value!r:.100}, not a value.")
+        """The value at the spec's ``answer`` path (``missing`` where the reply has none and the spec gives it)."""
+        try:
+            return _at(reply, self.spec.answer)
+        except KeyError:
+            if self.spec.missing is not None:
+                return self.spec.missing
+            raise RemoteError(
+                f"{self.spec.path}: answer {self.spec.answer!r} is not in the reply {reply!r:.200}."
+            ) from None
+        except TypeError:
+            raise RemoteError(
+                f"{self.spec.path}: answer {self.spec.answer!r} in {reply!r:.100} is not a value."
+            ) from None
+
+    def _check_threshold(self, reply: Any) -> None:
+        """Stop when the API states a threshold (``threshold_from``) other than the spec's: every verdict would be
+        judged at the wrong operating point."""
+        if self.spec.threshold_from is None or self.spec.threshold is None:
+            return
+        try:
+            stated = float(_at(reply, self.spec.threshold_from))
+        except (KeyError, TypeError, ValueError):
+            raise RemoteError(f"{self.spec.path}: threshold_from {self.spec.threshold_from!r} is not a number in "
+                              f"the reply {reply!r:.200}.") from None  # fmt: skip
+        if abs(stated - self.spec.threshold) > 1e-6 * max(1.0, abs(stated)):
+            raise RemoteError(f"{self.spec.path}: the API decides at {stated:g} ({self.spec.threshold_from}), the "
+                              f"spec at threshold {self.spec.threshold:g}: correct the spec.")  # fmt: skip
 
     def as_similarity(self, value: float | bool | str) -> float:
         """A value as the API means it -> a similarity (higher: same person)."""
@@ -333,6 +357,22 @@ class RemoteRecognizer(FaceRecognizer):
         except ValueError:
             raise RemoteError(f"{self.spec.path}: a {meaning} answer must be a number, got {value!r}.") from None
         return -number if meaning == "distance" else number
+
+
+def _at(reply: Any, path: str) -> float | bool | str:
+    """The value at a dotted ``path`` (``a.b.0.c``) of a JSON reply; ``KeyError`` where the path is absent (an index
+    past a list's end included), ``TypeError`` where it ends on a list or mapping."""
+    value = reply
+    for part in filter(None, path.split(".")):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            raise KeyError(path)
+    if isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(path)
 
 
 class Transient(Exception):
