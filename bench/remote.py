@@ -1,12 +1,12 @@
 """What the wire costs: queries per second through a deployed target against the same model called in-process.
 
-    python bench/remote.py [--target facenet] [--queries 64] [--clients 1,4]
+    python bench/remote.py [--target facenet] [--queries 64] [--concurrency 1,4]
 
 Starts `redteam serve --target T --expose decision` on 127.0.0.1 (a free port), points the shipped example spec at
 it, and times the same comparisons (probe photo against reference photo, each a different image so no ledger or
-cache answers them) three ways: the oracle in-process (batches of the whole set, as query attacks send them), and
-through the remote target with ``--clients`` concurrent clients (each its own connection). Every way is warmed up
-with one call first. Prints queries per second and the ratio to in-process, measured in this one run.
+cache answers them): the oracle in-process (a batch of the whole set, as query attacks send them), and the remote
+target answering the same batch with each ``--concurrency`` (the spec's requests in flight at once). Every way is
+warmed up with one call first. Prints queries per second and the ratio to in-process, measured in this one run.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +37,7 @@ def main() -> None:
     parser.add_argument("--target", default="facenet")
     parser.add_argument("--data", default=str(SHARED_FACES))
     parser.add_argument("--queries", type=int, default=64)
-    parser.add_argument("--clients", default="1,4")
+    parser.add_argument("--concurrency", default="1,4")
     args = parser.parse_args()
     cell = prepare(EvaluationConfig(target=args.target, attack="hsj", access="decision", data=args.data, limit=1,
                                     checks=False))  # fmt: skip
@@ -70,33 +68,27 @@ def main() -> None:
         _wait(port)
         os.environ["REDTEAM_API_KEY"] = "bench-key"
         with tempfile.TemporaryDirectory() as folder:
-            spec = Path(folder) / "api.yaml"
             example = (ROOT / "examples" / "remote" / "reference-decision.yaml").read_text()
-            spec.write_text(example.replace("127.0.0.1:8080", f"127.0.0.1:{port}"))
+            pointed = example.replace("127.0.0.1:8080", f"127.0.0.1:{port}")
             reference = cell.dataset.load([cell.probes[0].reference])[0]
-            for clients in (int(c) for c in args.clients.split(",")):
-                remotes: list[Any] = [load_target(f"remote:{spec}", torch.device("cpu")) for _ in range(clients)]
-                encoded = remotes[0].encode(reference)
-                for remote in remotes:  # warm-up: a connection each, and the reference's embedding cached
-                    remote.compare(encoded, encoded)
-                batch = distinct(clients)  # new images for each way, so none was answered before
+            for concurrency in (int(c) for c in args.concurrency.split(",")):
+                spec = Path(folder) / f"api-{concurrency}.yaml"  # a spec of its own: targets are loaded by name
+                spec.write_text(f"{pointed}concurrency: {concurrency}\n")
+                remote: Any = load_target(f"remote:{spec}", torch.device("cpu"))
+                encoded = remote.encode(reference)
+                remote.compare(encoded, encoded)  # warm-up: a connection, and the reference's embedding cached
+                batch = distinct(concurrency)  # new images for each way, so none was answered before
                 local = oracle(batch, [0] * args.queries).fooled
+                references = reference.flatten().expand(args.queries, -1)
                 started = time.perf_counter()
-                with ThreadPoolExecutor(clients) as pool:
-                    answers = list(pool.map(partial(_ask, remotes, batch, encoded), range(args.queries)))
+                answers = remote.similarity(batch.flatten(1), references)
                 rate = args.queries / (time.perf_counter() - started)
-                agree = sum((a < 0.5) == bool(f) for a, f in zip(answers, local.tolist()))
-                print(f"| remote, {clients} client(s) | {rate:.1f} | {rate / in_process:.2f} |  "
+                agree = sum((a < 0.5) == bool(f) for a, f in zip(answers.tolist(), local.tolist()))
+                print(f"| remote, concurrency {concurrency} | {rate:.1f} | {rate / in_process:.2f} |  "
                       f"(decisions agreeing with in-process: {agree}/{args.queries})")  # fmt: skip
     finally:
         service.terminate()
         service.wait(timeout=30)
-
-
-def _ask(remotes: list[Any], batch: torch.Tensor, reference: bytes, k: int) -> float:
-    """Comparison ``k`` through one of the clients (round robin)."""
-    remote = remotes[k % len(remotes)]
-    return remote.compare(remote.encode(batch[k]), reference)
 
 
 def _free_port() -> int:

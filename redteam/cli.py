@@ -349,6 +349,9 @@ def list_(
             table.add_row(name, card.task, TARGETS.summary(name), threshold, metrics)
         for scheme, summary in TARGETS.schemes().items():
             table.add_row(f"{scheme}:SPEC", "recognition", summary, "the spec's", "-")
+        chain = TARGETS.chain_summary()
+        if chain:
+            table.add_row("DETECTOR+RECOGNISER", "recognition", chain, "the recogniser's", "-")
         console.print(table)
         if targets:
             for name in TARGETS:

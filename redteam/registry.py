@@ -39,6 +39,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._summaries: dict[str, str] = {}
         self._schemes: dict[str, tuple[Callable[[str], T], str]] = {}
+        self._chain: tuple[Callable[[list[str]], T], str] | None = None
         self._discovered = package is None and group is None
 
     def register(self, name: str, summary: str = "") -> Callable[[T], T]:
@@ -70,6 +71,23 @@ class Registry(Generic[T]):
             return factory
 
         return add
+
+    def register_chain(self, summary: str) -> Callable[[Callable[[list[str]], T]], Callable[[list[str]], T]]:
+        """Decorator for a factory of entries named by joining other names with ``+`` (``mtcnn+arcface``): ``get``
+        calls it with the parts, once per name."""
+
+        def add(factory: Callable[[list[str]], T]) -> Callable[[list[str]], T]:
+            if self._chain is not None:
+                raise PluginError(f"{self.kind} chains are registered twice.")
+            self._chain = (factory, summary)
+            return factory
+
+        return add
+
+    def chain_summary(self) -> str | None:
+        """What a ``+`` chain of names makes (None when this registry makes none)."""
+        self._discover()
+        return self._chain[1] if self._chain else None
 
     def schemes(self) -> dict[str, str]:
         """Each scheme and what it makes."""
@@ -106,6 +124,10 @@ class Registry(Generic[T]):
         if separator and scheme in self._schemes:
             factory, _ = self._schemes[scheme]
             entry = factory(argument)  # raises a one-line error for a bad argument
+            self.register(name)(entry)
+            return entry
+        if "+" in name and self._chain is not None:
+            entry = self._chain[0](name.split("+"))  # raises a one-line error for a part that does not fit
             self.register(name)(entry)
             return entry
         raise UnknownNameError(self.kind, name, [*self._entries, *(f"{s}:" for s in self._schemes)])

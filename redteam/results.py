@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,19 +78,22 @@ class QueryLedger:
     def __init__(self, path: Path, cell: str):
         self.cell = cell
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)  # autocommit
+        self.lock = threading.Lock()  # a target with concurrent requests records from several threads
 
     def answer(self, request: str) -> Any | None:
         """The stored reply to ``request`` (None if it was never answered)."""
-        row = self.db.execute("SELECT reply FROM ledger WHERE cell = ? AND request = ?", (self.cell, request))
-        found = row.fetchone()
-        if found is None:
-            return None
-        self.db.execute("UPDATE ledger SET hits = hits + 1 WHERE cell = ? AND request = ?", (self.cell, request))
+        with self.lock:
+            row = self.db.execute("SELECT reply FROM ledger WHERE cell = ? AND request = ?", (self.cell, request))
+            found = row.fetchone()
+            if found is None:
+                return None
+            self.db.execute("UPDATE ledger SET hits = hits + 1 WHERE cell = ? AND request = ?", (self.cell, request))
         return json.loads(found[0])
 
     def record(self, request: str, reply: Any, status: int, latency: float, attempts: int) -> None:
         values = (self.cell, request, json.dumps(reply), status, latency, attempts, time.time(), 0)
-        self.db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
 
 
 @dataclass

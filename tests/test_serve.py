@@ -251,8 +251,9 @@ def test_a_vendor_tool_is_a_target(service, cli, capsys, monkeypatch, faces_root
 @pytest.mark.parametrize("service", [("decision", "--faults", "500:0.2,429:0.06,slow:0.04")], indirect=True)
 def test_faults_are_survived_and_change_nothing(service, cli, capsys, monkeypatch, faces_root, tmp_path):
     """Against a service that answers 20% of requests 500, 6% 429 and 4% too slowly (past the spec's timeout),
-    the attack completes: retries stay below the oracle, so every query is counted once and the results equal a run
-    against a fault-free service with the same seed."""
+    with four requests in flight at once, the attack completes: retries stay below the oracle, so every query is
+    counted once and the results equal a run against a fault-free service, one request at a time, with the same
+    seed."""
     client, port = service
     monkeypatch.setenv("RT_TEST_KEY", KEY)
     common = ("--attack", "hsj", "--queries", 12, "--limit", 2, "--data", faces_root, "--no-checks")
@@ -260,7 +261,9 @@ def test_faults_are_survived_and_change_nothing(service, cli, capsys, monkeypatc
     with running_service("decision") as (_, clean_port):
         for name, where in (("faulty", port), ("clean", clean_port)):
             spec = _spec(tmp_path / name, "reference-decision.yaml", where)
-            spec.write_text(spec.read_text() + "timeout: 2\nretries: 8\n")
+            spec.write_text(
+                spec.read_text() + "timeout: 2\nretries: 8\n" + ("concurrency: 4\n" if where == port else "")
+            )
             assert cli("run", "--target", f"remote:{spec}", *common, "--out", tmp_path / name / "run") == 0
             with sqlite3.connect(tmp_path / name / "run" / "results.sqlite") as db:
                 results.append(pd.read_sql_query("SELECT probe, size, l2, queries FROM minimal ORDER BY probe", db))

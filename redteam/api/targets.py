@@ -329,6 +329,8 @@ class FaceDetector(Target):
     """Finds faces; ``face_score`` is the differentiable quantity a detector-evasion attack drives down."""
 
     score_threshold: float
+    #: Whether :meth:`faces` gives landmarks with a gradient (a face system may align through them).
+    differentiable_landmarks: ClassVar[bool] = False
 
     @property
     def threshold(self) -> float:
@@ -348,6 +350,10 @@ class FaceDetector(Target):
     @abstractmethod
     def detect(self, images: Tensor) -> list[Detections]:
         """``[B, 3, H, W]`` images in ``[0, 1]`` -> one :class:`Detections` per image (scores above threshold)."""
+
+    def faces(self, images: Tensor) -> list[Detections]:
+        """As :meth:`detect`, with landmarks that keep their gradient where ``differentiable_landmarks``."""
+        return self.detect(images)
 
     @abstractmethod
     def face_score(self, images: Tensor) -> Tensor:

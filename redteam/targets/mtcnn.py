@@ -248,8 +248,14 @@ class MTCNN(FaceDetector):
         o, o_offsets, points = self.onet(self.card.preprocessing.normalise(_crops(images, owner[refined], o_boxes, 48)))
         return _Pass(pyramid, owner, p, boxes, r, refined, o_boxes, o, o_offsets, points)
 
+    differentiable_landmarks = True
+
     @torch.no_grad()
     def detect(self, images: Tensor) -> list[Detections]:
+        return self.faces(images)
+
+    def faces(self, images: Tensor) -> list[Detections]:
+        """As :meth:`detect`; the landmarks keep O-Net's gradient (boxes and choices are constants)."""
         run = self._cascade(images.float())
         found = []
         for image in range(len(images)):

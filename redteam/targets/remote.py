@@ -23,6 +23,7 @@ A spec (YAML)::
     missing: 0                              # optional: the value an absent answer stands for (an API that
                                             # lists no match under its cut-off); absent answers are errors otherwise
     timeout: 30                             # seconds per request
+    concurrency: 4                          # requests in flight at once (default 1), when the API allows it
     retries: 5                              # on 429, 5xx and connection errors, exponential backoff,
                                             # honouring Retry-After
     insecure: false                         # true: skip TLS certificate checks (warned about at load)
@@ -44,6 +45,7 @@ import re
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -90,6 +92,7 @@ class RemoteSpec:
     missing: float | None = None
     match_values: tuple[str, ...] = ("match", "same", "true", "yes")
     timeout: float = 30.0
+    concurrency: int = 1
     retries: int = 5
     insecure: bool = False
 
@@ -137,6 +140,8 @@ class RemoteSpec:
             raise RemoteError(f"{where}: a {self.meaning} needs its threshold (where the API decides a match).")
         if self.threshold_from is not None and self.threshold is None:
             raise RemoteError(f"{where}: threshold_from checks replies against threshold; give threshold too.")
+        if not isinstance(self.concurrency, int) or not 1 <= self.concurrency <= 64:
+            raise RemoteError(f"{where}: concurrency is a whole number of requests in flight, 1 to 64.")
         if self.body not in ("multipart", "json") or self.encoding not in ("png", "jpeg"):
             raise RemoteError(f"{where}: body is multipart or json and encoding png or jpeg.")
         if sorted(v for v in placed if v in PLACEHOLDERS) != sorted(PLACEHOLDERS):
@@ -173,6 +178,8 @@ class RemoteRecognizer(FaceRecognizer):
             console.print(f"warning: {self.spec.path} turns TLS certificate checks off (insecure: true)")
         self.client = httpx.Client(timeout=self.spec.timeout, follow_redirects=False, verify=not self.spec.insecure)
         self.retrying = _with_retries(self.spec.retries)  # built once: every request goes through it
+        concurrent = self.spec.concurrency > 1
+        self.pool = ThreadPoolExecutor(self.spec.concurrency, "redteam-request") if concurrent else None
 
     @classmethod
     def weights_fingerprint(cls) -> str:
@@ -205,7 +212,11 @@ class RemoteRecognizer(FaceRecognizer):
                 encoded[key] = self._encoded(pixels)
             return encoded[key]
 
-        scores = [self.compare(self._encoded(self._pixels(x)), reference(y)) for x, y in zip(a, b)]
+        pairs = [(self._encoded(self._pixels(x)), reference(y)) for x, y in zip(a, b)]
+        if self.pool is None or len(pairs) < 2:
+            scores = [self.compare(*pair) for pair in pairs]
+        else:  # the answers do not depend on the order they arrive in: the same scores, sooner
+            scores = list(self.pool.map(lambda pair: self.compare(*pair), pairs))
         return torch.tensor(scores, dtype=a.dtype, device=a.device)
 
     def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:

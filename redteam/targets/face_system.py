@@ -1,0 +1,155 @@
+"""A whole face system as a target: ``--target mtcnn+arcface`` takes raw photos as a deployed system does, finds the
+largest face with the detector, aligns it from the detector's five landmarks (a differentiable similarity warp into
+the canonical frame, as ``--align`` prepares data) and lets the recogniser decide.
+
+Gradients pass the detector one of two ways (``landmarks``):
+
+- ``fixed`` (the default): the landmarks found on the image being judged are constants of the warp; the gradient
+  flows through the warp's resampling into the photo, not through where the detector put the points;
+- ``detector``: the landmarks keep the detector's gradient (MTCNN's O-Net regression), so an attack also sees how
+  moving them moves the crop.
+
+Either way every forward pass detects afresh, so a verdict is always the system's on the image it is shown. A photo
+in which no face is found is rejected: its similarity to anything is :data:`REJECTED` below the threshold (dodging
+that only hides the face counts as dodging the system; it can never impersonate anyone).
+
+Settings other than the default come from a YAML, ``--target system:face.yaml``::
+
+    detector: mtcnn
+    recogniser: arcface
+    landmarks: detector     # or fixed
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal, cast
+
+import torch
+import yaml
+from torch import Tensor
+
+from redteam.align import CANONICAL_LANDMARKS, align_faces
+from redteam.api import ACCESS_LEVELS, TARGETS, FaceDetector, FaceRecognizer, ModelCard, Preprocessing
+from redteam.errors import RedteamError
+
+LandmarkGradients = Literal["fixed", "detector"]
+#: How far below the threshold a photo without a face scores (a constant: nothing to differentiate there).
+REJECTED = 1.0
+
+
+class FaceSystem(FaceRecognizer):
+    """Detector, alignment and recogniser as one recogniser of raw photos.
+
+    Its embedding is ``[B, 1 + D]``: whether a face was found (1 or 0), then the recogniser's embedding of the
+    aligned face.
+    """
+
+    detector_name: ClassVar[str]
+    recogniser_name: ClassVar[str]
+    landmarks: ClassVar[LandmarkGradients] = "fixed"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.detector = cast(FaceDetector, TARGETS.get(self.detector_name)())
+        self.recogniser = cast(FaceRecognizer, TARGETS.get(self.recogniser_name)())
+
+    def on_score_scale(self, threshold: float) -> float:
+        return self.recogniser.on_score_scale(threshold)
+
+    def threshold_text(self, threshold: float | None = None) -> str:
+        return self.recogniser.threshold_text(self.threshold if threshold is None else threshold)
+
+    def locate(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 5, 2]`` the landmarks of each
+        photo's largest face (the canonical ones where none was found)."""
+        if self.landmarks == "detector":
+            detections = self.detector.faces(images)
+        else:
+            with torch.no_grad():
+                detections = self.detector.detect(images)
+        found, points = [], []
+        for faces in detections:
+            if len(faces.boxes) == 0 or faces.landmarks is None:
+                found.append(False)
+                points.append(CANONICAL_LANDMARKS.to(images))
+                continue
+            sides = faces.boxes[:, 2:] - faces.boxes[:, :2]
+            found.append(True)
+            points.append(faces.landmarks[int((sides[:, 0] * sides[:, 1]).argmax())].to(images))
+        return torch.tensor(found, device=images.device), torch.stack(points)
+
+    def embed(self, images: Tensor) -> Tensor:
+        found, landmarks = self.locate(images)
+        embedding = self.recogniser.embed(align_faces(images, landmarks))
+        return torch.cat([found[:, None].to(embedding.dtype), embedding], dim=1)
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        score = self.recogniser.similarity(a[:, 1:], b[:, 1:])
+        both = (a[:, 0] > 0.5) & (b[:, 0] > 0.5)
+        return torch.where(both, score, torch.full_like(score, self.threshold - REJECTED))
+
+    def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
+        scores = self.recogniser.similarity_matrix(a[:, 1:], b[:, 1:])
+        both = (a[:, 0, None] > 0.5) & (b[None, :, 0] > 0.5)
+        return torch.where(both, scores, torch.full_like(scores, self.threshold - REJECTED))
+
+
+def face_system_class(detector: str, recogniser: str, landmarks: str = "fixed") -> type[FaceSystem]:
+    """The target class of ``detector`` + ``recogniser`` (zoo names), with landmark gradients ``landmarks``."""
+    name = f"{detector}+{recogniser}"
+    detector_class, recogniser_class = TARGETS.get(detector), TARGETS.get(recogniser)
+    if not issubclass(detector_class, FaceDetector):
+        raise RedteamError(f"{name}: {detector} is a recogniser; a face system starts with a detector such as mtcnn.")
+    if not issubclass(recogniser_class, FaceRecognizer):
+        raise RedteamError(f"{name}: {recogniser} is a detector; a face system ends with a recogniser such as arcface.")
+    if landmarks not in ("fixed", "detector"):
+        raise RedteamError(f"{name}: landmarks is fixed or detector, not {landmarks!r}.")
+    if landmarks == "detector" and not detector_class.differentiable_landmarks:
+        raise RedteamError(f"{name}: {detector} gives no landmark gradients; use landmarks: fixed.")
+    offers = min(detector_class.offers, recogniser_class.offers, key=ACCESS_LEVELS.index)
+    face, card = recogniser_class.card, detector_class.card
+    system_card = ModelCard(
+        name=name,
+        task="recognition",
+        architecture=f"{detector} finds the largest face of a raw photo; its five landmarks align it to the canonical "
+        f"frame (a similarity warp); {recogniser} ({face.architecture}) decides",
+        weights=f"{detector}: {card.weights}; {recogniser}: {face.weights}",
+        licence=f"{detector}: {card.licence}; {recogniser}: {face.licence}",
+        preprocessing=Preprocessing(mean=None, notes=f"whole photos; faces found and aligned by {detector}"),
+        embedding_dim=None if face.embedding_dim is None else face.embedding_dim + 1,
+        metric=face.metric,
+        threshold=face.threshold,
+        threshold_far=face.threshold_far,
+        calibration=f"{recogniser}'s, on faces aligned the same way (datasets with --align)",
+        notes=f"landmark gradients: {landmarks}; a photo without a face is rejected",
+    )
+    attributes = {
+        "card": system_card,
+        "offers": offers,
+        "weights": (*detector_class.weights, *recogniser_class.weights),
+        "detector_name": detector,
+        "recogniser_name": recogniser,
+        "landmarks": landmarks,
+    }
+    return type(f"System_{detector}_{recogniser}".replace("-", "_"), (FaceSystem,), attributes)
+
+
+@TARGETS.register_chain("a face system: the detector finds and aligns the face for the recogniser (mtcnn+arcface)")
+def face_system(parts: list[str]) -> type[FaceSystem]:
+    if len(parts) != 2 or not all(parts):
+        raise RedteamError(f"{'+'.join(parts)}: a face system is DETECTOR+RECOGNISER, such as mtcnn+arcface.")
+    return face_system_class(*parts)
+
+
+@TARGETS.register_scheme("system", "a face system with settings from a YAML (detector, recogniser, landmarks)")
+def face_system_from_file(argument: str) -> type[FaceSystem]:
+    path = Path(argument)
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RedteamError(f"system:{argument}: cannot read it as YAML ({str(error).splitlines()[0]}).") from None
+    keys = {"detector", "recogniser", "landmarks"}
+    if not isinstance(settings, dict) or not {"detector", "recogniser"} <= set(settings) <= keys:
+        raise RedteamError(f"{path}: a face system is a mapping of detector, recogniser and optionally landmarks.")
+    return face_system_class(str(settings["detector"]), str(settings["recogniser"]), settings.get("landmarks", "fixed"))

@@ -1,0 +1,100 @@
+"""A whole face system as a target (``mtcnn+arcface``) on raw LFW photos: it finds, aligns and recognises faces as
+the recogniser does on photos aligned by ``--align``, rejects a photo without a face, passes gradients to the photo
+with landmarks fixed or through the detector, runs an attack from the command line, and refuses chains that cannot
+work in one line."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from redteam.api import TARGETS
+from redteam.datasets import ImageFolderDataset
+from redteam.engine import load_target
+from redteam.errors import RedteamError
+
+
+@pytest.fixture(scope="module")
+def system():
+    return load_target("mtcnn+arcface", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def photos(faces_root):
+    """Two raw photos (the whole LFW image) each of three people, and the same photos aligned by --align."""
+    raw = ImageFolderDataset(faces_root)
+    people = [who for who, indices in raw.by_identity.items() if len(indices) >= 2][:3]
+    indices = [k for who in people for k in raw.by_identity[who][:2]]
+    return raw.load(indices), ImageFolderDataset(faces_root, align=True).load(indices)
+
+
+def test_the_system_recognises_raw_photos_as_its_recogniser_does_aligned_ones(system, photos):
+    raw, aligned = photos
+    with torch.no_grad():
+        embedded = system.embed(raw)
+        expected = system.recogniser.embed(aligned)
+    assert embedded[:, 0].eq(1).all()  # a face found in every photo
+    assert F.cosine_similarity(embedded[:, 1:], expected).min() > 0.999
+    scores = system.similarity_matrix(embedded, embedded)
+    genuine = torch.stack([scores[0, 1], scores[2, 3], scores[4, 5]])
+    assert (genuine >= system.threshold).all()
+    others = scores[[0, 0, 2, 1, 1, 3], [2, 4, 4, 3, 5, 5]]
+    assert (others < system.threshold).all()
+
+
+def test_a_photo_without_a_face_is_rejected(system, photos):
+    raw, _ = photos
+    blank = torch.full_like(raw[:1], 0.5)
+    with torch.no_grad():
+        embedded = system.embed(torch.cat([raw[:1], blank]))
+    assert embedded[:, 0].tolist() == [1.0, 0.0]
+    rejected = system.similarity(embedded[1:], embedded[:1])
+    assert rejected.item() == pytest.approx(system.threshold - 1.0)
+
+
+def test_gradients_reach_the_photo_with_landmarks_fixed_or_through_the_detector(system, photos, tmp_path):
+    raw, _ = photos
+    spec = tmp_path / "face.yaml"
+    spec.write_text("detector: mtcnn\nrecogniser: arcface\nlandmarks: detector\n")
+    through = load_target(f"system:{spec}", torch.device("cpu"))
+    gradients = []
+    for model in (system, through):
+        images = raw[:2].clone().requires_grad_(True)
+        embedded = model.embed(images)
+        model.similarity(embedded[:1], embedded[1:]).sum().backward()
+        assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+        gradients.append(images.grad)
+    assert not torch.allclose(gradients[0], gradients[1])  # moving the landmarks moves the crop: another gradient
+
+
+def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, faces_root, tmp_path):
+    command = ("run", "--target", "mtcnn+arcface", "--attack", "pgd", "--data", faces_root, "--limit", 2,
+               "--eps", "0,8", "--steps", 3, "--no-checks", "--out", tmp_path)  # fmt: skip
+    assert cli(*command) == 0
+    capsys.readouterr()
+    curve = pd.read_csv(tmp_path / "curve.csv").set_index("eps")["accuracy"]
+    assert curve.loc[0.0] == 1.0 and curve.loc[8.0] < 1.0
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("arcface+mtcnn", "arcface is a recogniser"),
+        ("mtcnn+mtcnn", "mtcnn is a detector"),
+        ("mtcnn+arcface+facenet", r"a face system is DETECTOR\+RECOGNISER"),
+        ("mtcnn+nobody", "unknown target 'nobody'"),
+    ],
+)
+def test_chains_that_cannot_work_are_one_line_errors(name, message):
+    with pytest.raises(RedteamError, match=message) as raised:
+        TARGETS.get(name)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_detector_without_landmark_gradients_cannot_pass_them(tmp_path):
+    spec = tmp_path / "face.yaml"
+    spec.write_text("detector: retinaface\nrecogniser: arcface\nlandmarks: detector\n")
+    with pytest.raises(RedteamError, match="retinaface gives no landmark gradients; use landmarks: fixed"):
+        TARGETS.get(f"system:{spec}")
