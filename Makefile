@@ -40,8 +40,11 @@ install: $(STAMP)
 run: install
 	$(BIN)/redteam run
 
+# One pytest worker per core (each test file stays on one worker: its module fixtures, e.g. services, start once).
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Style, the layer contracts (pyproject's [tool.importlinter]) and types.
 lint: install

@@ -396,25 +396,34 @@ def calibrate(
     device: str = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
 ) -> None:
-    """Measure a recogniser's verification accuracy and thresholds on real pairs, or a detector's recall. With
-    --weights (or a target that is a file, file:model.onnx), a recogniser's thresholds are stored for that file's
-    content and later runs with it use them."""
+    """Measure a recogniser's verification accuracy and thresholds on real pairs, a detector's recall, or a liveness
+    check's scores on real faces. With --weights (or a target that is a file, file:model.onnx), a recogniser's
+    thresholds are stored for that file's content and later runs with it use them."""
     from redteam.calibrations import file_fingerprint, save_calibration
     from redteam.datasets import open_dataset
     from redteam.engine import load_target
-    from redteam.metrics import DetectionReport, VerificationReport, detection_recall, impostors_needed
+    from redteam.metrics import (
+        DetectionReport,
+        LivenessReport,
+        VerificationReport,
+        detection_recall,
+        impostors_needed,
+        liveness_scores,
+    )
     from redteam.metrics import calibrate as measure
     from redteam.runtime import prepare_torch, resolve_device
 
     prepare_torch()
     dataset = open_dataset(data)
     model = load_target(target, resolve_device(device), weights=weights, access="scores")  # as deployed
-    detector = model.card.task == "detection"
+    detector = model.card.task != "recognition"  # a face detector or a liveness check: one score per image
     with progress() as tracker:
-        task = tracker.add_task("detecting" if detector else "embedding", total=len(dataset) if detector else None)
+        task = tracker.add_task("scoring" if detector else "embedding", total=len(dataset) if detector else None)
         advance = lambda n: tracker.advance(task, n)  # noqa: E731
-        report: DetectionReport | VerificationReport
-        if detector:
+        report: DetectionReport | LivenessReport | VerificationReport
+        if model.card.task == "liveness":
+            report = liveness_scores(model, dataset, batch_size, advance)
+        elif detector:
             report = detection_recall(model, dataset, batch_size, advance)
         else:
             report = measure(model, dataset, impostors, far, seed, batch_size, advance)

@@ -166,3 +166,36 @@ def detection_recall(
                     scores.append(float(detections.scores.cpu()[inside].max()))
             advance(len(images))
     return DetectionReport(len(dataset), found, found / len(dataset), float(np.median(scores)) if scores else 0.0)
+
+
+@dataclass(frozen=True)
+class LivenessReport:
+    """A liveness check on real (live) faces: how many it accepts at its threshold, and its score distribution."""
+
+    images: int
+    live: int
+    live_share: float
+    p05: float
+    p25: float
+    median: float
+    p75: float
+    p95: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def liveness_scores(
+    check, dataset: FaceDataset, batch_size: int = 32, advance: Callable[[int], None] = lambda n: None
+) -> LivenessReport:
+    """A liveness check's scores on every image of ``dataset`` (real captures: each should be accepted as live)."""
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            images = dataset.load(range(start, min(start + batch_size, len(dataset)))).to(check.device)
+            scores.append(check.live_score(images).float().cpu().numpy())
+            advance(len(images))
+    values = np.concatenate(scores)
+    live = int((values >= check.threshold).sum())
+    quantiles = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist()
+    return LivenessReport(len(values), live, live / len(values), *quantiles)

@@ -4,6 +4,7 @@
 - ``impersonation``: a probe of A must match B's enrolment (verification).
 - ``identification``: a probe of A must not be ranked top-1 as A in a closed-set gallery of enrolled identities.
 - ``evasion``: a face must no longer be found by a detector above its score threshold.
+- ``flagging``: a live face must be flagged as a presentation attack by a liveness check (denial of service).
 
 Probes and references are drawn deterministically from the dataset with a seed, or from its LFW pairs file. A threat
 model holds no state: ``enrol`` returns the enrolment (:class:`Enrolment`, embeddings of the images probes are
@@ -26,7 +27,7 @@ from redteam.errors import DataError
 from redteam.registry import Registry
 
 if TYPE_CHECKING:
-    from redteam.api.targets import FaceDetector, FaceRecognizer
+    from redteam.api.targets import FaceDetector, FaceRecognizer, LivenessDetector
 
 THREATS: Registry[type[ThreatModel]] = Registry("threat model")
 
@@ -121,6 +122,20 @@ class DetectionObjective(Objective):
         above = (scores - self.detector.threshold).clamp(min=0).sum(dim=1)
         loss = torch.where(above > 0, -above, self.detector.threshold - score)
         return Verdict(loss=loss, success=~self.detector.detected(images, score), score=score)
+
+
+class LivenessObjective(Objective):
+    """Flagging a live face: ``success`` when its liveness score falls under the check's threshold; ``score`` is the
+    liveness score."""
+
+    def __init__(self, check: LivenessDetector):
+        super().__init__(check.live_score)
+        self.threshold = check.threshold
+
+    def __call__(self, images: Tensor) -> Verdict:
+        score = self.embed(images)
+        margin = score - self.threshold
+        return Verdict(loss=-margin, success=margin < 0, score=score)
 
 
 @dataclass(frozen=True)
@@ -296,3 +311,14 @@ class Evasion(ThreatModel):
 
     def objective(self, model: FaceDetector, enrolment: Enrolment, probes: list[Probe]) -> Objective:
         return DetectionObjective(model)
+
+
+@THREATS.register("flagging", "a live face must be flagged as a presentation attack (denial of service)")
+class Flagging(Evasion):
+    """Every face image is a probe (all are live captures); nothing is enrolled."""
+
+    name = "flagging"
+    task = "liveness"
+
+    def objective(self, model: LivenessDetector, enrolment: Enrolment, probes: list[Probe]) -> Objective:  # type: ignore[override]
+        return LivenessObjective(model)

@@ -1,7 +1,7 @@
 """A whole face system as a target (``mtcnn+arcface``) on raw LFW photos: it finds, aligns and recognises faces as
 the recogniser does on photos aligned by ``--align``, rejects a photo without a face, passes gradients to the photo
-with landmarks fixed or through the detector, runs an attack from the command line, and refuses chains that cannot
-work in one line."""
+with landmarks fixed or through the detector, accepts only faces its liveness check finds live, runs an attack from
+the command line, and refuses chains that cannot work in one line."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_the_system_recognises_raw_photos_as_its_recogniser_does_aligned_ones(sy
         embedded = system.embed(raw)
         expected = system.recogniser.embed(aligned)
     assert embedded[:, 0].eq(1).all()  # a face found in every photo
-    assert F.cosine_similarity(embedded[:, 1:], expected).min() > 0.999
+    assert embedded[:, 1].eq(1).all()  # no liveness check: every face counts as live
+    assert F.cosine_similarity(embedded[:, 2:], expected).min() > 0.999
     scores = system.similarity_matrix(embedded, embedded)
     genuine = torch.stack([scores[0, 1], scores[2, 3], scores[4, 5]])
     assert (genuine >= system.threshold).all()
@@ -69,6 +70,27 @@ def test_gradients_reach_the_photo_with_landmarks_fixed_or_through_the_detector(
     assert not torch.allclose(gradients[0], gradients[1])  # moving the landmarks moves the crop: another gradient
 
 
+def test_a_liveness_check_rejects_what_it_flags_and_the_score_climbs_both(photos):
+    """The system's score is the recogniser's until a face's liveness margin is the smaller (then that margin decides,
+    and a gradient reaches the photo through the check too)."""
+    checked = load_target("mtcnn+antispoof+arcface", torch.device("cpu"))
+    raw, _ = photos
+    images = raw[:2].clone().requires_grad_(True)
+    embedded = checked.embed(images)
+    with torch.no_grad():
+        live = checked.liveness.live_score(checked.align(images)[1]) - checked.liveness.threshold
+    assert torch.allclose(embedded[:, 1], live, atol=1e-6)
+    score = checked.similarity(embedded[:1], embedded[1:])
+    recognised = checked.recogniser.similarity(embedded[:1, 2:], embedded[1:, 2:])
+    expected = checked.threshold + torch.minimum(recognised - checked.threshold, live.min())
+    assert torch.allclose(score, expected)
+    flagged = embedded.detach().clone()
+    flagged[1, 1] = -0.2  # the second face flagged as a spoof: no match whatever the recogniser says
+    assert checked.similarity(flagged[:1], flagged[1:]).item() < checked.threshold
+    score.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
 def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, faces_root, tmp_path):
     command = ("run", "--target", "mtcnn+arcface", "--attack", "pgd", "--data", faces_root, "--limit", 2,
                "--eps", "0,8", "--steps", 3, "--no-checks", "--out", tmp_path)  # fmt: skip
@@ -83,7 +105,8 @@ def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, fa
     [
         ("arcface+mtcnn", "arcface is a recogniser"),
         ("mtcnn+mtcnn", "mtcnn is a detector"),
-        ("mtcnn+arcface+facenet", r"a face system is DETECTOR\+RECOGNISER"),
+        ("mtcnn+facenet+arcface", "facenet is not a liveness check"),
+        ("mtcnn+liveness+arcface+facenet", r"a face system is DETECTOR\[\+LIVENESS\]\+RECOGNISER"),
         ("mtcnn+nobody", "unknown target 'nobody'"),
     ],
 )

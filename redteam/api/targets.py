@@ -32,8 +32,10 @@ from redteam.results import QueryLedger
 
 
 def check_target_class(name: str, target_class: Any) -> None:
-    if not (isinstance(target_class, type) and issubclass(target_class, FaceRecognizer | FaceDetector)):
-        raise TypeError(f"target {name!r}: register a subclass of FaceRecognizer or FaceDetector")
+    if not (
+        isinstance(target_class, type) and issubclass(target_class, FaceRecognizer | FaceDetector | LivenessDetector)
+    ):
+        raise TypeError(f"target {name!r}: register a subclass of FaceRecognizer, FaceDetector or LivenessDetector")
 
 
 TARGETS: Registry[type[Target]] = Registry(
@@ -176,7 +178,7 @@ class ModelCard:
     """Where a model comes from, what it expects and how well it works (shown by ``redteam list --targets``)."""
 
     name: str
-    task: Literal["recognition", "detection"]
+    task: Literal["recognition", "detection", "liveness"]
     architecture: str
     weights: str
     licence: str
@@ -366,3 +368,30 @@ class FaceDetector(Target):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.candidate_scores(images)
+
+
+class LivenessDetector(Target):
+    """Tells a live face from a presentation attack (a printed photo, a screen, a mask): ``live_score`` in ``[0, 1]``,
+    accepted as live when ``>= threshold``."""
+
+    score_threshold: float
+
+    @property
+    def threshold(self) -> float:
+        return self.score_threshold if self.threshold_override is None else self.threshold_override
+
+    def on_score_scale(self, threshold: float) -> float:
+        if not 0 <= threshold <= 1:
+            raise RedteamError(f"{self.card.name}'s --threshold is a liveness score in [0, 1], not {threshold:g}.")
+        return threshold
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` canonical faces in ``[0, 1]`` -> the network's input (the card's preprocessing)."""
+        return self.card.preprocessing(images)
+
+    @abstractmethod
+    def live_score(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` canonical faces in ``[0, 1]`` -> ``[B]`` liveness scores in ``[0, 1]`` (differentiable)."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.live_score(images)

@@ -270,7 +270,10 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
     return CompiledOp(conv, [source], Layout.NCHW)
 
 
-def _fused_activation(builder: GraphBuilder, node: GraphNode, ops: list[str]) -> Callable[[Tensor], Tensor]:
+def _fused_activation(
+    builder: GraphBuilder, node: GraphNode, ops: list[str], channels_shape: tuple[int, ...] = (-1, 1, 1)
+) -> Callable[[Tensor], Tensor]:
+    """A fused op's activation; ``channels_shape`` shapes a per-channel parameter (NCHW maps, or ``(-1,)``)."""
     if not ops:
         return lambda x: x
     if ops == ["Relu"]:
@@ -280,7 +283,7 @@ def _fused_activation(builder: GraphBuilder, node: GraphNode, ops: list[str]) ->
     if ops == ["Elu"]:
         return F.elu
     if ops == ["Prelu"]:
-        alpha_key = builder.param(node, "alpha", builder.require_const(node, 3).reshape(-1, 1, 1))
+        alpha_key = builder.param(node, "alpha", builder.require_const(node, 3).reshape(channels_shape))
         weights = builder.module.weights
         return lambda x: torch.where(x >= 0, x, x * weights[alpha_key])
     raise UnsupportedModelError(f"{node.op} {node.name!r}: fused activation {ops}")
@@ -498,16 +501,32 @@ def _pad(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     return CompiledOp(lambda x: F.pad(x, pad), [source], layout)
 
 
-@register_op("MatMul")
+@register_op("MatMul", "_FusedMatMul")
 def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    """A dense layer; the fused form (TF.js graph models) adds its bias and activation."""
     if node.attrs.get("transpose_a"):
-        raise UnsupportedModelError(f"MatMul {node.name!r}: transpose_a")
+        raise UnsupportedModelError(f"{node.op} {node.name!r}: transpose_a")
     weight = builder.require_const(node, 1)
     weight = weight if node.attrs.get("transpose_b") else weight.T  # F.linear wants (out, in)
     key = builder.param(node, "weight", weight)
+    fused = node.attrs.get("fused_ops") or []
+    bias_key = builder.param(node, "bias", builder.require_const(node, 2)) if fused[:1] == ["BiasAdd"] else None
+    activation = _fused_activation(builder, node, fused[1:], channels_shape=(-1,))
     source, weights = _data_inputs(node)[0], builder.module.weights
     layout = builder.layout(source)
-    return CompiledOp(lambda x: F.linear(to_plain(x, layout), weights[key]), [source], Layout.PLAIN)
+
+    def dense(x: Tensor) -> Tensor:
+        return activation(F.linear(to_plain(x, layout), weights[key], weights[bias_key] if bias_key else None))
+
+    return CompiledOp(dense, [source], Layout.PLAIN)
+
+
+@register_op("Softmax")
+def _softmax(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
+    """Softmax over the last (TF) axis."""
+    source = _data_inputs(node)[0]
+    layout = builder.layout(source)
+    return CompiledOp(lambda x: F.softmax(to_plain(x, layout), dim=-1), [source], Layout.PLAIN)
 
 
 @register_op("FusedBatchNorm", "FusedBatchNormV3")

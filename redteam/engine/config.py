@@ -118,7 +118,8 @@ class EvaluationConfig:
             if threat not in attack_class.threats:
                 raise RedteamError(f"{self.attack} supports --threat {' or '.join(attack_class.threats)}.")
         elif threat == "auto":
-            threat = "evasion" if TARGETS.get(self.target).card.task == "detection" else "dodging"
+            task = TARGETS.get(self.target).card.task
+            threat = {"detection": "evasion", "liveness": "flagging"}.get(task, "dodging")
         THREATS.get(threat)
         check_weights(self.target, self.weights)
         surrogate = self._surrogate()

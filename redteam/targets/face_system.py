@@ -1,6 +1,7 @@
 """A whole face system as a target: ``--target mtcnn+arcface`` takes raw photos as a deployed system does, finds the
 largest face with the detector, aligns it from the detector's five landmarks (a differentiable similarity warp into
-the canonical frame, as ``--align`` prepares data) and lets the recogniser decide.
+the canonical frame, as ``--align`` prepares data) and lets the recogniser decide. ``mtcnn+liveness+arcface`` also
+asks a liveness check (:class:`redteam.api.LivenessDetector`) of the aligned face: a face it flags is rejected.
 
 Gradients pass the detector one of two ways (``landmarks``):
 
@@ -11,11 +12,14 @@ Gradients pass the detector one of two ways (``landmarks``):
 
 Either way every forward pass detects afresh, so a verdict is always the system's on the image it is shown. A photo
 in which no face is found is rejected: its similarity to anything is :data:`REJECTED` below the threshold (dodging
-that only hides the face counts as dodging the system; it can never impersonate anyone).
+that only hides the face counts as dodging the system; it can never impersonate anyone). With a liveness check the
+system's score is ``threshold + min(similarity - threshold, liveness margins of both faces)``: it accepts only when
+the faces match and both look live, and an attack that must be accepted (impersonation) climbs both at once.
 
 Settings other than the default come from a YAML, ``--target system:face.yaml``::
 
     detector: mtcnn
+    liveness: antispoof     # optional
     recogniser: arcface
     landmarks: detector     # or fixed
 """
@@ -30,7 +34,7 @@ import yaml
 from torch import Tensor
 
 from redteam.align import CANONICAL_LANDMARKS, align_faces
-from redteam.api import ACCESS_LEVELS, TARGETS, FaceDetector, FaceRecognizer, ModelCard, Preprocessing
+from redteam.api import ACCESS_LEVELS, TARGETS, FaceDetector, FaceRecognizer, LivenessDetector, ModelCard, Preprocessing
 from redteam.errors import RedteamError
 
 LandmarkGradients = Literal["fixed", "detector"]
@@ -41,17 +45,19 @@ REJECTED = 1.0
 class FaceSystem(FaceRecognizer):
     """Detector, alignment and recogniser as one recogniser of raw photos.
 
-    Its embedding is ``[B, 1 + D]``: whether a face was found (1 or 0), then the recogniser's embedding of the
-    aligned face.
+    Its embedding is ``[B, 2 + D]``: whether a face was found (1 or 0), the liveness check's margin over its
+    threshold (1 without a check), then the recogniser's embedding of the aligned face.
     """
 
     detector_name: ClassVar[str]
+    liveness_name: ClassVar[str | None] = None
     recogniser_name: ClassVar[str]
     landmarks: ClassVar[LandmarkGradients] = "fixed"
 
     def __init__(self) -> None:
         super().__init__()
         self.detector = cast(FaceDetector, TARGETS.get(self.detector_name)())
+        self.liveness = cast(LivenessDetector, TARGETS.get(self.liveness_name)()) if self.liveness_name else None
         self.recogniser = cast(FaceRecognizer, TARGETS.get(self.recogniser_name)())
 
     def on_score_scale(self, threshold: float) -> float:
@@ -79,26 +85,48 @@ class FaceSystem(FaceRecognizer):
             points.append(faces.landmarks[int((sides[:, 0] * sides[:, 1]).argmax())].to(images))
         return torch.tensor(found, device=images.device), torch.stack(points)
 
-    def embed(self, images: Tensor) -> Tensor:
+    def align(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 3, 250, 250]`` each photo's largest
+        face aligned into the canonical frame (differentiable in the photos)."""
         found, landmarks = self.locate(images)
-        embedding = self.recogniser.embed(align_faces(images, landmarks))
-        return torch.cat([found[:, None].to(embedding.dtype), embedding], dim=1)
+        return found, align_faces(images, landmarks)
+
+    def embed(self, images: Tensor) -> Tensor:
+        found, faces = self.align(images)
+        embedding = self.recogniser.embed(faces)
+        if self.liveness is None:
+            live = torch.ones_like(embedding[:, 0])
+        else:
+            live = self.liveness.live_score(faces).to(embedding.dtype) - self.liveness.threshold
+        return torch.cat([found[:, None].to(embedding.dtype), live[:, None], embedding], dim=1)
+
+    def _decide(self, score: Tensor, found: Tensor, live: Tensor) -> Tensor:
+        """The system's score from the recogniser's, whether both faces were found, and their least liveness margin."""
+        if self.liveness is not None:
+            score = self.threshold + torch.minimum(score - self.threshold, live)
+        return torch.where(found, score, torch.full_like(score, self.threshold - REJECTED))
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
-        score = self.recogniser.similarity(a[:, 1:], b[:, 1:])
-        both = (a[:, 0] > 0.5) & (b[:, 0] > 0.5)
-        return torch.where(both, score, torch.full_like(score, self.threshold - REJECTED))
+        score = self.recogniser.similarity(a[:, 2:], b[:, 2:])
+        return self._decide(score, (a[:, 0] > 0.5) & (b[:, 0] > 0.5), torch.minimum(a[:, 1], b[:, 1]))
 
     def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
-        scores = self.recogniser.similarity_matrix(a[:, 1:], b[:, 1:])
-        both = (a[:, 0, None] > 0.5) & (b[None, :, 0] > 0.5)
-        return torch.where(both, scores, torch.full_like(scores, self.threshold - REJECTED))
+        scores = self.recogniser.similarity_matrix(a[:, 2:], b[:, 2:])
+        found = (a[:, 0, None] > 0.5) & (b[None, :, 0] > 0.5)
+        return self._decide(scores, found, torch.minimum(a[:, 1, None], b[None, :, 1]))
 
 
-def face_system_class(detector: str, recogniser: str, landmarks: str = "fixed") -> type[FaceSystem]:
-    """The target class of ``detector`` + ``recogniser`` (zoo names), with landmark gradients ``landmarks``."""
-    name = f"{detector}+{recogniser}"
+def face_system_class(
+    detector: str, recogniser: str, landmarks: str = "fixed", liveness: str | None = None
+) -> type[FaceSystem]:
+    """The target class of ``detector`` (+ ``liveness``) + ``recogniser`` (zoo names), with landmark gradients
+    ``landmarks``."""
+    name = "+".join(filter(None, (detector, liveness, recogniser)))
     detector_class, recogniser_class = TARGETS.get(detector), TARGETS.get(recogniser)
+    check_class = TARGETS.get(liveness) if liveness else None
+    if check_class is not None and not issubclass(check_class, LivenessDetector):
+        raise RedteamError(f"{name}: {liveness} is not a liveness check; between detector and recogniser stands one "
+                           "such as liveness or antispoof.")  # fmt: skip
     if not issubclass(detector_class, FaceDetector):
         raise RedteamError(f"{name}: {detector} is a recogniser; a face system starts with a detector such as mtcnn.")
     if not issubclass(recogniser_class, FaceRecognizer):
@@ -107,17 +135,19 @@ def face_system_class(detector: str, recogniser: str, landmarks: str = "fixed") 
         raise RedteamError(f"{name}: landmarks is fixed or detector, not {landmarks!r}.")
     if landmarks == "detector" and not detector_class.differentiable_landmarks:
         raise RedteamError(f"{name}: {detector} gives no landmark gradients; use landmarks: fixed.")
-    offers = min(detector_class.offers, recogniser_class.offers, key=ACCESS_LEVELS.index)
+    parts = [detector_class, recogniser_class] + ([check_class] if check_class else [])
+    offers = min((part.offers for part in parts), key=ACCESS_LEVELS.index)
     face, card = recogniser_class.card, detector_class.card
+    checked = f"; {liveness} must find the aligned face live" if liveness else ""
     system_card = ModelCard(
         name=name,
         task="recognition",
         architecture=f"{detector} finds the largest face of a raw photo; its five landmarks align it to the canonical "
-        f"frame (a similarity warp); {recogniser} ({face.architecture}) decides",
+        f"frame (a similarity warp){checked}; {recogniser} ({face.architecture}) decides",
         weights=f"{detector}: {card.weights}; {recogniser}: {face.weights}",
         licence=f"{detector}: {card.licence}; {recogniser}: {face.licence}",
         preprocessing=Preprocessing(mean=None, notes=f"whole photos; faces found and aligned by {detector}"),
-        embedding_dim=None if face.embedding_dim is None else face.embedding_dim + 1,
+        embedding_dim=None if face.embedding_dim is None else face.embedding_dim + 2,
         metric=face.metric,
         threshold=face.threshold,
         threshold_far=face.threshold_far,
@@ -127,19 +157,22 @@ def face_system_class(detector: str, recogniser: str, landmarks: str = "fixed") 
     attributes = {
         "card": system_card,
         "offers": offers,
-        "weights": (*detector_class.weights, *recogniser_class.weights),
+        "weights": tuple(file for part in parts for file in part.weights),
         "detector_name": detector,
+        "liveness_name": liveness,
         "recogniser_name": recogniser,
         "landmarks": landmarks,
     }
-    return type(f"System_{detector}_{recogniser}".replace("-", "_"), (FaceSystem,), attributes)
+    return type(f"System_{name}".replace("-", "_").replace("+", "_"), (FaceSystem,), attributes)
 
 
 @TARGETS.register_chain("a face system: the detector finds and aligns the face for the recogniser (mtcnn+arcface)")
 def face_system(parts: list[str]) -> type[FaceSystem]:
-    if len(parts) != 2 or not all(parts):
-        raise RedteamError(f"{'+'.join(parts)}: a face system is DETECTOR+RECOGNISER, such as mtcnn+arcface.")
-    return face_system_class(*parts)
+    if len(parts) not in (2, 3) or not all(parts):
+        raise RedteamError(
+            f"{'+'.join(parts)}: a face system is DETECTOR[+LIVENESS]+RECOGNISER, such as mtcnn+antispoof+arcface."
+        )
+    return face_system_class(parts[0], parts[-1], liveness=parts[1] if len(parts) == 3 else None)
 
 
 @TARGETS.register_scheme("system", "a face system with settings from a YAML (detector, recogniser, landmarks)")
@@ -149,7 +182,14 @@ def face_system_from_file(argument: str) -> type[FaceSystem]:
         settings = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise RedteamError(f"system:{argument}: cannot read it as YAML ({str(error).splitlines()[0]}).") from None
-    keys = {"detector", "recogniser", "landmarks"}
+    keys = {"detector", "liveness", "recogniser", "landmarks"}
     if not isinstance(settings, dict) or not {"detector", "recogniser"} <= set(settings) <= keys:
-        raise RedteamError(f"{path}: a face system is a mapping of detector, recogniser and optionally landmarks.")
-    return face_system_class(str(settings["detector"]), str(settings["recogniser"]), settings.get("landmarks", "fixed"))
+        raise RedteamError(f"{path}: a face system is a mapping of detector, recogniser, and optionally liveness and "
+                           "landmarks.")  # fmt: skip
+    liveness = settings.get("liveness")
+    return face_system_class(
+        str(settings["detector"]),
+        str(settings["recogniser"]),
+        settings.get("landmarks", "fixed"),
+        str(liveness) if liveness else None,
+    )
