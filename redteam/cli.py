@@ -254,6 +254,10 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     for check in outcome:
         mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"
         console.print(f"{mark} {escape(check.name)}: {escape(check.detail)}", highlight=False)
+    stages = evaluation.store.stage_summary().get(cell.key)
+    if stages:
+        summary["stages"] = stages
+        console.print(escape(f"where {config.target} stopped the attacked probes: {stages}"), highlight=False)
     ledger = evaluation.store.ledger_summary().get(cell.key)
     if ledger:
         summary["ledger"] = ledger

@@ -42,7 +42,11 @@ RESULT_COLUMNS: dict[str, str] = {
     "steps": "INTEGER",
     "inherited": "INTEGER",  # broken at a smaller eps already, so broken here too
     "queries": "INTEGER",  # a query attack's queries for this probe (empty for attacks that do not query)
+    "stage": "TEXT",  # a face system's verdict on the image by stage (SYSTEM_STAGES); empty for a single model
 }
+#: Where a face system stopped an image, in the order it looks: no face found, flagged by its liveness check, not
+#: matched, or accepted as a match.
+SYSTEM_STAGES = ("no face", "spoof", "no match", "match")
 
 CURVE_KEYS = ["target", "surrogate", "defense", "attack", "threat", "norm", "dataset"]
 MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "REAL", "linf": "REAL", "l2": "REAL",
@@ -52,7 +56,11 @@ MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "RE
 TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries": "INTEGER", "linf": "REAL",
                       "l2": "REAL"}  # fmt: skip
 #: Columns added since stores were first written, with their types: added to older stores when opened.
-ADDED_COLUMNS = {"results": {"queries": "INTEGER"}, "minimal": {"queries": "INTEGER"}, "ledger": {"hits": "INTEGER"}}
+ADDED_COLUMNS = {
+    "results": {"queries": "INTEGER", "stage": "TEXT"},
+    "minimal": {"queries": "INTEGER"},
+    "ledger": {"hits": "INTEGER"},
+}
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
 #: A campaign's finished stages (an area, a budget, a poison rate), serialised, so an interrupted campaign resumes.
 STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
@@ -168,6 +176,21 @@ class ResultStore:
                 f"{len(rows)} requests sent ({int(rows['attempts'].sum()) - len(rows)} retries), "
                 f"{int(rows['hits'].sum())} answered from the ledger, latency p50 {p50:.0f} ms, p95 {p95:.0f} ms"
             )
+        return lines
+
+    def stage_summary(self) -> dict[str, str]:
+        """Per cell of a face system, one line: at each budget, how many attacked probes stopped at each stage."""
+        frame = self.frame()
+        if "stage" not in frame:  # a store written before stages were kept, opened read-only
+            return {}
+        lines = {}
+        for cell, rows in frame[frame["stage"].notna() & (frame["eps"] > 0)].groupby("cell"):
+            parts = []
+            for eps, at in rows.groupby("eps"):
+                counts = at["stage"].value_counts()
+                found = ", ".join(f"{stage} {int(counts.get(stage, 0))}" for stage in SYSTEM_STAGES)
+                parts.append(f"at ε {eps * 255 if at['norm'].iloc[0] == 'linf' else eps:g}: {found}")
+            lines[str(cell)] = "; ".join(parts)
         return lines
 
     def register_cell(self, cell: str, config: dict) -> None:

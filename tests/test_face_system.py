@@ -5,6 +5,8 @@ the command line, and refuses chains that cannot work in one line."""
 
 from __future__ import annotations
 
+import sqlite3
+
 import pandas as pd
 import pytest
 import torch
@@ -14,6 +16,7 @@ from redteam.api import TARGETS
 from redteam.datasets import ImageFolderDataset
 from redteam.engine import load_target
 from redteam.errors import RedteamError
+from redteam.results import SYSTEM_STAGES
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +74,9 @@ def test_gradients_reach_the_photo_with_landmarks_fixed_or_through_the_detector(
 
 
 def test_a_liveness_check_rejects_what_it_flags_and_the_score_climbs_both(photos):
-    """The system's score is the recogniser's until a face's liveness margin is the smaller (then that margin decides,
-    and a gradient reaches the photo through the check too)."""
+    """The system's score is the recogniser's until the probe's liveness margin is the smaller (then that margin
+    decides, and a gradient reaches the photo through the check too); a reference flagged as a spoof matches
+    nothing."""
     checked = load_target("mtcnn+antispoof+arcface", torch.device("cpu"))
     raw, _ = photos
     images = raw[:2].clone().requires_grad_(True)
@@ -82,11 +86,14 @@ def test_a_liveness_check_rejects_what_it_flags_and_the_score_climbs_both(photos
     assert torch.allclose(embedded[:, 1], live, atol=1e-6)
     score = checked.similarity(embedded[:1], embedded[1:])
     recognised = checked.recogniser.similarity(embedded[:1, 2:], embedded[1:, 2:])
-    expected = checked.threshold + torch.minimum(recognised - checked.threshold, live.min())
-    assert torch.allclose(score, expected)
+    if live[1] >= 0:  # the reference looks live: the probe's margin caps the recogniser's
+        expected = checked.threshold + torch.minimum(recognised - checked.threshold, live[0])
+        assert torch.allclose(score, expected)
     flagged = embedded.detach().clone()
-    flagged[1, 1] = -0.2  # the second face flagged as a spoof: no match whatever the recogniser says
+    flagged[1, 1] = -0.2  # the reference flagged as a spoof: no match whatever the recogniser says
     assert checked.similarity(flagged[:1], flagged[1:]).item() < checked.threshold
+    flagged[1, 1], flagged[0, 1] = 0.2, -0.2  # the probe flagged: its margin is the score's
+    assert checked.similarity(flagged[:1], flagged[1:]).item() == pytest.approx(checked.threshold - 0.2)
     score.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
 
@@ -95,9 +102,16 @@ def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, fa
     command = ("run", "--target", "mtcnn+arcface", "--attack", "pgd", "--data", faces_root, "--limit", 2,
                "--eps", "0,8", "--steps", 3, "--no-checks", "--out", tmp_path)  # fmt: skip
     assert cli(*command) == 0
-    capsys.readouterr()
+    assert "where mtcnn+arcface stopped the attacked probes: at ε 8: no face" in capsys.readouterr().out
     curve = pd.read_csv(tmp_path / "curve.csv").set_index("eps")["accuracy"]
     assert curve.loc[0.0] == 1.0 and curve.loc[8.0] < 1.0
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        rows = pd.read_sql_query("SELECT eps, correct, stage FROM results", db)
+    assert set(rows["stage"]) <= set(SYSTEM_STAGES)
+    # Dodging: a probe still decided correctly is one the system matched; a fooled one stopped somewhere before.
+    assert (rows["correct"].astype(bool) == (rows["stage"] == "match")).all()
+    assert cli("report", tmp_path, "--examples", 0) == 0
+    assert "Where the face system stopped the attacked probes: at ε 8" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -247,6 +247,11 @@ class Target(nn.Module, ABC):
         """A threshold on the score scale (default: the one in force) as users write it, with its unit."""
         return f"{self.threshold if threshold is None else threshold:.4f}"
 
+    def stages(self, images: Tensor) -> list[str] | None:
+        """Where a face system stops each image before matching: "no face", "spoof", or "" (it reaches the match).
+        ``None`` for a single model (the default)."""
+        return None
+
     @classmethod
     def weights_fingerprint(cls) -> str:
         """A digest of the weights it loads: its registry files' published sha256s (a target whose weights come from

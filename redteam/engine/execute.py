@@ -146,6 +146,7 @@ class Executor:
             crafted = self.craft(batch, eps, level, batch_number)
             with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
                 judged = crafted.verdict(crafted.adversarial)
+                stages = self.stages(crafted.adversarial, judged.score)
         delta = crafted.adversarial - crafted.images
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         queries = crafted.oracle.spent.tolist() if crafted.oracle else [None] * len(batch)
@@ -160,10 +161,20 @@ class Executor:
                 l2[k],
                 crafted.steps[k],
                 queries[k],
+                stages[k],
             )  # fmt: skip
             for k, probe in enumerate(batch)
         ]
         return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [])
+
+    def stages(self, images: Tensor, scores: Tensor) -> list[str | None]:
+        """Where a face system stopped each image (``SYSTEM_STAGES``): a stage before matching, else whether its
+        score matched; ``None`` each for a single model."""
+        before = self.undefended.stages(images)
+        if before is None:
+            return [None] * len(images)
+        threshold = self.target.threshold
+        return [stage or ("match" if score >= threshold else "no match") for stage, score in zip(before, scores)]
 
     def _attack_minimal(self, batch: list[Probe], batch_number: int) -> Computed:
         """Each probe's smallest fooling perturbation (``inf`` where the target is not fooled): rows of ``minimal``."""

@@ -147,7 +147,16 @@ class Computed:
 
 
 def result_row(
-    cell: Cell, probe: Probe, eps: float, correct: bool, score, linf, l2, steps, queries: int | None = None
+    cell: Cell,
+    probe: Probe,
+    eps: float,
+    correct: bool,
+    score,
+    linf,
+    l2,
+    steps,
+    queries: int | None = None,
+    stage: str | None = None,
 ) -> dict[str, Any]:
     """One row of the store's ``results`` table."""
     config = cell.config
@@ -172,6 +181,7 @@ def result_row(
         "steps": int(steps),
         "inherited": 0,
         "queries": queries,
+        "stage": stage,
     }
 
 

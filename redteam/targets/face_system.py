@@ -13,8 +13,9 @@ Gradients pass the detector one of two ways (``landmarks``):
 Either way every forward pass detects afresh, so a verdict is always the system's on the image it is shown. A photo
 in which no face is found is rejected: its similarity to anything is :data:`REJECTED` below the threshold (dodging
 that only hides the face counts as dodging the system; it can never impersonate anyone). With a liveness check the
-system's score is ``threshold + min(similarity - threshold, liveness margins of both faces)``: it accepts only when
-the faces match and both look live, and an attack that must be accepted (impersonation) climbs both at once.
+system's score is ``threshold + min(similarity - threshold, the probe's liveness margin)``, and a reference that does
+not look live is rejected like a missing face: it accepts only when the faces match and both look live, and an attack
+that must be accepted (impersonation) climbs both at once.
 
 Settings other than the default come from a YAML, ``--target system:face.yaml``::
 
@@ -100,20 +101,28 @@ class FaceSystem(FaceRecognizer):
             live = self.liveness.live_score(faces).to(embedding.dtype) - self.liveness.threshold
         return torch.cat([found[:, None].to(embedding.dtype), live[:, None], embedding], dim=1)
 
-    def _decide(self, score: Tensor, found: Tensor, live: Tensor) -> Tensor:
-        """The system's score from the recogniser's, whether both faces were found, and their least liveness margin."""
+    def stages(self, images: Tensor) -> list[str]:
+        embedded = self.embed(images)
+        return ["no face" if found < 0.5 else "spoof" if live < 0 else "" for found, live in embedded[:, :2].tolist()]
+
+    def _decide(self, score: Tensor, found: Tensor, probe_live: Tensor, reference_live: Tensor) -> Tensor:
+        """The system's score from the recogniser's: both faces must be found and the reference live (gates: nothing
+        a probe can change), and the probe's liveness margin caps the score (so an attack on the probe moves
+        whichever of the two decides)."""
         if self.liveness is not None:
-            score = self.threshold + torch.minimum(score - self.threshold, live)
+            score = self.threshold + torch.minimum(score - self.threshold, probe_live)
+            found = found & (reference_live >= 0)
         return torch.where(found, score, torch.full_like(score, self.threshold - REJECTED))
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        """``a``: the probes' embeddings, ``b``: the references' (a system checks the probe it is shown)."""
         score = self.recogniser.similarity(a[:, 2:], b[:, 2:])
-        return self._decide(score, (a[:, 0] > 0.5) & (b[:, 0] > 0.5), torch.minimum(a[:, 1], b[:, 1]))
+        return self._decide(score, (a[:, 0] > 0.5) & (b[:, 0] > 0.5), a[:, 1], b[:, 1])
 
     def similarity_matrix(self, a: Tensor, b: Tensor) -> Tensor:
         scores = self.recogniser.similarity_matrix(a[:, 2:], b[:, 2:])
         found = (a[:, 0, None] > 0.5) & (b[None, :, 0] > 0.5)
-        return self._decide(scores, found, torch.minimum(a[:, 1, None], b[None, :, 1]))
+        return self._decide(scores, found, a[:, 1, None].expand_as(scores), b[None, :, 1].expand_as(scores))
 
 
 def face_system_class(
