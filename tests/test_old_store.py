@@ -55,7 +55,8 @@ def test_old_store_resumes_with_nothing_to_compute(at_repository, cli, tmp_path)
     for name in ("results", "minimal", "checks"):  # same keys, same rows, nothing added
         pd.testing.assert_frame_equal(after[name][before[name].columns], before[name], obj=name)
         added = sorted(set(after[name].columns) - set(before[name].columns))  # columns newer stores have
-        assert added == (["queries"] if name != "checks" else []) and after[name][added].isna().all().all()
+        newer = {"results": ["queries", "stage"], "minimal": ["queries"], "checks": []}[name]
+        assert added == newer and after[name][added].isna().all().all()
     # The cells are taken over as they are, and their inputs' fingerprints recorded from now on.
     assert after["cells"]["cell"].tolist() == before["cells"]["cell"].tolist()
     for old, new in zip(before["cells"]["config"], after["cells"]["config"]):
