@@ -129,9 +129,19 @@ def run(
             "(non-adaptive), or both (two curves)."
         ),
     ] = "both",
+    intruder: Annotated[
+        str | None,
+        typer.Option(
+            help="What the system does to images before its models (jpeg:q=75+resize:0.5+blur:1): first in the "
+            "defense chain, attacked like it."
+        ),
+    ] = None,
 ) -> None:
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
     from redteam.engine import EvaluationConfig, parse_options
+
+    if intruder:  # the system's own re-encoding comes before any defense it runs
+        defense = intruder if defense == "none" else f"{intruder}+{defense}"
 
     modes = {"both": (True, False), "adaptive": (True,), "non-adaptive": (False,)}
     if adaptivity not in modes:

@@ -182,7 +182,8 @@ class DefenseChain:
 
 
 def build_defense(spec: str) -> DefenseChain:
-    """``halftone``, ``halftone:method=ordered,sigma=1``, ``halftone+lqvae`` -> the chain (``none``: empty)."""
+    """``halftone``, ``halftone:method=ordered,sigma=1``, ``resize:0.5`` (the first setting), ``halftone+lqvae`` ->
+    the chain (``none``: empty)."""
     chain = DefenseChain([], [])
     if spec == "none":
         return chain
@@ -191,8 +192,12 @@ def build_defense(spec: str) -> DefenseChain:
         if name == "none":
             raise RedteamError(f"--defense {spec}: 'none' cannot be part of a chain.")
         defense_class = DEFENSES.get(name)
-        options = parse_options([s for s in settings.split(",") if s.strip()])
-        accepted = set(inspect.signature(defense_class.__init__).parameters) - {"self"}
+        parameters = [p for p in inspect.signature(defense_class.__init__).parameters if p != "self"]
+        given = [s.strip() for s in settings.split(",") if s.strip()]
+        if given and "=" not in given[0] and parameters:  # resize:0.5 sets the first setting
+            given[0] = f"{parameters[0]}={given[0]}"
+        options = parse_options(given)
+        accepted = set(parameters)
         unknown = sorted(set(options) - accepted)
         if unknown:
             takes = ", ".join(sorted(accepted)) or "no settings"
