@@ -28,7 +28,8 @@ def test_jpeg_is_the_real_codec_and_its_stand_in_is_close_and_differentiable(fac
     assert 0 < (decoded - images).abs().mean() < 0.05  # it changes the image, a little
     x = images.clone().requires_grad_(True)
     smooth = jpeg.bpda(x)
-    assert torch.allclose(smooth.detach(), decoded, atol=1e-6)  # forward: the real codec; backward: the stand-in's gradient
+    # Forward: the real codec; backward: the stand-in's gradient.
+    assert torch.allclose(smooth.detach(), decoded, atol=1e-6)
     smooth.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert (jpeg.surrogate(images) - decoded).abs().mean() < 0.01
