@@ -332,12 +332,12 @@ class Detections:
     landmarks: Tensor | None = None
 
 
-class FaceDetector(Target):
-    """Finds faces; ``face_score`` is the differentiable quantity a detector-evasion attack drives down."""
+class ScoringTarget(Target):
+    """A model that decides on one score in ``[0, 1]`` per image against ``score_threshold`` (its ``score_name``
+    says what the score is, in messages)."""
 
     score_threshold: float
-    #: Whether :meth:`faces` gives landmarks with a gradient (a face system may align through them).
-    differentiable_landmarks: ClassVar[bool] = False
+    score_name: ClassVar[str]
 
     @property
     def threshold(self) -> float:
@@ -345,8 +345,16 @@ class FaceDetector(Target):
 
     def on_score_scale(self, threshold: float) -> float:
         if not 0 <= threshold <= 1:
-            raise RedteamError(f"{self.card.name}'s --threshold is a face probability in [0, 1], not {threshold:g}.")
+            raise RedteamError(f"{self.card.name}'s --threshold is a {self.score_name} in [0, 1], not {threshold:g}.")
         return threshold
+
+
+class FaceDetector(ScoringTarget):
+    """Finds faces; ``face_score`` is the differentiable quantity a detector-evasion attack drives down."""
+
+    score_name = "face probability"
+    #: Whether :meth:`faces` gives landmarks with a gradient (a face system may align through them).
+    differentiable_landmarks: ClassVar[bool] = False
 
     def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
         """``[B]`` bool: is a face found above the threshold? By default the face score decides (single-stage
@@ -375,20 +383,11 @@ class FaceDetector(Target):
         return self.candidate_scores(images)
 
 
-class LivenessDetector(Target):
+class LivenessDetector(ScoringTarget):
     """Tells a live face from a presentation attack (a printed photo, a screen, a mask): ``live_score`` in ``[0, 1]``,
     accepted as live when ``>= threshold``."""
 
-    score_threshold: float
-
-    @property
-    def threshold(self) -> float:
-        return self.score_threshold if self.threshold_override is None else self.threshold_override
-
-    def on_score_scale(self, threshold: float) -> float:
-        if not 0 <= threshold <= 1:
-            raise RedteamError(f"{self.card.name}'s --threshold is a liveness score in [0, 1], not {threshold:g}.")
-        return threshold
+    score_name = "liveness score"
 
     def preprocess(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` canonical faces in ``[0, 1]`` -> the network's input (the card's preprocessing)."""

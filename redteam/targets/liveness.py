@@ -11,6 +11,8 @@ score distribution measured on real faces, which says how weak a check it is.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from redteam.api import TARGETS, CentralCrop, LivenessDetector, ModelCard, Preprocessing
@@ -45,8 +47,23 @@ def _preprocessing(size: int) -> Preprocessing:
     return Preprocessing(size=(size, size), crop=FACE_CROP, mean=(0.0, 0.0, 0.0), scale=255.0, notes="pixels in [0, 1]")
 
 
+class HumanCheck(LivenessDetector):
+    """One of Human's checks: its TF.js graph (``model``, image input ``input_name``), scored on its first output."""
+
+    model: ClassVar[TFJSModel]
+    input_name: ClassVar[str]
+    score_threshold = 0.5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = load_tfjs_graph(self.model, inputs=[self.input_name], outputs=["Identity"])
+
+    def live_score(self, images: Tensor) -> Tensor:
+        return self.net(self.preprocess(images))[:, 0]
+
+
 @TARGETS.register("liveness", "Human's liveness network (32 px, live vs not), human-models npm")
-class Liveness(LivenessDetector):
+class Liveness(HumanCheck):
     card = ModelCard(
         name="liveness",
         task="liveness",
@@ -65,18 +82,11 @@ class Liveness(LivenessDetector):
         "image scores 0.62 (live)",
     )
     weights = LIVENESS.files
-    score_threshold = 0.5
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = load_tfjs_graph(LIVENESS, inputs=["conv2d_1_input"], outputs=["Identity"])
-
-    def live_score(self, images: Tensor) -> Tensor:
-        return self.net(self.preprocess(images))[:, 0]
+    model, input_name = LIVENESS, "conv2d_1_input"
 
 
 @TARGETS.register("antispoof", "Human's anti-spoofing network (128 px, real vs spoof), human-models npm")
-class AntiSpoof(LivenessDetector):
+class AntiSpoof(HumanCheck):
     card = ModelCard(
         name="antispoof",
         task="liveness",
@@ -95,11 +105,4 @@ class AntiSpoof(LivenessDetector):
         "grey image (0.76) score alike, and 12% of real faces are flagged at 0.5",
     )
     weights = ANTISPOOF.files
-    score_threshold = 0.5
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = load_tfjs_graph(ANTISPOOF, inputs=["conv2d_input"], outputs=["Identity"])
-
-    def live_score(self, images: Tensor) -> Tensor:
-        return self.net(self.preprocess(images))[:, 0]
+    model, input_name = ANTISPOOF, "conv2d_input"
