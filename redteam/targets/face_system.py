@@ -92,18 +92,23 @@ class FaceSystem(FaceRecognizer):
         found, landmarks = self.locate(images)
         return found, align_faces(images, landmarks)
 
+    def _live_margin(self, faces: Tensor) -> Tensor:
+        """``[B]`` the liveness check's margin over its threshold on aligned faces (1 without a check)."""
+        if self.liveness is None:
+            return faces.new_ones(len(faces))
+        return self.liveness.live_score(faces).to(faces.dtype) - self.liveness.threshold
+
     def embed(self, images: Tensor) -> Tensor:
         found, faces = self.align(images)
         embedding = self.recogniser.embed(faces)
-        if self.liveness is None:
-            live = torch.ones_like(embedding[:, 0])
-        else:
-            live = self.liveness.live_score(faces).to(embedding.dtype) - self.liveness.threshold
+        live = self._live_margin(faces).to(embedding.dtype)
         return torch.cat([found[:, None].to(embedding.dtype), live[:, None], embedding], dim=1)
 
     def stages(self, images: Tensor) -> list[str]:
-        embedded = self.embed(images)
-        return ["no face" if found < 0.5 else "spoof" if live < 0 else "" for found, live in embedded[:, :2].tolist()]
+        """Detection and the liveness check only: the recogniser is not needed to say where a photo stopped."""
+        found, faces = self.align(images)
+        live = self._live_margin(faces)
+        return ["no face" if not f else "spoof" if m < 0 else "" for f, m in zip(found.tolist(), live.tolist())]
 
     def _decide(self, score: Tensor, found: Tensor, probe_live: Tensor, reference_live: Tensor) -> Tensor:
         """The system's score from the recogniser's: both faces must be found and the reference live (gates: nothing

@@ -246,11 +246,11 @@ class ModelFileRecognizer(FaceRecognizer):
     """A model file: embeddings from its runtime, or from its converted module when gradients are asked for."""
 
     spec: ClassVar[ModelFileSpec]
+    runtime: ClassVar[Runtime]
 
     def __init__(self) -> None:
         super().__init__()
         self.placement = nn.Parameter(torch.zeros(0))  # a target lives on a device even when no module is converted
-        self.runtime = open_runtime(self.spec.model)
         self.net = convert(self.spec.model, self.runtime.channels_last) if self.offers == "gradients" else None
         self.native = self.net is None
 
@@ -328,5 +328,6 @@ def model_file_target(argument: str) -> type[ModelFileRecognizer]:
         parity=parity,
         notes="" if spec.threshold is not None else "threshold unknown until `redteam calibrate` or --threshold",
     )
-    attributes = {"spec": spec, "card": card, "offers": offers, "user_file": spec.model}
+    # The runtime opened here (to read the input layout and check parity) answers every instance's queries.
+    attributes = {"spec": spec, "card": card, "offers": offers, "user_file": spec.model, "runtime": runtime}
     return type(f"File_{spec.model.stem}", (ModelFileRecognizer,), attributes)
