@@ -67,7 +67,10 @@ def _parse_batch_size(text: str) -> int | Literal["auto"]:
 @app.command()
 def run(
     target: Annotated[str, typer.Option(help="Target name (see `redteam list`).")] = "facenet",
-    attack: Annotated[str, typer.Option(help="Attack name.")] = "pgd",
+    attack: Annotated[
+        str | None,
+        typer.Option(help="Attack name (default: pgd; auto, an ensemble that keeps going, against a defense)."),
+    ] = None,
     data: Annotated[
         str, typer.Option(help="Identity folders (root/<identity>/*.jpg), 'lfw' or 'default'.")
     ] = "default",
@@ -132,8 +135,8 @@ def run(
     intruder: Annotated[
         str | None,
         typer.Option(
-            help="What the system does to images before its models (jpeg:q=75+resize:0.5+blur:1): first in the "
-            "defense chain, attacked like it."
+            help="What the system does to images before its models (jpeg:q=75+resize:0.5+blur:1, jitter and colour "
+            "for a camera's framing and light): first in the defense chain, attacked like it."
         ),
     ] = None,
 ) -> None:
@@ -142,6 +145,8 @@ def run(
 
     if intruder:  # the system's own re-encoding comes before any defense it runs
         defense = intruder if defense == "none" else f"{intruder}+{defense}"
+    # A defense's robustness is judged by attacks that do not stop at the first plateau (PGD-10 overstates it).
+    attack = attack or ("pgd" if defense == "none" else "auto")
 
     modes = {"both": (True, False), "adaptive": (True,), "non-adaptive": (False,)}
     if adaptivity not in modes:
@@ -268,6 +273,10 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     if stages:
         summary["stages"] = stages
         console.print(escape(f"where {config.target} stopped the attacked probes: {stages}"), highlight=False)
+    broken_by = evaluation.store.ensemble_summary().get(cell.key)
+    if broken_by:
+        summary["broken_by"] = broken_by
+        console.print(escape(f"probes {config.attack}'s parts broke: {broken_by}"), highlight=False)
     ledger = evaluation.store.ledger_summary().get(cell.key)
     if ledger:
         summary["ledger"] = ledger

@@ -33,7 +33,7 @@ import torch
 from rich.progress import TaskID
 
 from redteam.console import Tracker
-from redteam.engine import Cell, EvaluationConfig, Executor, Planner, Shard, prepare, run_checks
+from redteam.engine import Cell, EvaluationConfig, Executor, Planner, Shard, check_rows, prepare, run_checks
 from redteam.errors import RedteamError
 from redteam.results import ResultStore
 from redteam.runtime import prepare_torch
@@ -132,7 +132,7 @@ class Worker:
         for flag in ("correct", "inherited"):
             results[flag] = results[flag].astype(bool)
         checks = run_checks(executor.cell, executor, results, cells)
-        return "checks", index, [{"cell": executor.cell.key, **asdict(check)} for check in checks], self.name
+        return "checks", index, check_rows(executor.cell.key, checks), self.name
 
 
 @dataclass

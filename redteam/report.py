@@ -68,6 +68,7 @@ class CellSummary:
     examples: dict[str, Any] = field(default_factory=dict)  # "png" (base64), "note", "file"
     ledger: str = ""  # a deployed target's queries: sent, retries, answered from the ledger, latency
     stages: str = ""  # a face system's verdicts on the attacked probes by stage, per budget
+    broken_by: str = ""  # an ensemble attack's parts: how many probes each broke, per budget
 
 
 @dataclass
@@ -147,7 +148,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     for run in runs:
         store = open_store(run)
         configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
-        stages = store.stage_summary()
+        stages, broken_by = store.stage_summary(), store.ensemble_summary()
         for title, table in transfer_tables(store.frame()):
             rows = [{"surrogate": str(s), "accuracy": [_number(a) for a in row]} for s, row in table.iterrows()]
             transfer.append({"title": f"{title} ({run})", "targets": [str(t) for t in table.columns], "rows": rows})
@@ -182,6 +183,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     config=config,
                     ledger=ledgers.get(str(cell), ""),
                     stages=stages.get(str(cell), ""),
+                    broken_by=broken_by.get(str(cell), ""),
                 )
             )
     if not cells:

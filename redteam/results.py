@@ -43,6 +43,7 @@ RESULT_COLUMNS: dict[str, str] = {
     "inherited": "INTEGER",  # broken at a smaller eps already, so broken here too
     "queries": "INTEGER",  # a query attack's queries for this probe (empty for attacks that do not query)
     "stage": "TEXT",  # a face system's verdict on the image by stage (SYSTEM_STAGES); empty for a single model
+    "broken_by": "TEXT",  # the part of an ensemble attack (auto) that fooled the system; empty otherwise
 }
 #: Where a face system stopped an image, in the order it looks: no face found, flagged by its liveness check, not
 #: matched, or accepted as a match.
@@ -57,7 +58,7 @@ TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries":
                       "l2": "REAL"}  # fmt: skip
 #: Columns added since stores were first written, with their types: added to older stores when opened.
 ADDED_COLUMNS = {
-    "results": {"queries": "INTEGER", "stage": "TEXT"},
+    "results": {"queries": "INTEGER", "stage": "TEXT", "broken_by": "TEXT"},
     "minimal": {"queries": "INTEGER"},
     "ledger": {"hits": "INTEGER"},
 }
@@ -180,15 +181,24 @@ class ResultStore:
 
     def stage_summary(self) -> dict[str, str]:
         """Per cell of a face system, one line: at each budget, how many attacked probes stopped at each stage."""
+        return self._breakdown("stage", SYSTEM_STAGES)
+
+    def ensemble_summary(self) -> dict[str, str]:
+        """Per cell of an ensemble attack, one line: at each budget, how many probes each of its parts broke."""
+        return self._breakdown("broken_by")
+
+    def _breakdown(self, column: str, values: tuple[str, ...] | None = None) -> dict[str, str]:
+        """Per cell with ``column`` set, one line: at each budget, how many attacked probes had each value (all of
+        ``values`` in their order, or those present)."""
         frame = self.frame()
-        if "stage" not in frame:  # a store written before stages were kept, opened read-only
+        if column not in frame:  # a store written before the column was kept, opened read-only
             return {}
         lines = {}
-        for cell, rows in frame[frame["stage"].notna() & (frame["eps"] > 0)].groupby("cell"):
+        for cell, rows in frame[frame[column].notna() & (frame["eps"] > 0)].groupby("cell"):
             parts = []
             for eps, at in rows.groupby("eps"):
-                counts = at["stage"].value_counts()
-                found = ", ".join(f"{stage} {int(counts.get(stage, 0))}" for stage in SYSTEM_STAGES)
+                counts = at[column].value_counts()
+                found = ", ".join(f"{value} {int(counts.get(value, 0))}" for value in values or counts.index)
                 parts.append(f"at ε {eps * 255 if at['norm'].iloc[0] == 'linf' else eps:g}: {found}")
             lines[str(cell)] = "; ".join(parts)
         return lines

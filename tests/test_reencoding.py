@@ -1,6 +1,7 @@
-"""What a deployed system does to images (JPEG, resizing, blur) as transforms in front of the target: JPEG is the
-real codec with a differentiable stand-in close to it, settings may be given by position, bad ones are one line,
-and `--intruder` attacks through them both ways from the command line."""
+"""What a deployed system does to images (JPEG, resizing, blur, framing and colour jitter) as transforms in front
+of the target: JPEG is the real codec with a differentiable stand-in close to it, the random ones draw from the
+generator, settings may be given by position, bad ones are one line, and `--intruder` attacks through them both
+ways from the command line."""
 
 from __future__ import annotations
 
@@ -46,10 +47,26 @@ def test_resize_and_blur_keep_the_shape_and_their_gradients():
     assert torch.allclose(build_defense("resize:1").transforms[0](images), images, atol=1e-6)
 
 
+def test_framing_and_colour_jitter_draw_from_the_generator_and_pass_gradients():
+    images = torch.rand(3, 3, 48, 48, requires_grad=True)
+    for transform in build_defense("jitter:shift=0.05,zoom=0.1+colour:0.2").transforms:
+        assert transform.randomised and transform.differentiable
+        first, again = (transform(images, torch.Generator().manual_seed(7)) for _ in range(2))
+        other = transform(images, torch.Generator().manual_seed(8))
+        assert torch.equal(first, again) and not torch.allclose(first, other)  # the seed decides the draw
+        assert first.shape == images.shape and 0 <= first.min() and first.max() <= 1
+        assert (first - images).abs().mean() > 1e-3  # it does change the images
+        (gradient,) = torch.autograd.grad(first.sum(), images)
+        assert gradient.abs().sum() > 0
+    (still,) = build_defense("jitter:shift=0,zoom=0").transforms
+    assert torch.allclose(still(images), images, atol=1e-4)  # no jitter: the same framing
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [("jpeg:q=0", "jpeg quality q is a whole number"), ("resize:2", "resize scale is a fraction"),
-     ("blur:0", "blur sigma is a width"), ("jpeg:quality=75", "jpeg has no setting quality; it takes q")],
+     ("blur:0", "blur sigma is a width"), ("jitter:shift=0.7", "jitter shift is a fraction in"),
+     ("colour:-1", "colour shift is a fraction"), ("jpeg:quality=75", "jpeg has no setting quality; it takes q")],
 )  # fmt: skip
 def test_bad_settings_are_one_line(spec, message):
     with pytest.raises(RedteamError, match=message) as raised:

@@ -85,11 +85,13 @@ class AttackBase(ABC):
 class AttackResult:
     """``images``: adversarial batch; ``steps``: gradient steps used; ``success``: ``judge``'s verdict on ``images``,
     computed on first access (the engine judges the final images itself, so an attack spends no forward pass on
-    them unless someone asks)."""
+    them unless someone asks); ``parts``: an ensemble's record of which of its attacks broke each sample (``None``
+    where none did), kept in the store."""
 
     images: Tensor
     steps: Tensor
     judge: Objective = field(repr=False)
+    parts: list[str | None] | None = None
 
     @cached_property
     def success(self) -> Tensor:

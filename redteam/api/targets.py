@@ -252,6 +252,14 @@ class Target(nn.Module, ABC):
         ``None`` for a single model (the default)."""
         return None
 
+    def verdicts(self, images: Tensor, scores: Tensor, threshold: float) -> list[str] | None:
+        """Where a face system stopped each image (``SYSTEM_STAGES``): a stage before matching, else whether its
+        score (``[B]``) reaches ``threshold``; ``None`` for a single model."""
+        before = self.stages(images)
+        if before is None:
+            return None
+        return [stage or ("match" if score >= threshold else "no match") for stage, score in zip(before, scores)]
+
     @classmethod
     def weights_fingerprint(cls) -> str:
         """A digest of the weights it loads: its registry files' published sha256s (a target whose weights come from

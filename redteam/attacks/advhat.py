@@ -37,6 +37,7 @@ from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
 from redteam.api import ATTACKS, Axis, Campaign, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
 from redteam.errors import DataError, RedteamError, UnknownNameError
 from redteam.plots import face_grid
+from redteam.results import SYSTEM_STAGES
 from redteam.threats import VerificationObjective
 
 #: Height / width of the sticker (the paper's is 400 x 900 px).
@@ -383,6 +384,8 @@ class AdvHat(Campaign):
             }
         )
         transfer, skipped = self._transfer(context, enrolled, held, final)
+        clean_stages = self._verdicts(target, held.images, clean)
+        sticker_stages = self._verdicts(target, final.worn, final.similarity)
         metrics = {
             "area": final.area,
             "covered": final.covered,
@@ -397,6 +400,18 @@ class AdvHat(Campaign):
             "held_out_photos": len(held.names),
             "train_photos": len(trained_on.names),
         }
+        system_lines = []
+        if clean_stages is not None and sticker_stages is not None:  # a face system: where it stopped each photo
+            per_photo["stage"] = sticker_stages
+            tally = {}
+            for condition, found in (("clean", clean_stages), ("sticker", sticker_stages)):
+                metrics[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
+                metrics[f"{condition}_matched"] = found.count("match") / len(found)
+                tally[condition] = ", ".join(f"{stage} {found.count(stage)}" for stage in SYSTEM_STAGES)
+            system_lines.append(
+                f"where {context.target_name} stopped the held-out photos wearing the sticker: {tally['sticker']} "
+                f"(without it: {tally['clean']})"
+            )
         width_mm, height_mm = self.printed_size_mm(final.width)
         enrolled_as = f"{victim[0]}'s enrolment photo" if victim else "their enrolment photo"
         lines = [
@@ -408,6 +423,7 @@ class AdvHat(Campaign):
             f"mm between the eye centres (advhat-sticker.png, {self.print_width * 25.4 / width_mm:.0f} dpi); it "
             f"covers {final.covered:.1%} of the face image; optimised on {len(trained_on.names)} photos x "
             f"{self.draws} shooting conditions for {final.steps} steps",
+            *system_lines,
             *skipped,
         ]
         return CampaignReport(
@@ -475,6 +491,16 @@ class AdvHat(Campaign):
 
     def _pose(self, eyes: Tensor, width: float) -> HatPose:
         return forehead_pose(eyes, width, self.bend, math.radians(self.pitch), self.gap)
+
+    @staticmethod
+    def _verdicts(model: FaceRecognizer, images: Tensor, similarity: Tensor) -> list[str] | None:
+        """Where a face system stopped each of ``images`` (``SYSTEM_STAGES``), ``None`` for a single recogniser."""
+        with torch.no_grad():
+            parts = [
+                model.verdicts(batch, s, model.threshold) for batch, s in zip(images.split(16), similarity.split(16))
+            ]
+        found = [stage for part in parts if part is not None for stage in part]
+        return found if len(found) == len(images) else None
 
     @staticmethod
     def _similarity(model: FaceRecognizer, images: Tensor, reference: Tensor) -> Tensor:

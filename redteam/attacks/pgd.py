@@ -44,9 +44,10 @@ class PGD(Attack):
         images = images.detach()
         adversarial = images.clone()
         success = torch.zeros(len(images), dtype=torch.bool, device=images.device)
+        best_loss = torch.full((len(images),), -math.inf, device=images.device)  # over every restart's iterates
         steps_used = torch.zeros(len(images), dtype=torch.long, device=images.device)
         step = self.step_size * budget.eps / self.steps
-        for restart in range(self.restarts):
+        for _ in range(self.restarts):
             active = torch.nonzero(~success).squeeze(1)
             if len(active) == 0:
                 break
@@ -59,6 +60,7 @@ class PGD(Attack):
                 view = diverse_view(self.diversity, generator) if self.diversity else None
                 evaluation, gradient = objective_gradient(goal, x, self.eot, view)
                 steps_used[active] += 1
+                keep_best(adversarial, best_loss, active, x, evaluation.loss)
                 won = evaluation.success
                 if self.early_stop and won.any():  # samples that won stop at this iterate; later steps skip them
                     adversarial[active[won]], success[active[won]] = x[won], True
@@ -75,12 +77,19 @@ class PGD(Attack):
                     velocity = self.momentum * velocity + gradient / l1.view(-1, *([1] * (gradient.dim() - 1)))
                     gradient = velocity
                 x = confine(budget.ascent(gradient, step).add_(x))
-            if len(active):
-                adversarial[active] = x  # the final iterate of the samples still running
-                if restart + 1 < self.restarts:  # the next restart attacks only those it did not fool
-                    with torch.no_grad():
-                        success[active] = goal(x).success
+            if len(active):  # the last step's point competes too: the best iterate is kept, not the last
+                with torch.no_grad():
+                    last = [goal(x) for _ in range(self.eot)]
+                keep_best(adversarial, best_loss, active, x, torch.stack([v.loss for v in last]).mean(0))
+                success[active] = torch.stack([v.success for v in last]).all(0)
         return AttackResult(adversarial, steps_used, objective)
+
+
+def keep_best(best: Tensor, best_loss: Tensor, index: Tensor, x: Tensor, loss: Tensor) -> None:
+    """Where ``loss`` (``[n]``, of points ``x`` of samples ``index``) beats ``best_loss``, make ``x`` the best
+    point (in place)."""
+    better = loss > best_loss[index]
+    best[index[better]], best_loss[index[better]] = x[better].detach(), loss[better]
 
 
 @ATTACKS.register("mim", "momentum iterative method: PGD whose steps follow an accumulated, L1-normalised gradient")

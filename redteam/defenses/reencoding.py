@@ -1,4 +1,5 @@
-"""What a deployed face system does to an image before its models see it: JPEG re-encoding, resizing, blur.
+"""What a deployed face system does to an image before its models see it: JPEG re-encoding, resizing, blur, a
+camera's framing and colour.
 
 They are transforms in front of the target like a defense's (``--intruder jpeg:q=75+resize:0.5`` puts them first
 in the chain), and are attacked the two ways a defense is: non-adaptive (the attack ignores them; they are applied
@@ -10,6 +11,10 @@ survives the system's own re-encoding. A setting without a name is the transform
 - ``resize``: shrunk by ``scale`` (bilinear, antialiased) and enlarged back, as a system that stores small images
   does; differentiable.
 - ``blur``: a Gaussian blur of ``sigma`` pixels (a soft camera or a denoiser); differentiable.
+- ``jitter``: the face framed a little differently on every capture: shifted by up to ``shift`` of the image's side
+  and scaled by up to ``zoom``; differentiable and random (adaptive attacks average over draws: EOT).
+- ``colour``: the light and white balance of every capture: brightness, contrast and saturation each off by up to
+  ``shift``; differentiable and random (EOT).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import io
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kornia.enhance import jpeg_codec_differentiable
+from kornia.enhance import adjust_brightness, adjust_contrast, adjust_saturation, jpeg_codec_differentiable
 from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 from PIL import Image
 from torch import Tensor
 
@@ -92,3 +98,56 @@ class Blur(InputTransform):
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         side = 2 * int(np.ceil(3 * self.sigma)) + 1
         return gaussian_blur2d(images, (side, side), (self.sigma, self.sigma))
+
+
+def _fraction(name: str, value: object, most: float = 1.0) -> float:
+    """``value`` as a float in ``[0, most)``, or a one-line error naming the setting."""
+    if not (isinstance(value, int | float) and 0 <= value < most):
+        raise RedteamError(f"{name} is a fraction in [0, {most:g}), not {value!r}.")
+    return float(value)
+
+
+def _uniform(images: Tensor, generator: torch.Generator | None, most: float, *shape: int) -> Tensor:
+    """``[B, *shape]`` uniform in ``[-most, most]``, drawn from ``generator`` on the images' device."""
+    draw = torch.rand(len(images), *shape, generator=generator, device=images.device, dtype=images.dtype)
+    return (2 * draw - 1) * most
+
+
+@DEFENSES.register("jitter", "the face framed differently on every capture: a random shift and zoom (EOT)")
+class Jitter(InputTransform):
+    """Each image shifted by up to ``shift`` of its side (each axis) and scaled by ``1 ± zoom``, borders repeated;
+    differentiable, a fresh draw per call."""
+
+    name = "jitter"
+    differentiable = True
+    randomised = True
+
+    def __init__(self, shift: float = 0.03, zoom: float = 0.05):
+        super().__init__()
+        self.shift, self.zoom = _fraction("jitter shift", shift, 0.5), _fraction("jitter zoom", zoom)
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        height, width = images.shape[-2:]
+        centre = images.new_tensor([(width - 1) / 2, (height - 1) / 2]).expand(len(images), 2)
+        scale = (1 + _uniform(images, generator, self.zoom, 1)).expand(-1, 2)
+        matrix = get_rotation_matrix2d(centre, images.new_zeros(len(images)), scale)
+        matrix[:, :, 2] += _uniform(images, generator, self.shift, 2) * images.new_tensor([width, height])
+        return warp_affine(images, matrix, (height, width), padding_mode="border", align_corners=True)
+
+
+@DEFENSES.register("colour", "the light of every capture: random brightness, contrast and saturation shifts (EOT)")
+class Colour(InputTransform):
+    """Brightness ``± shift``, contrast and saturation ``× (1 ± shift)``, drawn per image and call; differentiable."""
+
+    name = "colour"
+    differentiable = True
+    randomised = True
+
+    def __init__(self, shift: float = 0.1):
+        super().__init__()
+        self.shift = _fraction("colour shift", shift)
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        brighter = adjust_brightness(images, _uniform(images, generator, self.shift), clip_output=True)
+        contrasted = adjust_contrast(brighter, 1 + _uniform(images, generator, self.shift), clip_output=True)
+        return adjust_saturation(contrasted, 1 + _uniform(images, generator, self.shift)).clamp(0, 1)

@@ -9,7 +9,7 @@ gate, training) import the engine. Plugins never do.
 
 from redteam.engine.assembly import TRANSFER_ATTACK, build_attack, build_defense, load_target, parse_options
 from redteam.engine.campaigns import CampaignRun, finish_campaign, prepare_campaign, run_campaign
-from redteam.engine.checks import Check, checks_of, run_checks
+from redteam.engine.checks import Check, check_rows, checks_of, run_checks
 from redteam.engine.config import EvaluationConfig
 from redteam.engine.evaluation import Evaluation
 from redteam.engine.execute import Executor
@@ -27,6 +27,7 @@ __all__ = [
     "Shard",
     "build_attack",
     "build_defense",
+    "check_rows",
     "checks_of",
     "finish_campaign",
     "load_target",

@@ -139,7 +139,7 @@ class Executor:
         assert isinstance(attack, Attack)
         with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
             result = attack(crafting, images, budget, generator)
-        return Crafted(images, result.images, result.steps, verdict)
+        return Crafted(images, result.images, result.steps, verdict, parts=result.parts)
 
     def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> Computed:
         with drawing_from(self.generator("defense", level, batch_number), self.crafting, self.target):
@@ -150,6 +150,7 @@ class Executor:
         delta = crafted.adversarial - crafted.images
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         queries = crafted.oracle.spent.tolist() if crafted.oracle else [None] * len(batch)
+        parts = crafted.parts or [None] * len(batch)
         rows = [
             result_row(
                 self.cell,
@@ -162,19 +163,16 @@ class Executor:
                 crafted.steps[k],
                 queries[k],
                 stages[k],
+                parts[k] if judged.success[k] else None,
             )  # fmt: skip
             for k, probe in enumerate(batch)
         ]
         return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [])
 
     def stages(self, images: Tensor, scores: Tensor) -> list[str | None]:
-        """Where a face system stopped each image (``SYSTEM_STAGES``): a stage before matching, else whether its
-        score matched; ``None`` each for a single model."""
-        before = self.undefended.stages(images)
-        if before is None:
-            return [None] * len(images)
-        threshold = self.target.threshold
-        return [stage or ("match" if score >= threshold else "no match") for stage, score in zip(before, scores)]
+        """Where a face system stopped each image (``SYSTEM_STAGES``); ``None`` each for a single model."""
+        verdicts = self.undefended.verdicts(images, scores, self.target.threshold)
+        return [None] * len(images) if verdicts is None else list(verdicts)
 
     def _attack_minimal(self, batch: list[Probe], batch_number: int) -> Computed:
         """Each probe's smallest fooling perturbation (``inf`` where the target is not fooled): rows of ``minimal``."""
@@ -267,6 +265,7 @@ class Crafted:
     steps: Tensor
     verdict: Objective
     oracle: Oracle | None = None
+    parts: list[str | None] | None = None  # an ensemble's record of which of its attacks broke each probe
 
 
 def trajectories(oracle: Oracle, batch: list[Probe], eps: float) -> list[dict[str, Any]]:

@@ -157,6 +157,7 @@ def result_row(
     steps,
     queries: int | None = None,
     stage: str | None = None,
+    broken_by: str | None = None,
 ) -> dict[str, Any]:
     """One row of the store's ``results`` table."""
     config = cell.config
@@ -182,6 +183,7 @@ def result_row(
         "inherited": 0,
         "queries": queries,
         "stage": stage,
+        "broken_by": broken_by,
     }
 
 

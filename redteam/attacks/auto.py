@@ -1,0 +1,77 @@
+"""``auto``: an AutoAttack-style ensemble for face threats (Croce & Hein 2020), so that no single attack's tuning
+decides a robustness number. In turn, each only on the probes the ones before left standing:
+
+1. APGD on the threat's margin (gradients; EOT when the target or its defense is random);
+2. APGD again from fresh random starts with twice the steps (what the first run's schedule missed);
+3. Square on the scores (no gradients: what gradient masking hides from the first two).
+
+A probe counts as broken by the first part that fooled it; the store keeps which (``broken_by``) and the report
+counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from redteam.api import ATTACKS, Attack, AttackResult, Budget, Objective, Oracle
+from redteam.attacks.apgd import APGD
+from redteam.attacks.square import Square
+
+#: Names of the ensemble's parts, in the order they run.
+PARTS = ("apgd", "apgd-long", "square")
+
+
+@ATTACKS.register("auto", "AutoAttack-style ensemble: APGD, a longer APGD, then Square, each on what still stands")
+@dataclass
+class Auto(Attack):
+    """``steps``: the first APGD's (the second takes twice as many); ``eot``: gradient draws per APGD step;
+    ``queries``: Square's per probe."""
+
+    name = "auto"
+    supports_eot = True
+    positive = ("steps", "eot", "queries")
+    steps: int = 50
+    eot: int = 1
+    queries: int = 500
+
+    def __call__(
+        self, objective: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None = None
+    ) -> AttackResult:
+        images = images.detach()
+        adversarial = images.clone()
+        steps = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        parts: list[str | None] = [None] * len(images)
+        standing = torch.arange(len(images), device=images.device)
+        for part in PARTS:
+            if len(standing) == 0:
+                break
+            goal = objective.select(standing)
+            if part == "square":
+                found, spent = self._square(goal, images[standing], budget, generator)
+            else:
+                apgd = APGD(steps=self.steps * (2 if part == "apgd-long" else 1), eot=self.eot)
+                result = apgd(goal, images[standing], budget, generator)
+                found, spent = result.images, result.steps
+            steps[standing] += spent
+            with torch.no_grad():
+                fooled = goal(found).success
+            # The first part's best point stands for probes nobody fooled; a fooling point replaces it.
+            if part == PARTS[0]:
+                adversarial[standing] = found
+            adversarial[standing[fooled]] = found[fooled]
+            for position in standing[fooled].tolist():
+                parts[position] = part
+            standing = standing[~fooled]
+        return AttackResult(adversarial, steps, objective, parts)
+
+    def _square(
+        self, goal: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """Square on the scores of ``goal`` -> (its images, queries spent per probe)."""
+        oracle = Oracle(goal, images, "scores", self.queries, budget.norm)
+        drawn = generator if generator is not None else torch.Generator(images.device).manual_seed(0)
+        result = Square()(oracle, images, budget, drawn)
+        return result.images, oracle.spent
