@@ -132,6 +132,13 @@ def run(
             "(non-adaptive), or both (two curves)."
         ),
     ] = "both",
+    recalibrate: Annotated[
+        str | None,
+        typer.Option(
+            help="With --defense: calibration faces (identity folders, not the evaluated ones) on which the defended "
+            "system's threshold is moved to accept impostors as often as the undefended one."
+        ),
+    ] = None,
     intruder: Annotated[
         str | None,
         typer.Option(
@@ -178,6 +185,7 @@ def run(
         identity=identity,
         defense=defense,
         adaptive=adaptivity != "non-adaptive",
+        recalibrate=recalibrate,
     ).resolve()
     crafted_on = f"{config.surrogate.replace(',', '+')}-to-" if config.surrogate else ""
     out = out or Path("runs") / f"{crafted_on}{target}-{attack}-{config.threat}"

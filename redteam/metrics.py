@@ -49,11 +49,8 @@ def verification_report(
     reject_impostor = np.searchsorted(impostor, candidates, side="left") / len(impostor)
     balanced = (accept_genuine + reject_impostor) / 2
     best = int(balanced.argmax())
-    allowed = int(np.floor(far * len(impostor)))  # impostors that may be accepted
     # A rate is measured only where it means several false accepts: at FAR 1e-3, 200 impostor pairs allow none.
-    threshold_far = (
-        float(np.nextafter(impostor[len(impostor) - allowed - 1], np.inf)) if allowed >= MIN_FALSE_ACCEPTS else None
-    )
+    threshold_far = threshold_at_far(impostor, far) if far * len(impostor) >= MIN_FALSE_ACCEPTS else None
     # AUC = P(genuine > impostor) + P(tie) / 2, from ranks
     below = np.searchsorted(impostor, genuine, side="left")
     ties = np.searchsorted(impostor, genuine, side="right") - below
@@ -78,6 +75,13 @@ def verification_report(
         tar_at_far=None if threshold_far is None else float((genuine >= threshold_far).mean()),
         auc=auc,
     )
+
+
+def threshold_at_far(impostor: np.ndarray, far: float) -> float:
+    """The smallest threshold at which at most ``far`` of the ``impostor`` scores are accepted (``score >= t``)."""
+    impostor = np.sort(np.asarray(impostor, float))
+    allowed = int(np.floor(far * len(impostor)))  # impostors that may be accepted
+    return float(np.nextafter(impostor[len(impostor) - allowed - 1], np.inf))
 
 
 def calibration_pairs(
@@ -118,7 +122,20 @@ def calibrate(
     genuine, impostor = calibration_pairs(dataset, impostors, seed)
     if not genuine or not impostor:
         raise RedteamError(f"{dataset.name} gives no genuine or no impostor pairs to calibrate on.")
-    needed = sorted({i for pair in genuine + impostor for i in pair})
+    genuine_scores, impostor_scores = pair_scores(model, dataset, [genuine, impostor], batch_size, advance)
+    current = model.card.threshold if model.threshold_override is None else model.threshold_override
+    return verification_report(genuine_scores, impostor_scores, far, current)
+
+
+def pair_scores(
+    model,
+    dataset: FaceDataset,
+    pair_lists: list[list[tuple[int, int]]],
+    batch_size: int = 32,
+    advance: Callable[[int], None] = lambda n: None,
+) -> list[np.ndarray]:
+    """``model``'s similarity of every pair of dataset indices in each list, each image embedded once."""
+    needed = sorted({i for pairs in pair_lists for pair in pairs for i in pair})
     parts = []
     with torch.no_grad():
         for start in range(0, len(needed), batch_size):
@@ -132,8 +149,7 @@ def calibrate(
         second = [position[b] for _, b in pairs]
         return model.similarity(embeddings[first], embeddings[second]).numpy()
 
-    current = model.card.threshold if model.threshold_override is None else model.threshold_override
-    return verification_report(scores(genuine), scores(impostor), far, current)
+    return [scores(pairs) for pairs in pair_lists]
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,9 @@ class AttackBase(ABC):
     supports_early_stop: ClassVar[bool] = False
     #: Settings that must be above 0 (step counts, step sizes, samples), checked before any work.
     positive: ClassVar[tuple[str, ...]] = ()
+    #: Whole-number settings that buy strength (steps, restarts, EOT draws, queries): the convergence check doubles
+    #: them and re-attacks what still stands (none declared: the check does not run).
+    effort: ClassVar[tuple[str, ...]] = ()
     #: An attack that only queries: its per-probe budget when ``--queries`` is not given (None: not a query attack).
     default_queries: ClassVar[int | None] = None
 

@@ -58,6 +58,7 @@ class APGD(Attack):
     supports_eot = True
     supports_early_stop = True
     positive = ("steps", "restarts", "eot")
+    effort = ("steps", "restarts", "eot")
     steps: int = 50
     restarts: int = 1
     eot: int = 1

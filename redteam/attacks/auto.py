@@ -33,6 +33,7 @@ class Auto(Attack):
     name = "auto"
     supports_eot = True
     positive = ("steps", "eot", "queries")
+    effort = ("steps", "eot", "queries")
     steps: int = 50
     eot: int = 1
     queries: int = 500

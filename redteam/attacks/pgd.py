@@ -22,6 +22,7 @@ class PGD(Attack):
     supports_eot = True
     supports_early_stop = True
     positive = ("steps", "step_size", "restarts", "eot")
+    effort = ("steps", "restarts", "eot")
     steps: int = 10
     step_size: float = 2.5  # per step, in units of eps / steps (Madry et al.'s 2.5 eps / steps)
     random_start: bool = True

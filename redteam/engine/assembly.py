@@ -223,10 +223,12 @@ class InputDefense(nn.Module):
         self.target, self.transforms, self.adaptive = target, nn.ModuleList(transforms), adaptive
         self.card = replace(target.card, name=name)
         self.draws: torch.Generator | None = None
+        self.threshold_override: float | None = None  # a recalibrated threshold of the defended system
 
     @property
     def threshold(self) -> float:
-        return self.target.threshold
+        """The target's, unless the defended system was recalibrated (``threshold_override``)."""
+        return self.threshold_override if self.threshold_override is not None else self.target.threshold
 
     def defend(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` -> what the target sees, ``[B, 3, H, W]``."""

@@ -12,13 +12,14 @@ from typing import cast
 import pandas as pd
 import torch
 
-from redteam.api import Budget, Norm, Objective, Oracle, Target, grants, objective_gradient
+from redteam.api import Attack, Budget, FaceRecognizer, Norm, Objective, Oracle, Target, grants, objective_gradient
 from redteam.attacks.pgd import PGD
 from redteam.attacks.random_search import RandomSearch
 from redteam.budgets import display_eps
 from redteam.engine.assembly import drawing_from
 from redteam.engine.evaluation import Evaluation
 from redteam.engine.execute import Executor
+from redteam.engine.operating import accept_rates
 from redteam.engine.plan import Cell
 from redteam.results import accuracy_curve
 from redteam.runtime import seeded_generator
@@ -63,6 +64,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
     sample = [p for p in cell.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
     checks = [_monotone(accuracy_curve(own[own["eps"].isin(cell.budgets)]))]
     checks += _operating_point(cell, own, executor.target)
+    checks += _defended_operating_point(cell, executor)
     if sample:
         images = cell.dataset.load([p.image for p in sample]).to(executor.device)
         crafting, verdict = executor.objectives(sample)
@@ -77,6 +79,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
                     unbounded_check(crafting, images, norm, generator, eot),
                 ]
             checks.append(_beats_noise(cell, own, verdict, images, sample))
+            checks += _converged(cell, own, crafting, verdict, images, sample, executor.generator("converged"))
             if cell.queries and cell.budgets[-1] > 0:
                 checks.append(_beats_random_search(cell, own, verdict, images, sample))
                 if white_box:  # the target's own gradients, not the surrogates' a transfer start was crafted on
@@ -102,6 +105,38 @@ def _operating_point(cell: Cell, own: pd.DataFrame, target: Target) -> list[Chec
     if not passed:
         detail += "; is the threshold right? A cosine threshold is in [-1, 1], an L2 one a distance such as 0.6"
     return [Check("operating point", passed, detail)]
+
+
+#: How much more often than the undefended system a defended one may accept impostors before it is flagged.
+FALSE_ACCEPT_MARGIN = 0.1
+
+
+def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
+    """A defended recogniser's genuine and false accept rates on the cell's faces, next to the undefended one's: a
+    defense that makes it accept impostors buys dodging robustness with them (flagged; ``--recalibrate`` fixes its
+    threshold)."""
+    config = cell.config
+    if config.defense == "none" or config.threat not in ("dodging", "impersonation"):
+        return []
+    if not isinstance(executor.undefended, FaceRecognizer):
+        return []
+    rates = {
+        name: accept_rates(model, cell.dataset, config.seed, executor.generator("operating"), executor.batch_size)
+        for name, model in (("defended", executor.target), ("undefended", executor.undefended))
+    }
+    defended, plain = rates["defended"], rates["undefended"]
+    passed = defended.impostor <= plain.impostor + FALSE_ACCEPT_MARGIN
+    moved = ""
+    if executor.recalibration is not None:
+        moved = f", recalibrated on {config.recalibrate} to false accepts {executor.recalibration[1]:.1%} there"
+    detail = (
+        f"on {defended.pairs} genuine and {defended.pairs} impostor pairs: defended at "
+        f"{executor.target.threshold_text()}{moved} accepts {defended.genuine:.0%} genuine, {defended.impostor:.0%} "
+        f"impostors; undefended at {executor.undefended.threshold_text()}: {plain.genuine:.0%}, {plain.impostor:.0%}"
+    )
+    if not passed:
+        detail += "; it accepts impostors it should not, so its dodging robustness is not robustness: --recalibrate"
+    return [Check("defended operating point", passed, detail)]
 
 
 def _monotone(curve: pd.DataFrame) -> Check:
@@ -146,6 +181,37 @@ def _beats_noise(cell: Cell, own: pd.DataFrame, verdict: Objective, images: torc
     if not passed:
         detail += "; the attack does no better than noise: is it attacking at all?"
     return Check("beats noise", passed, detail)
+
+
+def _converged(
+    cell: Cell, own: pd.DataFrame, crafting: Objective, verdict: Objective, images: torch.Tensor, sample, generator
+) -> list[Check]:
+    """Twice the effort (the attack's declared ``effort`` settings doubled; EOT only where it draws already) on the
+    probes that still stand, at the budget where the checks' probes are nearest half fooled: if more than one more
+    of them falls, the attack had not converged and its curve overstates robustness."""
+    attack = cell.attack
+    if not isinstance(attack, Attack) or not attack.effort:
+        return []
+    stored = own.set_index(["eps", "probe"])["correct"].astype(bool)
+    standing = {eps: [k for k, p in enumerate(sample) if stored.get((eps, p.key), False)] for eps in cell.budgets}
+    budgets = [eps for eps in cell.budgets if eps > 0 and standing[eps]]
+    if not budgets:
+        return [Check("converged", True, "nothing stands at any budget above 0")]
+    eps = min(budgets, key=lambda e: abs(len(standing[e]) / len(sample) - 0.5))
+    doubled = {s: 2 * getattr(attack, s) for s in attack.effort if s != "eot" or getattr(attack, s) > 1}
+    stronger = replace(attack, **doubled)
+    index = torch.tensor(standing[eps], device=images.device)
+    norm = cast(Norm, cell.config.norm)
+    result = stronger(crafting.select(index), images[index], Budget(norm, eps), generator)
+    with torch.no_grad():
+        fallen = int(verdict.select(index)(result.images).success.sum())
+    before = len(standing[eps]) / len(sample)
+    after = (len(standing[eps]) - fallen) / len(sample)
+    effort = ", ".join(f"{s} {v}" for s, v in doubled.items())
+    detail = f"at ε {display_eps(eps, norm):g}: {before:.0%} of the checks' probes stand; with {effort}: {after:.0%}"
+    if fallen > 1:
+        detail += "; the attack had not converged: raise its steps (the curve overstates robustness)"
+    return [Check("converged", fallen <= 1, detail)]
 
 
 def _attacked_accuracy(cell: Cell, own: pd.DataFrame, sample) -> tuple[float, float]:

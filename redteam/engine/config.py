@@ -30,7 +30,9 @@ RESULTS_VERSION = 1
 #: Settings that choose what and how much is computed, not what a given probe's result is.
 NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
-KEY_DEFAULTS: dict[str, Any] = {"precision": "fp32", "skip_bad_images": False, "access": "gradients", "queries": None}
+KEY_DEFAULTS: dict[str, Any] = {
+    "precision": "fp32", "skip_bad_images": False, "access": "gradients", "queries": None, "recalibrate": None,
+}  # fmt: skip
 
 
 @dataclass
@@ -65,6 +67,7 @@ class EvaluationConfig:
     skip_bad_images: bool = False  # leave out images a face model cannot use (listed), instead of stopping
     access: str = "auto"  # what the target shows the attacker: gradients, scores or decisions (auto: all it offers)
     queries: int | None = None  # per-probe query budget of a query attack (None: the attack's own default)
+    recalibrate: str | None = None  # faces to move a defended system's threshold on (its own false accept rate)
 
     @property
     def attack_class(self) -> type[AttackBase]:

@@ -21,6 +21,7 @@ from torch import Tensor
 from redteam.api import (
     Attack,
     Budget,
+    FaceRecognizer,
     MinimalAttack,
     MinimalQueryAttack,
     Oracle,
@@ -29,6 +30,7 @@ from redteam.api import (
     Target,
     perturbation_size,
 )
+from redteam.datasets import FaceDataset, open_dataset
 from redteam.engine.assembly import (
     DECISION_START_EPS,
     TRANSFER_ATTACK,
@@ -39,6 +41,7 @@ from redteam.engine.assembly import (
     wrap_model,
 )
 from redteam.engine.config import instantiate
+from redteam.engine.operating import recalibrated_threshold
 from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
 from redteam.results import QueryLedger
@@ -67,8 +70,23 @@ class Executor:
             crafting = behind_transforms(crafting, config, cell.defense, adaptive=True)
         self.crafting = crafting
         self.batch_size = self._batch_size()
+        self.recalibration: tuple[float, float] | None = None  # (threshold, false accept rate) when recalibrated
+        if config.recalibrate:
+            self._recalibrate(open_dataset(config.recalibrate, align=config.align, skip_bad=config.skip_bad_images))
         self.enrolment = self._enrol(self.target)
         self.crafting_enrolment = self.enrolment if crafting is self.target else self._enrol(crafting)
+
+    def _recalibrate(self, faces: FaceDataset) -> None:
+        """Move the defended system's threshold (the judge's, and the attacker's view of it) to where it accepts
+        ``faces``' impostors as often as the undefended one does at its own."""
+        if self.cell.config.defense == "none" or not isinstance(self.undefended, FaceRecognizer):
+            raise RedteamError("--recalibrate moves a defended recogniser's threshold: give it a --defense.")
+        threshold, far = recalibrated_threshold(
+            self.target, self.undefended, faces, self.generator("recalibrate"), self.batch_size
+        )
+        for model in {id(m): m for m in (self.target, self.crafting) if m is not self.undefended}.values():
+            model.threshold_override = threshold
+        self.recalibration = threshold, far
 
     def _batch_size(self) -> int:
         requested = self.cell.config.batch_size

@@ -1,0 +1,49 @@
+"""A defended system judged at its own operating point: a defense that makes the recogniser accept impostors is
+flagged by the checks, and `--recalibrate` (on calibration faces) moves its threshold back to the undefended false
+accept rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import shared_path
+
+from redteam.metrics import threshold_at_far
+from redteam.results import ResultStore
+
+
+def test_threshold_at_far_accepts_at_most_that_share_of_impostors():
+    impostor = np.linspace(0, 1, 101)
+    for far in (0.0, 0.05, 0.5):
+        threshold = threshold_at_far(impostor, far)
+        assert (impostor >= threshold).mean() <= far
+        assert (impostor >= np.nextafter(threshold, -np.inf) - 0.01).mean() > far  # and no higher than it must be
+
+
+@pytest.fixture(scope="module")
+def calibration_faces(tmp_path_factory):
+    """12 identities of faces-train, the calibration faces (disjoint from the evaluated ones)."""
+    train, root = shared_path("data", "faces-train"), tmp_path_factory.mktemp("calibration")
+    for identity in sorted(p for p in train.iterdir() if p.is_dir())[:12]:
+        (root / identity.name).symlink_to(identity, target_is_directory=True)
+    return root
+
+
+def _operating_check(run):
+    checks = ResultStore(run / "results.sqlite").checks().set_index("name")
+    return checks.loc["defended operating point"]
+
+
+def test_a_defense_that_accepts_everyone_is_flagged_and_recalibration_moves_its_threshold(
+    cli, faces_root, calibration_faces, tmp_path
+):
+    # Shrinking every face to 10 px makes all faces alike: the recogniser then matches anyone with anyone.
+    command = ("run", "--target", "arcface", "--attack", "pgd", "--defense", "resize:0.04", "--adaptivity",
+               "adaptive", "--data", faces_root, "--limit", 2, "--eps", "0,2", "--steps", 1)  # fmt: skip
+    assert cli(*command, "--out", tmp_path / "as-is") == 0
+    flagged = _operating_check(tmp_path / "as-is")
+    assert not flagged["passed"] and "accepts impostors it should not" in flagged["detail"]
+    assert cli(*command, "--recalibrate", calibration_faces, "--out", tmp_path / "recalibrated") == 0
+    moved = _operating_check(tmp_path / "recalibrated")
+    assert moved["passed"] and f"recalibrated on {calibration_faces}" in moved["detail"]
+    assert "at cosine 0.3646" not in moved["detail"].split(";")[0].split("accepts")[0]  # a new threshold
