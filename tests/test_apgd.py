@@ -109,3 +109,12 @@ def test_an_attack_that_does_nothing_is_flagged_by_beats_noise(cli, capsys, face
     checks = ResultStore(tmp_path / "results.sqlite").checks().set_index("name")
     assert not checks.loc["beats noise", "passed"]
     assert "no better than noise" in checks.loc["beats noise", "detail"]
+
+
+def test_an_attack_stopped_too_soon_is_flagged_by_the_convergence_check(cli, faces_root, tmp_path):
+    # APGD with one step only looks at its random start: twice that effort takes a real step and fools more.
+    command = ("run", "--target", "arcface", "--attack", "apgd", "--data", faces_root, "--limit", 4, "--eps", "0,2",
+               "--steps", 1, "--out", tmp_path)  # fmt: skip
+    assert cli(*command) == 0
+    converged = ResultStore(tmp_path / "results.sqlite").checks().set_index("name").loc["converged"]
+    assert not converged["passed"] and "with steps 2, restarts 2" in converged["detail"]

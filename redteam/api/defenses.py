@@ -2,7 +2,8 @@
 
 - an input transform (:class:`InputTransform`): images -> images in front of any target (halftoning, a purifier).
   ``forward`` is the real defense, as deployed; ``surrogate`` is a differentiable stand-in that adaptive attacks
-  use in the backward pass where ``forward`` has no useful gradient (BPDA, Athalye et al. 2018). A transform that
+  use in the backward pass where ``forward`` has no useful gradient (BPDA, Athalye et al. 2018); adaptive attacks
+  try it and a second opinion (:meth:`InputTransform.surrogates`), worst case per probe. A transform that
   is itself differentiable says so (``differentiable = True``) and is attacked through directly. A transform that
   draws randomness per call says so (``randomised = True``), draws it from the generator it is given (so runs
   redraw the same), and is attacked with EOT.
@@ -15,11 +16,13 @@ Adding a defense = one file in ``redteam/defenses/`` (or a package's ``redteam.d
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from kornia.filters import gaussian_blur2d
 from torch import Tensor, nn
 
 from redteam.api.targets import Target
@@ -44,6 +47,8 @@ class InputTransform(nn.Module, ABC):
     differentiable: ClassVar[bool] = False
     #: ``forward`` draws randomness on every call (from ``generator``): adaptive attacks average over draws (EOT).
     randomised: ClassVar[bool] = False
+    #: What :meth:`surrogate` is, in reports ("identity" unless a transform overrides it).
+    surrogate_name: ClassVar[str] = "identity"
 
     @abstractmethod
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -62,12 +67,31 @@ class InputTransform(nn.Module, ABC):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
-    def bpda(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``forward``'s value with ``surrogate``'s gradient (or ``forward`` itself when it is differentiable)."""
+    def surrogates(self) -> dict[str, Callable[[Tensor], Tensor]]:
+        """The differentiable stand-ins adaptive attacks try in turn, by name: :meth:`surrogate`, and a second
+        opinion (the identity; where :meth:`surrogate` is the identity, the identity seen through a slight blur),
+        since no single assumed surrogate can be trusted to carry the gradient (Tramèr et al. 2020)."""
+        if self.surrogate_name == "identity":
+            return {"identity": self.surrogate, "smoothed": smoothed}
+        return {self.surrogate_name: self.surrogate, "identity": lambda images: images}
+
+    def bpda(self, images: Tensor, generator: torch.Generator | None = None, surrogate: str | None = None) -> Tensor:
+        """``forward``'s value with the gradient of ``surrogate`` (a name of :meth:`surrogates`; default
+        :meth:`surrogate`), or ``forward`` itself when it is differentiable."""
         if self.differentiable:
             return self(images, generator)
-        smooth = self.surrogate(images)
+        smooth = (self.surrogates()[surrogate] if surrogate else self.surrogate)(images)
         return smooth + (self(images, generator) - smooth).detach()
+
+
+#: The blur, in pixels, of the "smoothed" stand-in: the image as it looks a couple of pixels away.
+SMOOTHED_SIGMA = 1.0
+
+
+def smoothed(images: Tensor) -> Tensor:
+    """``[B, 3, H, W]`` -> the same, blurred by a Gaussian of :data:`SMOOTHED_SIGMA` pixels (differentiable)."""
+    side = 2 * math.ceil(3 * SMOOTHED_SIGMA) + 1
+    return gaussian_blur2d(images, (side, side), (SMOOTHED_SIGMA, SMOOTHED_SIGMA), border_type="reflect")
 
 
 class ModelWrapper(ABC):

@@ -173,6 +173,7 @@ class LQVAE(InputTransform):
 
     name = "lqvae"
     differentiable = False  # the binary quantiser has zero gradient: attacks use the surrogate (BPDA)
+    surrogate_name = "expected decoder"
     randomised = True  # the latent is sampled on every call: attacks average over draws (EOT)
 
     def __init__(self, path: Path | str | None = None):

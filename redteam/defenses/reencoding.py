@@ -39,6 +39,7 @@ class Jpeg(InputTransform):
     """JPEG compression and decompression at quality ``q`` (1-100), as a system re-encodes uploads."""
 
     name = "jpeg"
+    surrogate_name = "differentiable jpeg"
 
     def __init__(self, q: int = 75):
         super().__init__()

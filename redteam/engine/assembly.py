@@ -224,6 +224,16 @@ class InputDefense(nn.Module):
         self.card = replace(target.card, name=name)
         self.draws: torch.Generator | None = None
         self.threshold_override: float | None = None  # a recalibrated threshold of the defended system
+        self.variant = 0  # which of :meth:`surrogate_variants` the BPDA view uses
+
+    def surrogate_variants(self) -> list[str]:
+        """The BPDA stand-ins an adaptive attack tries, one combination per entry (the k-th surrogate of every
+        transform that needs one), named for the store; empty when none is needed or the view is the deployed one."""
+        transforms = [t for t in self.transforms if isinstance(t, InputTransform)]
+        names = [list(t.surrogates()) for t in transforms if not t.differentiable]
+        if not self.adaptive or not names:
+            return []
+        return ["+".join(each[k % len(each)] for each in names) for k in range(max(map(len, names)))]
 
     @property
     def threshold(self) -> float:
@@ -234,7 +244,11 @@ class InputDefense(nn.Module):
         """``[B, 3, H, W]`` -> what the target sees, ``[B, 3, H, W]``."""
         for transform in self.transforms:
             assert isinstance(transform, InputTransform)
-            images = transform.bpda(images, self.draws) if self.adaptive else transform(images, self.draws)
+            if not self.adaptive:
+                images = transform(images, self.draws)
+                continue
+            names = [] if transform.differentiable else list(transform.surrogates())
+            images = transform.bpda(images, self.draws, names[self.variant % len(names)] if names else None)
         return images
 
 

@@ -6,17 +6,30 @@ a broken attack, a mislabelled run) and it travels with the results into reports
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import cast
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from redteam.api import Attack, Budget, FaceRecognizer, Norm, Objective, Oracle, Target, grants, objective_gradient
+from redteam.api import (
+    Attack,
+    Budget,
+    FaceRecognizer,
+    InputTransform,
+    Norm,
+    Objective,
+    Oracle,
+    Target,
+    grants,
+    objective_gradient,
+)
 from redteam.attacks.pgd import PGD
 from redteam.attacks.random_search import RandomSearch
 from redteam.budgets import display_eps
-from redteam.engine.assembly import drawing_from
+from redteam.engine.assembly import InputDefense, drawing_from
 from redteam.engine.evaluation import Evaluation
 from redteam.engine.execute import Executor
 from redteam.engine.operating import accept_rates
@@ -78,6 +91,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
                     gradient_check(crafting, images),
                     unbounded_check(crafting, images, norm, generator, eot),
                 ]
+                checks += surrogate_checks(executor.crafting, images[:2])
             checks.append(_beats_noise(cell, own, verdict, images, sample))
             checks += _converged(cell, own, crafting, verdict, images, sample, executor.generator("converged"))
             if cell.queries and cell.budgets[-1] > 0:
@@ -163,6 +177,58 @@ def unbounded_check(
     result = PGD(steps=20, eot=eot)(objective, images, Budget(norm, UNBOUNDED[norm]), generator)
     accuracy = 1 - result.success.float().mean().item()
     return Check("unbounded", accuracy <= 0.1, f"accuracy {accuracy:.0%} under an unbounded PGD-20 (expect ~0%)")
+
+
+#: A BPDA stand-in whose derivatives correlate less than this with the real transform's is flagged.
+MIN_CORRELATION = 0.5
+#: The read-out the correlation compares: means over blocks of this many pixels (a halftone is defined there, not
+#: per dot), along smooth random directions (noise at 1/16 of the size, enlarged), with central differences of
+#: this step.
+READOUT_BLOCK, DIRECTION_SCALE, DIFFERENCE_STEP, DIRECTIONS = 16, 16, 8 / 255, 3
+
+
+def surrogate_checks(model: Target, images: torch.Tensor) -> list[Check]:
+    """For each BPDA stand-in an adaptive attack uses, the correlation (in float64) between its directional
+    derivatives and central finite differences of the real transform, read out as block means: a stand-in that
+    does not move the way the transform does carries no useful gradient, and the adaptive curve overstates
+    robustness."""
+    if not isinstance(model, InputDefense) or not model.adaptive:
+        return []
+    checks = []
+    for transform in model.transforms:
+        assert isinstance(transform, InputTransform)
+        if transform.differentiable:
+            continue
+        for name in transform.surrogates():
+            r = surrogate_correlation(transform, name, images)
+            detail = f"correlation {r:.2f} with finite differences of the real {transform.name} (float64, block means)"
+            checks.append(Check(f"BPDA {transform.name}: {name}", r >= MIN_CORRELATION, detail))
+    return checks
+
+
+def surrogate_correlation(transform: InputTransform, surrogate: str, images: torch.Tensor) -> float:
+    """Correlation between ``transform``'s stand-in ``surrogate``'s directional derivatives at ``images`` and
+    central differences of ``transform`` itself (a randomised one draws the same for both sides), in float64."""
+    exact = copy.deepcopy(transform).double()
+    stand_in, x = exact.surrogates()[surrogate], images.detach().double()
+    generator = torch.Generator(x.device).manual_seed(0)
+
+    def read(z: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(z, READOUT_BLOCK)
+
+    differences, derivatives = [], []
+    for _ in range(DIRECTIONS):
+        coarse = (len(x), 3, max(1, x.shape[2] // DIRECTION_SCALE), max(1, x.shape[3] // DIRECTION_SCALE))
+        direction = torch.randn(coarse, generator=generator, device=x.device, dtype=x.dtype)
+        direction = F.interpolate(direction, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        shifted = [(x + sign * DIFFERENCE_STEP * direction).clamp(0, 1) for sign in (1, -1)]
+        with torch.no_grad():  # the same draw on both sides: the difference is the transform's, not its noise's
+            up, down = (read(exact(z, torch.Generator(x.device).manual_seed(1))) for z in shifted)
+        differences.append(((up - down) / (2 * DIFFERENCE_STEP)).flatten())
+        moved = (shifted[0] - shifted[1]) / (2 * DIFFERENCE_STEP)  # the direction as clipping to [0, 1] left it
+        _, derivative = torch.autograd.functional.jvp(lambda z: read(stand_in(z)), x, moved)
+        derivatives.append(derivative.flatten())
+    return float(torch.corrcoef(torch.stack([torch.cat(differences), torch.cat(derivatives)]))[0, 1])
 
 
 def _beats_noise(cell: Cell, own: pd.DataFrame, verdict: Objective, images: torch.Tensor, sample) -> Check:

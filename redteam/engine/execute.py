@@ -34,6 +34,7 @@ from redteam.datasets import FaceDataset, open_dataset
 from redteam.engine.assembly import (
     DECISION_START_EPS,
     TRANSFER_ATTACK,
+    InputDefense,
     behind_transforms,
     drawing_from,
     load_crafting_model,
@@ -155,9 +156,50 @@ class Executor:
                 found = attack(oracle, images, budget, generator)
             return Crafted(images, found.images, oracle.spent, verdict, oracle)
         assert isinstance(attack, Attack)
-        with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
-            result = attack(crafting, images, budget, generator)
-        return Crafted(images, result.images, result.steps, verdict, parts=result.parts)
+        adversarial, steps, parts = self._through_surrogates(attack, crafting, verdict, images, budget, generator)
+        return Crafted(images, adversarial, steps, verdict, parts=parts)
+
+    def _through_surrogates(
+        self,
+        attack: Attack,
+        crafting: Objective,
+        verdict: Objective,
+        images: Tensor,
+        budget: Budget,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, Tensor, list[str | None] | None]:
+        """A gradient attack, adaptive through every BPDA stand-in the defense offers in turn, each only on the
+        probes the ones before left standing (worst case per probe) -> (images, steps, what broke each probe)."""
+        model = self.crafting
+        variants = model.surrogate_variants() if isinstance(model, InputDefense) else []
+        if len(variants) < 2:
+            with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
+                result = attack(crafting, images, budget, generator)
+            return result.images, result.steps, result.parts
+        assert isinstance(model, InputDefense)
+        adversarial, steps = images.clone(), torch.zeros(len(images), dtype=torch.long, device=images.device)
+        parts: list[str | None] = [None] * len(images)
+        standing = torch.arange(len(images), device=images.device)
+        for number, surrogate in enumerate(variants):
+            model.variant = number
+            try:
+                with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
+                    result = attack(crafting.select(standing), images[standing], budget, generator)
+            finally:
+                model.variant = 0
+            with torch.no_grad():
+                fooled = verdict.select(standing)(result.images).success
+            if number == 0:  # the first stand-in's best points stand for probes nothing fools
+                adversarial[standing] = result.images
+            adversarial[standing[fooled]] = result.images[fooled]
+            steps[standing] += result.steps
+            found = result.parts or [None] * len(standing)
+            for position, k in zip(standing[fooled].tolist(), torch.nonzero(fooled).squeeze(1).tolist()):
+                parts[position] = f"{found[k] or attack.name} via {surrogate}"
+            standing = standing[~fooled]
+            if len(standing) == 0:
+                break
+        return adversarial, steps, parts
 
     def _evaluate_batch(self, batch: list[Probe], eps: float, level: int, batch_number: int) -> Computed:
         with drawing_from(self.generator("defense", level, batch_number), self.crafting, self.target):
