@@ -34,6 +34,7 @@ from redteam.console import Tracker
 from redteam.engine import Evaluation, EvaluationConfig
 from redteam.engine.assembly import drawing_from
 from redteam.errors import RedteamError
+from redteam.metrics import wilson_interval
 from redteam.plots import plot_curves  # also selects matplotlib's headless backend before pyplot draws
 from redteam.results import ResultStore, curve_area, transfer_tables
 
@@ -82,6 +83,7 @@ class Report:
     figures: dict[str, str]  # target -> base64 PNG of its curves
     sweeps: list[str]  # the commands that made sweep folders
     transfer: list[dict[str, Any]] = field(default_factory=list)  # transfer matrices: title, targets, rows
+    verdicts: list[dict[str, Any]] = field(default_factory=list)  # claimed vs adaptive robustness, per defense
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the images."""
@@ -216,7 +218,53 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         figures={},
         sweeps=sweeps,
         transfer=transfer,
+        verdicts=defense_verdicts(cells, columns),
     )
+
+
+def defense_verdicts(cells: list[CellSummary], columns: list[str]) -> list[dict[str, Any]]:
+    """Per defended system (target, defense, threat, norm, dataset): the claim (the strongest non-adaptive
+    attack), the default adaptive attack (``auto`` where it ran) and the strongest adaptive attack found, per
+    budget; the defense "holds" at a budget only where the strongest stays within the default's 95% interval."""
+    groups: dict[tuple[str, ...], list[CellSummary]] = {}
+    for cell in cells:
+        if cell.defense != "none" and cell.surrogate == cell.target:
+            key = (cell.target, cell.defense.rsplit(" (", 1)[0], cell.threat, cell.norm, cell.dataset)
+            groups.setdefault(key, []).append(cell)
+    verdicts = []
+    for (target, defense, threat, norm, dataset), group in groups.items():
+        adaptive = [c for c in group if c.defense.endswith("(adaptive)")]
+        claimed = [c for c in group if c not in adaptive]
+        if not adaptive:
+            continue
+        default = next((c for c in adaptive if c.attack == "auto"), adaptive[0])
+        rows: list[dict[str, Any]] = []
+        for label, chosen in (("claimed (non-adaptive)", claimed), (f"default adaptive ({default.attack})", [default])):
+            if chosen:
+                weakest = [_weakest(chosen, column) for column in columns]
+                rows.append({"label": label, "accuracy": [a for a, _ in weakest], "attacks": [None] * len(columns)})
+        strongest = [_weakest(adaptive, column) for column in columns]
+        rows.append({
+            "label": "strongest adaptive found",
+            "accuracy": [accuracy for accuracy, _ in strongest],
+            "attacks": [attack for _, attack in strongest],
+        })  # fmt: skip
+        holds: list[str | None] = []
+        for column, (accuracy, _) in zip(columns, strongest):
+            found = default.robust.get(column)
+            if found is None or accuracy is None:
+                holds.append(None)
+                continue
+            low, _ = wilson_interval(found, default.probes)
+            holds.append("holds" if accuracy >= low else "overstated")
+        verdicts.append({"title": f"{target} + {defense}, {threat} ({norm}, {dataset})", "rows": rows, "holds": holds})
+    return verdicts
+
+
+def _weakest(cells: list[CellSummary], column: str) -> tuple[float | None, str | None]:
+    """The lowest accuracy any of ``cells`` reached at ``column``, and the attack that reached it."""
+    reached = [(c.robust[column], c.attack) for c in cells if c.robust.get(column) is not None]
+    return min(reached, key=lambda pair: pair[0]) if reached else (None, None)  # type: ignore[arg-type,return-value]
 
 
 def _number(value: Any) -> float | None:

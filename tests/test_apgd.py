@@ -97,8 +97,13 @@ def test_auto_is_the_default_against_a_defense_and_its_parts_are_counted(cli, ca
     adaptive = [key for key, config in store.cells().items() if config["adaptive"]]
     checks = store.checks()
     assert checks.query("name == 'adaptive beats non-adaptive'")["cell"].tolist() == adaptive
-    assert cli("report", run, "--out", report) == 0
-    assert "Probes each part of auto broke" in (report / "report.md").read_text()
+    assert cli("report", run, "--out", report, "--examples", 0) == 0
+    markdown = (report / "report.md").read_text()
+    assert "Probes each part of auto broke" in markdown
+    # The defense's verdict table: the claim, the default adaptive attack, the strongest found, and the verdict.
+    verdict = markdown.split("### arcface + blur:1, dodging")[1].split("##")[0]
+    for row in ("claimed (non-adaptive)", "default adaptive (auto)", "strongest adaptive found", "verdict"):
+        assert f"| {row} |" in verdict
 
 
 def test_an_attack_that_does_nothing_is_flagged_by_beats_noise(cli, capsys, faces_root, tmp_path):

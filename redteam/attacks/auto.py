@@ -32,11 +32,13 @@ class Auto(Attack):
 
     name = "auto"
     supports_eot = True
+    supports_early_stop = True
     positive = ("steps", "eot", "queries")
     effort = ("steps", "eot", "queries")
     steps: int = 50
     eot: int = 1
     queries: int = 500
+    early_stop: bool = True  # APGD stops each probe once it is fooled (off when another model judges)
 
     def __call__(
         self, objective: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None = None
@@ -53,7 +55,8 @@ class Auto(Attack):
             if part == "square":
                 found, spent = self._square(goal, images[standing], budget, generator)
             else:
-                apgd = APGD(steps=self.steps * (2 if part == "apgd-long" else 1), eot=self.eot)
+                length = self.steps * (2 if part == "apgd-long" else 1)
+                apgd = APGD(steps=length, eot=self.eot, early_stop=self.early_stop)
                 result = apgd(goal, images[standing], budget, generator)
                 found, spent = result.images, result.steps
             steps[standing] += spent

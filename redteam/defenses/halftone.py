@@ -13,9 +13,11 @@ Each colour channel becomes a binary (0/1) image whose local density of ones fol
 The paper feeds the halftone to a classifier retrained on halftones; a pretrained recogniser here sees it as is,
 so ``sigma > 0`` adds an optional Gaussian low-pass (a density read-out) before the target.
 
-BPDA surrogate: the identity. A halftone preserves local means (it is the image plus high-frequency dot noise), and
-the recogniser's own resize already averages over dots, so the identity is the differentiable function closest to
-the halftone at the scale the model sees; a smooth surrogate (e.g. a blur) would be a worse approximation.
+BPDA stand-ins: the identity, since a halftone preserves local means (it is the image plus high-frequency dot
+noise), and a slightly blurred identity as the second opinion adaptive attacks also try. Neither is assumed good:
+the recogniser does not average the dots away (FaceNet crops 140 px of the photo and enlarges it to 160 without
+any low-pass), so the checks compare each stand-in's derivatives with finite differences of the halftone's block
+means.
 """
 
 from __future__ import annotations
