@@ -281,6 +281,10 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     if stages:
         summary["stages"] = stages
         console.print(escape(f"where {config.target} stopped the attacked probes: {stages}"), highlight=False)
+    liveness = evaluation.store.liveness_summary().get(cell.key)
+    if liveness:
+        summary["liveness"] = liveness
+        console.print(escape(f"liveness scores of the attacked probes: {liveness}"), highlight=False)
     broken_by = evaluation.store.ensemble_summary().get(cell.key)
     if broken_by:
         summary["broken_by"] = broken_by

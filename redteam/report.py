@@ -70,6 +70,7 @@ class CellSummary:
     ledger: str = ""  # a deployed target's queries: sent, retries, answered from the ledger, latency
     stages: str = ""  # a face system's verdicts on the attacked probes by stage, per budget
     broken_by: str = ""  # an ensemble attack's parts: how many probes each broke, per budget
+    liveness: str = ""  # a face system's liveness scores of the attacked probes, per budget
 
 
 @dataclass
@@ -150,7 +151,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     for run in runs:
         store = open_store(run)
         configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
-        stages, broken_by = store.stage_summary(), store.ensemble_summary()
+        stages, broken_by, liveness = store.stage_summary(), store.ensemble_summary(), store.liveness_summary()
         for title, table in transfer_tables(store.frame()):
             rows = [{"surrogate": str(s), "accuracy": [_number(a) for a in row]} for s, row in table.iterrows()]
             transfer.append({"title": f"{title} ({run})", "targets": [str(t) for t in table.columns], "rows": rows})
@@ -186,6 +187,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     ledger=ledgers.get(str(cell), ""),
                     stages=stages.get(str(cell), ""),
                     broken_by=broken_by.get(str(cell), ""),
+                    liveness=liveness.get(str(cell), ""),
                 )
             )
     if not cells:

@@ -44,6 +44,7 @@ RESULT_COLUMNS: dict[str, str] = {
     "queries": "INTEGER",  # a query attack's queries for this probe (empty for attacks that do not query)
     "stage": "TEXT",  # a face system's verdict on the image by stage (SYSTEM_STAGES); empty for a single model
     "broken_by": "TEXT",  # the part of an ensemble attack (auto) that fooled the system; empty otherwise
+    "liveness": "REAL",  # a face system's liveness score of the face it found; empty without a liveness check
 }
 #: Where a face system stopped an image, in the order it looks: no face found, flagged by its liveness check, not
 #: matched, or accepted as a match.
@@ -58,7 +59,7 @@ TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries":
                       "l2": "REAL"}  # fmt: skip
 #: Columns added since stores were first written, with their types: added to older stores when opened.
 ADDED_COLUMNS = {
-    "results": {"queries": "INTEGER", "stage": "TEXT", "broken_by": "TEXT"},
+    "results": {"queries": "INTEGER", "stage": "TEXT", "broken_by": "TEXT", "liveness": "REAL"},
     "minimal": {"queries": "INTEGER"},
     "ledger": {"hits": "INTEGER"},
 }
@@ -182,6 +183,22 @@ class ResultStore:
     def stage_summary(self) -> dict[str, str]:
         """Per cell of a face system, one line: at each budget, how many attacked probes stopped at each stage."""
         return self._breakdown("stage", SYSTEM_STAGES)
+
+    def liveness_summary(self) -> dict[str, str]:
+        """Per cell of a face system with a liveness check, one line: at each budget, the attacked probes' mean
+        liveness score and how many the check flagged."""
+        frame = self.frame()
+        if "liveness" not in frame:
+            return {}
+        lines = {}
+        for cell, rows in frame[frame["liveness"].notna() & (frame["eps"] > 0)].groupby("cell"):
+            parts = []
+            for eps, at in rows.groupby("eps"):
+                shown = eps * 255 if at["norm"].iloc[0] == "linf" else eps
+                flagged = int((at["stage"] == "spoof").sum())
+                parts.append(f"at ε {shown:g}: mean {at['liveness'].mean():.3f}, {flagged} of {len(at)} flagged")
+            lines[str(cell)] = "; ".join(parts)
+        return lines
 
     def ensemble_summary(self) -> dict[str, str]:
         """Per cell of an ensemble attack, one line: at each budget, how many probes each of its parts broke."""

@@ -114,6 +114,21 @@ def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, fa
     assert "Where the face system stopped the attacked probes: at ε 8" in (tmp_path / "report.md").read_text()
 
 
+def test_a_checked_system_stores_each_attacked_probes_liveness_beside_its_match(cli, capsys, faces_root, tmp_path):
+    command = ("run", "--target", "mtcnn+liveness+arcface", "--attack", "pgd", "--threat", "impersonation", "--data",
+               faces_root, "--limit", 2, "--eps", "0,8", "--steps", 2, "--no-checks", "--out", tmp_path)  # fmt: skip
+    assert cli(*command) == 0
+    assert "liveness scores of the attacked probes: at ε 8: mean" in " ".join(capsys.readouterr().out.split())
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        rows = pd.read_sql_query("SELECT eps, stage, liveness FROM results WHERE eps > 0", db)
+    assert rows["liveness"].between(0, 1).all()
+    # The stored score is the check's: the probes it flagged are those scoring under its threshold.
+    found = rows[rows["stage"] != "no face"]
+    assert ((found["stage"] == "spoof") == (found["liveness"] < 0.5)).all()
+    assert cli("report", tmp_path, "--examples", 0) == 0
+    assert "Liveness scores of the attacked probes" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "name, message",
     [

@@ -252,6 +252,11 @@ class Target(nn.Module, ABC):
         ``None`` for a single model (the default)."""
         return None
 
+    def live_scores(self, images: Tensor) -> Tensor | None:
+        """``[B]`` what a face system's liveness check scores the face it finds in each image; ``None`` without a
+        check (the default)."""
+        return None
+
     def verdicts(self, images: Tensor, scores: Tensor, threshold: float) -> list[str] | None:
         """Where a face system stopped each image (``SYSTEM_STAGES``): a stage before matching, else whether its
         score (``[B]``) reaches ``threshold``; ``None`` for a single model."""

@@ -26,7 +26,7 @@ from redteam.threats import THREATS
 
 #: The version of what an unchanged cell computes: bump it with a change that alters stored results (it is part of
 #: every new cell's content fingerprint, so a store never mixes results of two versions in one cell).
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2  # 2: PGD keeps its best iterate; a randomised defense's verdict is the majority of 5 draws
 #: Settings that choose what and how much is computed, not what a given probe's result is.
 NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.

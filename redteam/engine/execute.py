@@ -47,7 +47,10 @@ from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
 from redteam.results import QueryLedger
 from redteam.runtime import autocast, chunks, fit_batch_size, resolve_device, seeded_generator
-from redteam.threats import Enrolment, Objective, Probe
+from redteam.threats import Enrolment, Objective, Probe, Verdict
+
+#: Draws a randomised defense is judged over (an odd number: a majority always exists).
+JUDGE_DRAWS = 5
 
 
 class Executor:
@@ -205,8 +208,9 @@ class Executor:
         with drawing_from(self.generator("defense", level, batch_number), self.crafting, self.target):
             crafted = self.craft(batch, eps, level, batch_number)
             with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
-                judged = crafted.verdict(crafted.adversarial)
+                judged = self.judge(crafted.verdict, crafted.adversarial)
                 stages = self.stages(crafted.adversarial, judged.score)
+                live = self.undefended.live_scores(crafted.adversarial)
         delta = crafted.adversarial - crafted.images
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         queries = crafted.oracle.spent.tolist() if crafted.oracle else [None] * len(batch)
@@ -224,10 +228,24 @@ class Executor:
                 queries[k],
                 stages[k],
                 parts[k] if judged.success[k] else None,
+                None if live is None else float(live[k]),
             )  # fmt: skip
             for k, probe in enumerate(batch)
         ]
         return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [])
+
+    def judge(self, verdict: Objective, images: Tensor) -> Verdict:
+        """The recorded verdict on ``images``: one look at a deterministic system; a randomised defense is asked
+        :data:`JUDGE_DRAWS` times (its draws go on), the probe counting as fooled when most draws are fooled, with
+        the draws' mean score (one lucky draw is not a broken probe, nor one unlucky draw a robust one)."""
+        if not self.cell.defense.randomised:
+            return verdict(images)
+        draws = [verdict(images) for _ in range(JUDGE_DRAWS)]
+        return Verdict(
+            loss=torch.stack([d.loss for d in draws]).mean(0),
+            success=torch.stack([d.success for d in draws]).float().mean(0) > 0.5,
+            score=torch.stack([d.score for d in draws]).mean(0),
+        )
 
     def stages(self, images: Tensor, scores: Tensor) -> list[str | None]:
         """Where a face system stopped each image (``SYSTEM_STAGES``); ``None`` each for a single model."""

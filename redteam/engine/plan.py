@@ -158,6 +158,7 @@ def result_row(
     queries: int | None = None,
     stage: str | None = None,
     broken_by: str | None = None,
+    liveness: float | None = None,
 ) -> dict[str, Any]:
     """One row of the store's ``results`` table."""
     config = cell.config
@@ -184,6 +185,7 @@ def result_row(
         "queries": queries,
         "stage": stage,
         "broken_by": broken_by,
+        "liveness": liveness,
     }
 
 

@@ -104,6 +104,11 @@ class FaceSystem(FaceRecognizer):
         live = self._live_margin(faces).to(embedding.dtype)
         return torch.cat([found[:, None].to(embedding.dtype), live[:, None], embedding], dim=1)
 
+    def live_scores(self, images: Tensor) -> Tensor | None:
+        if self.liveness is None:
+            return None
+        return self.liveness.live_score(self.align(images)[1])
+
     def stages(self, images: Tensor) -> list[str]:
         """Detection and the liveness check only: the recogniser is not needed to say where a photo stopped."""
         found, faces = self.align(images)
