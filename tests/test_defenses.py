@@ -88,7 +88,8 @@ def test_defense_chains_parse_and_reject_bad_names(facenet, faces):
 
 def test_a_defended_run_stores_adaptive_and_non_adaptive_curves(cli, capsys, faces_root, tmp_path):
     out = tmp_path / "halftone"
-    args = ("run", "--defense", "halftone", "--limit", 3, "--eps", "0,4", "--steps", 3, "--batch-size", 3)
+    args = ("run", "--attack", "pgd", "--defense", "halftone", "--limit", 3, "--eps", "0,4", "--steps", 3,
+            "--batch-size", 3)  # fmt: skip
     assert cli(*args, "--data", faces_root, "--out", out) == 0
     curve = pd.read_csv(out / "curve.csv").set_index(["defense", "eps"])["accuracy"]
     assert set(curve.index.get_level_values(0)) == {"halftone (adaptive)", "halftone (non-adaptive)"}
@@ -116,10 +117,10 @@ def test_defense_options_that_cannot_work_are_one_line_errors(cli, capsys, faces
     assert "unknown defense 'nope'" in capsys.readouterr().err
 
 
-class Jitter(InputTransform):
+class Speckle(InputTransform):
     """A randomised transform (test-only): uniform noise drawn from the generator it is given."""
 
-    name = "jitter"
+    name = "speckle"
     randomised = True
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -128,13 +129,14 @@ class Jitter(InputTransform):
 
 
 def test_a_randomised_defense_needs_an_attack_with_eot_before_any_work(cli, capsys, faces_root, tmp_path, monkeypatch):
-    monkeypatch.setitem(DEFENSES._entries, "jitter", Jitter)  # registered for this test only
+    monkeypatch.setitem(DEFENSES._entries, "speckle", Speckle)  # registered for this test only
     out = tmp_path / "x"
-    args = ("run", "--data", faces_root, "--limit", 2, "--eps", "0,1", "--defense", "jitter", "--out", out)
+    args = ("run", "--data", faces_root, "--limit", 2, "--eps", "0,1", "--defense", "speckle", "--out", out)
     assert cli(*args, "--attack", "torchattacks-pgd", "--adaptivity", "adaptive") == 2
     error = capsys.readouterr().err
     assert (
-        "torchattacks-pgd has no EOT; a randomised defense needs it (attacks with EOT: cw, mim, minnorm, pgd" in error
+        "torchattacks-pgd has no EOT; a randomised defense needs it (attacks with EOT: apgd, auto, cw, mim, minnorm"
+        in error
     )
     assert not out.exists()  # nothing was written: the declarations were checked first
     assert cli(*args, "--attack", "pgd", "--steps", 1, "--adaptivity", "adaptive", "--no-checks") == 0
