@@ -44,7 +44,7 @@ run: install
 TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Style, the layer contracts (pyproject's [tool.importlinter]) and types.
 lint: install

@@ -32,7 +32,7 @@ from redteam.budgets import display_eps
 from redteam.engine.assembly import InputDefense, drawing_from
 from redteam.engine.evaluation import Evaluation
 from redteam.engine.execute import Executor
-from redteam.engine.operating import accept_rates
+from redteam.engine.operating import AcceptRates, accept_rates
 from redteam.engine.plan import Cell
 from redteam.results import accuracy_curve
 from redteam.runtime import seeded_generator
@@ -123,6 +123,8 @@ def _operating_point(cell: Cell, own: pd.DataFrame, target: Target) -> list[Chec
 
 #: How much more often than the undefended system a defended one may accept impostors before it is flagged.
 FALSE_ACCEPT_MARGIN = 0.1
+#: Operating points measured in this process, by the deployed system's settings and the content of its inputs.
+_MEASURED_OPERATING_POINTS: dict[tuple, tuple[AcceptRates, AcceptRates]] = {}
 
 
 def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
@@ -134,11 +136,16 @@ def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
         return []
     if not isinstance(executor.undefended, FaceRecognizer):
         return []
-    rates = {
-        name: accept_rates(model, cell.dataset, config.seed, executor.generator("operating"), executor.batch_size)
-        for name, model in (("defended", executor.target), ("undefended", executor.undefended))
-    }
-    defended, plain = rates["defended"], rates["undefended"]
+    # Both cells of a defense (adaptive and not) judge the same deployed system: it is measured once per process.
+    system = (config.target, config.weights, config.threshold, config.defense, config.recalibrate, config.seed)
+    key = (*system, cell.fingerprint["images"], cell.fingerprint["defense weights"])
+    if key not in _MEASURED_OPERATING_POINTS:
+        measured = [
+            accept_rates(model, cell.dataset, config.seed, executor.generator("operating"), executor.batch_size)
+            for model in (executor.target, executor.undefended)
+        ]
+        _MEASURED_OPERATING_POINTS[key] = measured[0], measured[1]
+    defended, plain = _MEASURED_OPERATING_POINTS[key]
     passed = defended.impostor <= plain.impostor + FALSE_ACCEPT_MARGIN
     moved = ""
     if executor.recalibration is not None:
