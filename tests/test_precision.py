@@ -12,7 +12,7 @@ from redteam.runtime import autocast
 
 def _curve(faces_root, tmp_path, **settings) -> tuple[str, list[float]]:
     config = EvaluationConfig(
-        target="facenet", attack="pgd", data=str(faces_root), eps=(1,), limit=8, attack_options={"steps": 3},
+        target="facenet", attack="pgd", data=str(faces_root), eps=(1,), limit=6, attack_options={"steps": 3},
         checks=False, **settings,
     )  # fmt: skip
     evaluation = Evaluation(config, ResultStore(tmp_path / f"{config.precision}.sqlite"))
@@ -26,7 +26,7 @@ def test_bf16_attack_reaches_the_float32_answer(faces_root, tmp_path):
     assert mixed_cell != cell  # a different computation is stored apart
     assert exact[0] == mixed[0] == 1.0  # the clean point is never attacked
     assert exact[-1] < 1.0  # the attack works at all: the comparison can fail
-    assert all(abs(a - b) <= 1 / 8 for a, b in zip(exact, mixed)), (exact, mixed)
+    assert all(abs(a - b) <= 1 / 6 for a, b in zip(exact, mixed)), (exact, mixed)  # one probe at most
 
 
 def test_autocast_runs_in_the_asked_precision(facenet, faces):
