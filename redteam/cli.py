@@ -214,6 +214,7 @@ def run(
 def _evaluate(config, out: Path) -> dict[str, Any]:
     """One evaluation into ``out``'s store: attack, sanity checks, the printed table; its ``run.json`` summary."""
     from redteam.engine import TRANSFER_ATTACK, Evaluation, checks_of
+    from redteam.results import median_estimate
 
     started = time.perf_counter()
     with console.status("loading target and data"):
@@ -259,20 +260,23 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     )
     table.add_column(f"ε ({unit or 'image units'})", justify="right")
     table.add_column(measure, justify="right")
+    table.add_column("95% interval", justify="right")
     table.add_column("probes", justify="right")
     for row in curve.itertuples():
-        table.add_row(f"{row.eps:g}", f"{row.accuracy:.1%}", str(row.n))
+        table.add_row(f"{row.eps:g}", f"{row.accuracy:.1%}", f"{row.low:.1%}–{row.high:.1%}", str(row.n))
     console.print(table)
     if cell.minimal:
-        sizes = evaluation.planner.minimal_sizes()
+        found = evaluation.planner.minimal_sizes()
         scale = 255 if norm == "linf" else 1
-        median = float(sizes.median()) * scale if len(sizes) else float("nan")
-        summary["median_minimal_perturbation"] = median
-        found = int(np.isfinite(sizes).sum())
+        median = median_estimate(found["size"] * scale, found["identity"]) if len(found) else None
+        summary["median_minimal_perturbation"] = median.value if median else float("nan")
+        summary["median_minimal_perturbation_interval"] = [median.low, median.high] if median else None
+        fooled = int(np.isfinite(found["size"]).sum())
         within = f" within {cell.config.queries} queries each" if cell.config.queries else ""
+        shown = f"{median.value:.3g}{unit}[/] [{median.low:.3g}, {median.high:.3g}]" if median else "nan[/]"
         console.print(
-            f"median minimal {norm} perturbation: [bold]{median:.3g}{unit}[/] over {len(sizes)} attacked probes "
-            f"({found} fooled{within})"
+            f"median minimal {norm} perturbation: [bold]{shown} over {len(found)} attacked probes "
+            f"({fooled} fooled{within})"
         )
     for check in outcome:
         mark = "[green]✓[/]" if check.passed else "[yellow]⚠ warning:[/]"

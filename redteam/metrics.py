@@ -16,15 +16,6 @@ from redteam.errors import RedteamError
 MIN_FALSE_ACCEPTS = 10
 
 
-def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95% by default) of an accuracy measured on ``n`` probes."""
-    if n == 0:
-        return 0.0, 1.0
-    centre = (accuracy + z**2 / (2 * n)) / (1 + z**2 / n)
-    half = z * np.sqrt(accuracy * (1 - accuracy) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
-
-
 def impostors_needed(far: float) -> int:
     return int(np.ceil(MIN_FALSE_ACCEPTS / far))
 

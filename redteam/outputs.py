@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from redteam.errors import RedteamError
+from redteam.intervals import with_intervals
 from redteam.plots import plot_curves
 from redteam.results import ResultStore, transfer_matrix
 
@@ -58,11 +59,14 @@ def exclusive(out: Path) -> Iterator[None]:
 
 
 def write_outputs(store: ResultStore, out: Path) -> None:
-    """``curve.csv`` and ``curve.png`` for every cell in the store (with a ``queries`` axis once it holds a query
+    """``curve.csv`` and ``curve.png`` for every cell in the store, each accuracy with its 95% interval (``low``,
+    ``high``) (with a ``queries`` axis once it holds a query
     attack: rows at each query count, empty ``queries`` for an attack's final state); ``transfer.csv`` once it holds
     a transfer run."""
     results = store.frame()
     curve, queries = store.curves(), store.query_curves()
+    if not queries.empty:
+        queries = with_intervals(queries)
     if curve.empty:  # a campaign without a curve: nothing to draw
         return
     table = curve if queries.empty else pd.concat([curve, queries], ignore_index=True)

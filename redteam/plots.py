@@ -20,7 +20,8 @@ AXIS_LABELS = {"linf": "ε (ℓ∞, /255)", "l2": "ε (ℓ2, image units)"}
 
 
 def plot_curves(curve: pd.DataFrame, path: Path, queries: pd.DataFrame | None = None) -> None:
-    """One line per cell; each perturbation measure (ℓ∞, ℓ2, area, ...) gets its own panel (their axes differ), and
+    """One line per cell, with a band for its 95% interval where the curve has one (``low``, ``high``); each
+    perturbation measure (ℓ∞, ℓ2, area, ...) gets its own panel (their axes differ), and
     query attacks' ``queries`` (:func:`redteam.results.query_curve`) one more: accuracy against queries per budget."""
     from redteam.api.campaigns import axis_labels
 
@@ -30,7 +31,8 @@ def plot_curves(curve: pd.DataFrame, path: Path, queries: pd.DataFrame | None = 
     figure, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.4), squeeze=False)
     for axis, norm in zip(axes[0], norms):
         for _, line in curve[curve["norm"] == norm].groupby("cell", sort=False):
-            axis.plot(line["eps"], line["accuracy"], marker="o", label=_label(line.iloc[0]))
+            drawn = axis.plot(line["eps"], line["accuracy"], marker="o", label=_label(line.iloc[0]))
+            _band(axis, line["eps"], line, drawn[0].get_color())
         axis.set_xlabel(labels.get(norm, norm))
         axis.set_ylabel("accuracy of the face system")
         axis.set_ylim(-0.02, 1.02)
@@ -42,7 +44,9 @@ def plot_curves(curve: pd.DataFrame, path: Path, queries: pd.DataFrame | None = 
         axis = axes[0][-1]
         for (_, eps), line in queries.groupby(["cell", "eps"], sort=False):
             first = line.iloc[0]
-            axis.plot(line["queries"], line["accuracy"], marker=".", label=f"{_label(first)} at {eps:g} ({first.norm})")
+            label = f"{_label(first)} at {eps:g} ({first.norm})"
+            drawn = axis.plot(line["queries"], line["accuracy"], marker=".", label=label)
+            _band(axis, line["queries"], line, drawn[0].get_color())
         axis.set_xscale("log")
         axis.set_xlabel("queries per probe")
         axis.set_ylabel("accuracy of the face system")
@@ -54,6 +58,12 @@ def plot_curves(curve: pd.DataFrame, path: Path, queries: pd.DataFrame | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _band(axis, x: pd.Series, line: pd.DataFrame, colour: str) -> None:
+    """The 95% interval of a line's accuracies (``low``, ``high``) as a shaded band, where the curve has them."""
+    if {"low", "high"} <= set(line.columns):
+        axis.fill_between(x, line["low"], line["high"], color=colour, alpha=0.15, linewidth=0)
 
 
 def _label(cell: pd.Series) -> str:

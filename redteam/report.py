@@ -34,9 +34,9 @@ from redteam.console import Tracker
 from redteam.engine import Evaluation, EvaluationConfig
 from redteam.engine.assembly import drawing_from
 from redteam.errors import RedteamError
-from redteam.metrics import wilson_interval
+from redteam.intervals import wilson_interval
 from redteam.plots import plot_curves  # also selects matplotlib's headless backend before pyplot draws
-from redteam.results import ResultStore, curve_area, transfer_tables
+from redteam.results import ResultStore, area_estimate, curve_area, transfer_tables
 
 #: How each perturbation measure's budgets are written in column headers.
 BUDGET_UNITS = {"linf": "{eps:g}/255 ℓ∞", "l2": "{eps:g} ℓ2"}
@@ -58,8 +58,11 @@ class CellSummary:
     seed: int
     probes: int
     clean: float | None
+    clean_interval: list[float] | None
     robust: dict[str, float | None]  # column header -> accuracy at that budget
+    intervals: dict[str, list[float] | None]  # column header -> 95% interval [low, high] of that accuracy
     auc: float
+    auc_interval: list[float] | None  # 95% interval of the AUC (bootstrap over identities); None for campaigns
     auc_range: str  # the budgets its AUC covers: the same for every cell of one perturbation measure
     checks: list[dict[str, Any]]
     status: str  # "passed", "warning: <failed checks>" or "not run"
@@ -147,10 +150,12 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     if not runs:
         raise RedteamError("give at least one run folder.")
     cells, sweeps, wanted = [], [], set(budgets or ())
+    per_probe: dict[tuple[str, str], pd.DataFrame] = {}
     transfer: list[dict[str, Any]] = []
     for run in runs:
         store = open_store(run)
         configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
+        results = store.frame()
         stages, broken_by, liveness = store.stage_summary(), store.ensemble_summary(), store.liveness_summary()
         for title, table in transfer_tables(store.frame()):
             rows = [{"surrogate": str(s), "accuracy": [_number(a) for a in row]} for s, row in table.iterrows()]
@@ -160,7 +165,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         order = {cell: number for number, cell in enumerate(configs)}  # the order they were run in
         for cell, curve in sorted(curves.groupby("cell", sort=False), key=lambda item: order[item[0]]):
             config, first = configs[cell], curve.iloc[0]
-            clean = curve.loc[curve["eps"] == 0, "accuracy"]
+            clean = curve[curve["eps"] == 0]
             cell_checks = checks[checks["cell"] == cell]
             cells.append(
                 CellSummary(
@@ -175,14 +180,21 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     dataset=str(first["dataset"]),
                     seed=int(config["seed"]),
                     probes=int(curve["n"].max()),
-                    clean=float(clean.iloc[0]) if len(clean) else None,
+                    clean=float(clean["accuracy"].iloc[0]) if len(clean) else None,
+                    clean_interval=[float(clean["low"].iloc[0]), float(clean["high"].iloc[0])] if len(clean) else None,
                     robust={_column(first["norm"], e): float(a) for e, a in zip(curve["eps"], curve["accuracy"]) if e},
+                    intervals={
+                        _column(first["norm"], e): [float(low), float(high)]
+                        for e, low, high in zip(curve["eps"], curve["low"], curve["high"])
+                        if e
+                    },
                     auc=curve_area(curve),
+                    auc_interval=None,
                     auc_range="",
                     checks=cell_checks[["name", "passed", "detail"]].to_dict(orient="records"),
                     status=_checks_status(cell_checks),
                     command=run_command(config, curve["eps"].tolist(), run),
-                    curve=curve[["eps", "accuracy", "n"]].to_dict(orient="records"),
+                    curve=curve[["eps", "accuracy", "n", "low", "high"]].to_dict(orient="records"),
                     config=config,
                     ledger=ledgers.get(str(cell), ""),
                     stages=stages.get(str(cell), ""),
@@ -190,6 +202,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     liveness=liveness.get(str(cell), ""),
                 )
             )
+            per_probe[(str(run), str(cell))] = results[results["cell"] == cell]
     if not cells:
         raise RedteamError(f"{', '.join(map(str, runs))}: no finished results yet; run or resume them first.")
     stored = sorted({(c.norm, e["eps"]) for c in cells for e in c.curve if e["eps"]})
@@ -204,11 +217,14 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     columns = [_column(norm, eps) for norm, eps in stored]
     for cell in cells:
         cell.robust = {column: cell.robust.get(column) for column in columns}
+        cell.intervals = {column: cell.intervals.get(column) for column in columns}
     for norm in {cell.norm for cell in cells}:  # one AUC range per measure: the budgets every cell of it reaches
         same = [cell for cell in cells if cell.norm == norm]
         upto = min(max(point["eps"] for point in cell.curve) for cell in same)
         for cell in same:
             cell.auc = curve_area(pd.DataFrame(cell.curve), upto)
+            estimate = area_estimate(per_probe[(cell.run, cell.cell)], upto)
+            cell.auc_interval = None if estimate is None else [estimate.low, estimate.high]
             cell.auc_range = f"0–{_column(norm, upto)}"
     return Report(
         title="Robustness report: " + ", ".join(sorted({c.target for c in cells})),
@@ -375,6 +391,14 @@ def _markdown(text: object) -> str:
     return "".join(replacements.get(char, char) for char in str(text))
 
 
+def _interval(bounds: list[float] | None, percent: bool = True) -> str:
+    """A 95% interval as ``[50–78%]`` (or ``[0.412–0.530]`` for an area); empty where there is none."""
+    if bounds is None:
+        return ""
+    low, high = bounds
+    return f"[{low:.0%}–{high:.0%}]" if percent else f"[{low:.3f}–{high:.3f}]"
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
@@ -401,7 +425,7 @@ def write_report(report: Report, figures: dict[str, bytes], out: Path) -> list[P
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
     )
-    environment.filters.update(md=_markdown, percent=_percent, slug=_slug)
+    environment.filters.update(md=_markdown, percent=_percent, interval=_interval, slug=_slug)
     written = []
     for template, name in (("report.html.j2", "report.html"), ("report.md.j2", "report.md")):
         (out / name).write_text(environment.get_template(template).render(report=report), encoding="utf-8")

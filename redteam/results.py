@@ -20,6 +20,7 @@ import pandas as pd
 
 from redteam.budgets import QUERY_CHECKPOINTS, display_eps
 from redteam.errors import RedteamError
+from redteam.intervals import Estimate, identity_bootstrap, weighted_mean, weighted_median, with_intervals
 
 RESULT_COLUMNS: dict[str, str] = {
     "cell": "TEXT",
@@ -281,12 +282,13 @@ class ResultStore:
 
     def curves(self, cell: str | None = None) -> pd.DataFrame:
         """The accuracy-perturbation curve of ``cell``, or of every current cell: computed from per-probe results,
-        and campaigns' own."""
+        and campaigns' own; each accuracy with its 95% interval (``low``, ``high``)."""
         campaigns = self._table("curves", cell)
         if cell is None:
             campaigns = self._set_aside(campaigns)
+        campaigns = with_intervals(campaigns.astype({"eps": float, "accuracy": float, "n": int}))
         curve = pd.concat([accuracy_curve(self.frame(cell)), campaigns], ignore_index=True)
-        return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]]
+        return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "low", "high", "cell"]]
 
     def query_curves(self) -> pd.DataFrame:
         """Every current query-attack cell's progress with queries (:func:`query_curve`)."""
@@ -337,17 +339,18 @@ def _plain(value):
 def accuracy_curve(results: pd.DataFrame) -> pd.DataFrame:
     """Accuracy of the face system against perturbation size: one row per cell and budget.
 
-    ``accuracy`` is the fraction of probes still decided correctly; ``eps`` is in /255 for ℓ∞.
+    ``accuracy`` is the fraction of probes still decided correctly, ``low`` and ``high`` its 95% interval; ``eps`` is
+    in /255 for ℓ∞.
     """
     if results.empty:
-        return pd.DataFrame(columns=[*CURVE_KEYS, "eps", "accuracy", "n"])
+        return pd.DataFrame(columns=[*CURVE_KEYS, "eps", "accuracy", "n", "low", "high", "cell"])
     curve = (
         results.groupby(["cell", *CURVE_KEYS, "eps"], as_index=False)
         .agg(accuracy=("correct", "mean"), n=("correct", "size"))
         .sort_values(["cell", "eps"])
     )
     curve["eps"] = [display_eps(e, n) for e, n in zip(curve["eps"], curve["norm"])]
-    return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]].reset_index(drop=True)
+    return with_intervals(curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]].reset_index(drop=True))
 
 
 def query_curve(results: pd.DataFrame, trajectory: pd.DataFrame) -> pd.DataFrame:
@@ -382,13 +385,42 @@ def curve_area(curve: pd.DataFrame, upto: float | None = None) -> float:
     """Normalised area under one accuracy-perturbation curve (trapezoid; 1 = never fooled), over its own eps range or
     up to ``upto`` (within it; linear between points): areas are comparable only over the same range."""
     eps, accuracy = curve["eps"].to_numpy(float), curve["accuracy"].to_numpy(float)
-    if upto is not None and len(eps) and eps[0] < upto < eps[-1]:
-        accuracy = np.append(accuracy[eps < upto], np.interp(upto, eps, accuracy))
-        eps = np.append(eps[eps < upto], upto)
+    return float(_normalised_areas(eps, accuracy[None], upto)[0]) if len(eps) else float("nan")
+
+
+def _normalised_areas(eps: np.ndarray, accuracy: np.ndarray, upto: float | None = None) -> np.ndarray:
+    """``[K]`` budgets (ascending), ``[D, K]`` accuracies -> ``[D]`` normalised trapezoid areas up to ``upto`` (the
+    mean accuracy where the budgets span nothing)."""
+    if upto is not None and eps[0] < upto < eps[-1]:
+        after = int(np.searchsorted(eps, upto))  # eps[after - 1] < upto <= eps[after]
+        share = (upto - eps[after - 1]) / (eps[after] - eps[after - 1])
+        at_upto = accuracy[:, after - 1] + share * (accuracy[:, after] - accuracy[:, after - 1])
+        eps, accuracy = np.append(eps[:after], upto), np.concatenate([accuracy[:, :after], at_upto[:, None]], axis=1)
     if len(eps) < 2 or eps[-1] == eps[0]:
-        return float(accuracy.mean()) if len(accuracy) else float("nan")
+        return accuracy.mean(axis=1)
     widths = eps[1:] - eps[:-1]
-    return float(((accuracy[1:] + accuracy[:-1]) / 2 * widths).sum() / (eps[-1] - eps[0]))
+    return ((accuracy[:, 1:] + accuracy[:, :-1]) / 2 * widths).sum(axis=1) / (eps[-1] - eps[0])
+
+
+def area_estimate(results: pd.DataFrame, upto: float | None = None, seed: int = 0) -> Estimate | None:
+    """One cell's curve area (up to ``upto``, as :func:`curve_area`) with a 95% interval from a bootstrap over
+    identities (probes of one person are not independent); ``None`` without per-probe results (a campaign's own
+    curve)."""
+    if results.empty:
+        return None
+    outcomes = results.pivot_table(index="probe", columns="eps", values="correct", aggfunc="first").dropna()
+    eps = np.array([display_eps(e, results["norm"].iloc[0]) for e in outcomes.columns])
+    people = results.drop_duplicates("probe").set_index("probe")["identity"].loc[outcomes.index].to_numpy()
+
+    def areas(correct: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return _normalised_areas(eps, weighted_mean(correct, weights), upto)
+
+    return identity_bootstrap(outcomes.to_numpy(float), people, areas, seed)
+
+
+def median_estimate(sizes: pd.Series, identities: pd.Series, seed: int = 0) -> Estimate:
+    """The median of per-probe sizes (inf: not fooled) with a 95% interval from a bootstrap over identities."""
+    return identity_bootstrap(sizes.to_numpy(float), identities.to_numpy(), weighted_median, seed)
 
 
 def transfer_matrix(results: pd.DataFrame) -> pd.DataFrame:

@@ -230,10 +230,13 @@ class Planner:
         wanted = results["probe"].isin({p.key for p in self.cell.probes}) & results["eps"].isin(self.cell.budgets)
         return accuracy_curve(results[wanted])
 
-    def minimal_sizes(self) -> pd.Series:
-        """Smallest fooling perturbation per attacked probe (``inf`` where the attack failed), minimal attacks only."""
+    def minimal_sizes(self) -> pd.DataFrame:
+        """Smallest fooling perturbation per attacked probe (``size``, ``inf`` where the attack failed) and the
+        probe's ``identity``; minimal attacks only."""
         found = self.store.minimal(self.cell.key)
-        return found[found["probe"].isin({p.key for p in self.cell.probes})]["size"]
+        identity = {p.key: self.cell.dataset.records[p.image].identity for p in self.cell.probes}
+        found = found[found["probe"].isin(identity)]
+        return found.assign(identity=found["probe"].map(identity))[["probe", "size", "identity"]]
 
     def example_batch(self) -> tuple[int, list[Probe], pd.DataFrame] | None:
         """The first batch of the smallest budget where it holds a fooled probe (else of the largest attacked
