@@ -6,8 +6,10 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Reference runtimes for the TF.js parity tests only (pure-JS TensorFlow.js on the CPU and face-api's own networks;
-# face-api's node build also loads the wasm backend package). Never needed at run time.
-NPM_TEST_PACKAGES := @tensorflow/tfjs@4.22.0 @tensorflow/tfjs-backend-wasm@4.22.0 @vladmandic/face-api@1.7.15
+# face-api's node build also loads the wasm backend package), and Microsoft's SARIF test matchers, whose package
+# ships the OASIS SARIF 2.1.0 JSON schema the gate's SARIF output is validated against. Never needed at run time.
+NPM_TEST_PACKAGES := @tensorflow/tfjs@4.22.0 @tensorflow/tfjs-backend-wasm@4.22.0 @vladmandic/face-api@1.7.15 \
+	@microsoft/jest-sarif@1.0.0-beta.0
 
 TEST_STAMP := $(VENV)/.test-installed
 

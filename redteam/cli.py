@@ -666,34 +666,61 @@ def check(
         list[Path] | None, typer.Option(help="Write the baseline from these run folders instead of checking.")
     ] = None,
     tolerance: Annotated[float, typer.Option(help="How far (accuracy, 0-1) a value may fall below baseline.")] = 0.05,
+    level: Annotated[
+        float, typer.Option(help="One-sided significance level a fall must reach to count (0.05: 95% sure).")
+    ] = 0.05,
+    resolution: Annotated[
+        float | None, typer.Option(help="A fall to size the probe count for (default: the tolerance).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Re-run with this seed (other probes and starts).")] = None,
     data: Annotated[str | None, typer.Option(help="Faces to re-run on (default: each evaluation's --data).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder for the re-runs (default: a temporary one).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    junit: Annotated[Path | None, typer.Option(help="Also write JUnit XML here (each evaluation a test case).")] = None,
+    sarif: Annotated[Path | None, typer.Option(help="Also write SARIF 2.1.0 here (checks and regressions).")] = None,
 ) -> None:
-    """Regression gate: re-run the baseline's evaluations; exit 1 if robust accuracy or curve area fell below it."""
+    """Regression gate: re-run the baseline's evaluations; exit 1 if robust accuracy or curve area fell below it by
+    more than the tolerance, significantly."""
+    from redteam.ci_formats import write_junit, write_sarif
     from redteam.gate import RegressionError, check_baseline, write_baseline
 
     if write:
         evaluations = write_baseline(write, baseline)
         for evaluation in evaluations:
-            points = ", ".join(f"{p['eps']:g}: {p['accuracy']:.0%}" for p in evaluation["curve"])
+            points = ", ".join(
+                f"{p['eps']:g}: {p['accuracy']:.0%} [{p['low']:.0%}–{p['high']:.0%}]" for p in evaluation["curve"]
+            )
             console.print(f"{escape(evaluation['label'])} · {points} · area {evaluation['area']:.3f}", highlight=False)
         console.print(escape(f"baseline of {len(evaluations)} evaluations written to {baseline}"), highlight=False)
         return
     with progress() as tracker:
         try:
-            report = check_baseline(baseline, out, tolerance, data, device, bars(tracker))
+            report = check_baseline(
+                baseline, out, tolerance, data, device, bars(tracker), level=level, seed=seed, resolution=resolution
+            )
         except KeyboardInterrupt:
             raise Interrupted() from None
-    table = Table(title=escape(f"regression gate: {baseline} (tolerance {tolerance:g})"))
-    for column in ("evaluation", "measure", "baseline", "now", "change", ""):
-        table.add_column(column, justify="left" if column in ("evaluation", "measure") else "right")
+    written = [write_junit(report, junit)] if junit else []
+    written += [write_sarif(report, sarif)] if sarif else []
+    table = Table(title=escape(f"regression gate: {baseline} (tolerance {tolerance:g}, level {level:g})"))
+    table.add_column("evaluation", ratio=1)  # the one column that wraps on a narrow terminal
+    for column in ("measure", "baseline [95%]", "now [95%]", "change", "detectable", ""):
+        table.add_column(column, justify="left" if column == "measure" else "right", no_wrap=True)
     for row in report.frame().itertuples():
         mark = "[red]✗ regressed[/]" if row.regressed else "[green]✓[/]"
+        if not row.regressed and row.change < -tolerance:
+            mark = "[yellow]✓ not significant[/]"
+        detectable = "" if row.detectable is None or row.detectable != row.detectable else f"{row.detectable:.2f}"
         table.add_row(
-            escape(row.evaluation), row.measure, f"{row.baseline:.3f}", f"{row.now:.3f}", f"{row.change:+.3f}", mark
+            escape(row.evaluation), row.measure, row.baseline, row.now, f"{row.change:+.3f}", detectable, mark
         )
     console.print(table)
+    for outcome in report.checks:
+        if not outcome.passed:
+            console.print(f"[yellow]⚠ warning:[/] {escape(f'{outcome.evaluation}: {outcome.name}: {outcome.detail}')}")
+    console.print(escape(report.resolution_advice()), highlight=False)
+    if written:
+        console.print(escape("written: " + ", ".join(map(str, written))), highlight=False)
     if not report.passed:
         raise RegressionError(report.summary())
     console.print(f"[green]passed[/]: {escape(report.summary())}", highlight=False)

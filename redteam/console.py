@@ -1,11 +1,13 @@
 """Terminal output: results on stdout, progress and errors on stderr (rich).
 
-On a terminal, progress is a live rich bar. Off one (a pipe, a CI log), it is plain lines: each task when it
+On a terminal, progress is a live rich bar and tables fit the window. Off one (a pipe, a CI log), tables are
+:data:`PLAIN_WIDTH` columns wide and progress is plain lines: each task when it
 starts and ends, and every :data:`PLAIN_EVERY_S` seconds in between, so a long run never looks hung.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +26,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+#: Width of tables off a terminal (a pipe, a CI log, which do not wrap lines), where rich would assume 80 columns.
+PLAIN_WIDTH = 120
 console = Console()
 errors = Console(stderr=True)
+for _stream in (console, errors):
+    if not _stream.is_terminal and "COLUMNS" not in os.environ:
+        _stream.width = PLAIN_WIDTH
 #: Seconds between plain progress lines when stderr is not a terminal.
 PLAIN_EVERY_S = 30.0
 

@@ -62,16 +62,16 @@ def fell_significantly(before: float, n_before: int, after: float, n_after: int,
     return difference_interval(before, n_before, after, n_after, 1 - 2 * level)[0] > 0
 
 
-def smallest_detectable_fall(before: float, n_before: int, n_after: int, level: float) -> float:
+def smallest_detectable_fall(before: float, n_before: int, n_after: int, level: float) -> float | None:
     """The smallest fall from ``before`` (measured on ``n_before`` probes) that a re-run on ``n_after`` probes would
-    call significant at ``level``; 1 when even a fall to zero would not be."""
+    call significant at ``level``; ``None`` when even a fall to zero would not be."""
     for fooled in range(1, n_after + 1):
         after = before - fooled / n_after
-        if after < 0:
+        if after < -1e-9:
             break
-        if fell_significantly(before, n_before, after, n_after, level):
+        if fell_significantly(before, n_before, max(after, 0.0), n_after, level):
             return fooled / n_after
-    return 1.0
+    return None
 
 
 def probes_needed(accuracy: float, fall: float, level: float, power: float = 0.8) -> int:

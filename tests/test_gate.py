@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import torch
+from junitparser import JUnitXml
 
 from redteam.api import DEFENSES
 from redteam.defenses.halftone import Halftone
 from redteam.gate import read_baseline, write_baseline
+from redteam.results import ResultStore
+from redteam.threats import Dodging
 
 BASELINE = Path(__file__).resolve().parents[1] / "reports" / "baseline.json"
 # One of the baseline's 6 probes flipping is 0.17; a different BLAS build may flip a borderline one.
@@ -43,10 +46,29 @@ def test_gate_fails_on_a_weakened_defense(cli, capsys, monkeypatch, faces_root, 
     (tmp_path / "baseline.json").write_text(json.dumps(baseline))
     monkeypatch.setitem(DEFENSES._entries, "halftone", SkippedHalftone)
     args = ("check", "--baseline", tmp_path / "baseline.json", "--data", faces_root, "--tolerance", TOLERANCE)
-    assert cli(*args, "--out", tmp_path / "rerun") == 1
+    files = ("--junit", tmp_path / "gate.xml", "--sarif", tmp_path / "gate.sarif")
+    assert cli(*args, "--out", tmp_path / "rerun", *files) == 1
     captured = capsys.readouterr()
-    assert "robustness regressed" in captured.err and "(non-adaptive)" in captured.err
+    error = " ".join(captured.err.split())
+    assert "robustness regressed" in error and "(non-adaptive)" in error and "significantly at level 0.05" in error
+    assert "0.833 [0.436, 0.970] ->" in error  # the baseline's value with its interval
     assert "✗ regressed" in captured.out
+    # the same verdict in the CI formats
+    (suite,) = list(JUnitXml.fromfile(str(tmp_path / "gate.xml")))
+    assert suite.failures == 1
+    results = json.loads((tmp_path / "gate.sarif").read_text())["runs"][0]["results"]
+    assert {r["level"] for r in results if r["ruleId"] == "regression/accuracy"} == {"error", "none"}
+
+
+def test_another_seed_draws_other_probes_and_the_unchanged_defense_still_passes(
+    cli, capsys, faces, faces_root, tmp_path
+):
+    args = ("check", "--baseline", BASELINE, "--data", faces_root, "--seed", 1, "--out", tmp_path / "rerun")
+    assert cli(*args) == 0, capsys.readouterr()
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "with 6 probes per run the gate tells a fall from chance once it reaches" in printed
+    attacked = set(ResultStore(tmp_path / "rerun" / "results.sqlite", writable=False).frame()["probe"])
+    assert attacked != {probe.key for probe in Dodging(faces, seed=0).probes(limit=6)}  # not the baseline's probes
 
 
 def test_gate_errors_are_one_line(cli, capsys, tmp_path):

@@ -15,6 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from helpers.chromium import chromium_binary, render  # noqa: E402
 
+from redteam.intervals import wilson_interval  # noqa: E402
+
 RUN = ("--target", "facenet", "--attack", "pgd", "--limit", 2, "--eps", "0,2,4", "--steps", 2, "--batch-size", 2,
        "--no-checks")  # fmt: skip
 
@@ -58,7 +60,11 @@ def test_numbers_are_the_stores(folders):
     assert "matches the stored scores" in cell["examples"]["note"]
     assert "facenet" in data["cards"] and data["cards"]["facenet"]["threshold"] == 0.4469
     markdown = (report / "report.md").read_text()
-    assert f"| 1 | facenet | none | pgd | dodging | faces | 2 | {curve[0]:.1%} | {curve[4]:.1%} |" in markdown
+    low, high = wilson_interval(curve[4], 2)
+    assert cell["intervals"] == {"4/255 ℓ∞": [low, high]}  # Wilson's interval of each accuracy, shown with it
+    clean_low, clean_high = wilson_interval(curve[0], 2)
+    row = f"| 1 | facenet | none | pgd | dodging | faces | 2 | {curve[0]:.1%} [{clean_low:.0%}–{clean_high:.0%}] |"
+    assert f"{row} {curve[4]:.1%} [{low:.0%}–{high:.0%}] |" in markdown
     for figure in re.findall(r"\]\((report_files/[^)]+)\)", markdown):
         assert (report / figure).stat().st_size > 5_000
     html = (report / "report.html").read_text()
