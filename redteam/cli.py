@@ -207,7 +207,9 @@ def run(
         elapsed = time.perf_counter() - started
         summary = summaries[0] if len(summaries) == 1 else {"evaluations": summaries, "seconds": round(elapsed, 1)}
         write_summary(summary, out)
-    files = "(curve.csv, curve.png, results.sqlite, run.json)"
+    files = "(curve.csv, curve.png, results.sqlite, run.json" + (
+        ", evidence.jsonl)" if (out / "evidence.jsonl").is_file() else ")"
+    )
     console.print(escape(f"results in {out}/ {files} · {elapsed:.0f} s"), highlight=False)
 
 
@@ -245,6 +247,7 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     summary = {
         "config": config.to_dict(),
         "cell": cell.key,
+        "comparable": config.comparability_key(cell.fingerprint),  # equal in two runs: their numbers compare
         "threshold": executor.target.threshold,
         "attack_settings": asdict(cell.attack),  # with the defaults a defense or a surrogate implies
         "curve": curve.drop(columns="cell").to_dict(orient="records"),
@@ -336,9 +339,11 @@ def _run_campaign(config, out: Path) -> None:
         _print_frame(name, frame)
     for line in report.lines:
         console.print(escape(line), highlight=False)
+    fingerprint = ResultStore(out / "results.sqlite").cells()[done.cell]["fingerprint"]
     summary = {
         "config": config.to_dict(),
         "cell": done.cell,
+        "comparable": config.comparability_key(fingerprint),
         "metrics": report.metrics,
         "tables": {name: frame.to_dict(orient="records") for name, frame in report.tables.items()},
         "curve": None if report.curve is None else report.curve.to_dict(orient="records"),
@@ -657,6 +662,40 @@ def report(
     with progress() as tracker:
         written = make_report(runs, out or runs[0], tracker, budgets, examples, device)
     console.print(escape("report: " + ", ".join(map(str, written))), highlight=False)
+
+
+@app.command()
+def diff(
+    run_a: Annotated[Path, typer.Argument(help="A run folder.")],
+    run_b: Annotated[Path, typer.Argument(help="Another run folder, compared with the first.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the comparison here.")] = None,
+) -> None:
+    """Cell by cell, which accuracies and areas moved between two runs beyond their 95% intervals."""
+    from redteam.diff import diff_runs
+
+    found = diff_runs(run_a, run_b)
+    if found.differing:
+        differing = "; ".join(f"{key}: {a} → {b}" for key, (a, b) in found.differing.items())
+        console.print(escape(f"{run_a} and {run_b} differ in {differing}"), highlight=False)
+    table = Table(title=escape(f"{run_a} → {run_b}: values with their 95% intervals"))
+    table.add_column("cell", ratio=1)
+    for column in ("measure", "A [95%]", "B [95%]", "change", "moved"):
+        table.add_column(column, justify="left" if column == "measure" else "right", no_wrap=True)
+    for change in found.changes:
+        a, b = (f"{v:.3f} [{i[0]:.2f}, {i[1]:.2f}]" if i else f"{v:.3f}" for v, i in
+                ((change.a, change.a_interval), (change.b, change.b_interval)))  # fmt: skip
+        colour = "red" if change.direction.startswith("↓") else "green" if change.moved else "dim"
+        table.add_row(
+            escape(change.cell), change.measure, a, b, f"{change.b - change.a:+.3f}", f"[{colour}]{change.direction}[/]"
+        )
+    console.print(table)
+    for run, cells in ((run_a, found.only_a), (run_b, found.only_b)):
+        for cell in cells:
+            console.print(escape(f"only in {run}: {cell}"), highlight=False)
+    moved = sum(change.moved for change in found.changes)
+    console.print(f"{moved} of {len(found.changes)} values moved beyond their intervals", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(found.to_dict(), indent=2))
 
 
 @app.command()

@@ -31,12 +31,13 @@ import torch
 from redteam.api import TARGETS
 from redteam.budgets import display_eps
 from redteam.console import Tracker
+from redteam.diff import diff_runs
 from redteam.engine import Evaluation, EvaluationConfig
 from redteam.engine.assembly import drawing_from
 from redteam.errors import RedteamError
 from redteam.intervals import wilson_interval
 from redteam.plots import plot_curves  # also selects matplotlib's headless backend before pyplot draws
-from redteam.results import ResultStore, area_estimate, curve_area, transfer_tables
+from redteam.results import ResultStore, area_estimate, curve_area, open_run, transfer_tables
 
 #: How each perturbation measure's budgets are written in column headers.
 BUDGET_UNITS = {"linf": "{eps:g}/255 ℓ∞", "l2": "{eps:g} ℓ2"}
@@ -88,6 +89,7 @@ class Report:
     sweeps: list[str]  # the commands that made sweep folders
     transfer: list[dict[str, Any]] = field(default_factory=list)  # transfer matrices: title, targets, rows
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # claimed vs adaptive robustness, per defense
+    differences: dict[str, Any] | None = None  # two runs given: what moved between them (redteam.diff)
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the images."""
@@ -96,17 +98,6 @@ class Report:
         for cell in data["cells"]:
             cell["examples"] = {k: v for k, v in cell["examples"].items() if k != "png"}
         return data
-
-
-def open_store(run: Path) -> ResultStore:
-    """The results of a run folder; a clear error for anything else (never creates one)."""
-    if not run.exists():
-        raise RedteamError(f"run folder {run} does not exist.")
-    if not run.is_dir():
-        raise RedteamError(f"{run} is a file; give run folders (written by `redteam run` or `redteam sweep`).")
-    if not (run / "results.sqlite").is_file():
-        raise RedteamError(f"{run} holds no results.sqlite; is it a run folder of `redteam run` or `redteam sweep`?")
-    return ResultStore(run / "results.sqlite", writable=False)
 
 
 def _column(norm: str, eps: float) -> str:
@@ -153,7 +144,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
     per_probe: dict[tuple[str, str], pd.DataFrame] = {}
     transfer: list[dict[str, Any]] = []
     for run in runs:
-        store = open_store(run)
+        store = open_run(run)
         configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
         results = store.frame()
         stages, broken_by, liveness = store.stage_summary(), store.ensemble_summary(), store.liveness_summary()
@@ -237,7 +228,16 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         sweeps=sweeps,
         transfer=transfer,
         verdicts=defense_verdicts(cells, columns),
+        differences=_differences(runs),
     )
+
+
+def _differences(runs: list[Path]) -> dict[str, Any] | None:
+    """With exactly two run folders, the values that moved between them (``redteam diff``), where any pair up."""
+    if len(runs) != 2:
+        return None
+    found = diff_runs(*runs)
+    return found.to_dict() if found.changes else None
 
 
 def defense_verdicts(cells: list[CellSummary], columns: list[str]) -> list[dict[str, Any]]:
@@ -309,7 +309,7 @@ def _png(figure: plt.Figure) -> bytes:
 def curve_figures(runs: list[Path]) -> dict[str, bytes]:
     """Accuracy-perturbation curves, one PNG per target (every defense and attack on it, one panel per norm, and one
     of accuracy against queries where a query attack ran)."""
-    stores = [open_store(run) for run in runs]
+    stores = [open_run(run) for run in runs]
     curves = pd.concat([store.curves() for store in stores], ignore_index=True)
     queries = pd.concat([store.query_curves() for store in stores], ignore_index=True)
     figures = {}

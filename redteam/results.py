@@ -330,6 +330,17 @@ class ResultStore:
         return frame if cell is not None else self._set_aside(frame)
 
 
+def open_run(run: Path) -> ResultStore:
+    """The results of a run folder; a clear error for anything else (never creates one)."""
+    if not run.exists():
+        raise RedteamError(f"run folder {run} does not exist.")
+    if not run.is_dir():
+        raise RedteamError(f"{run} is a file; give run folders (written by `redteam run` or `redteam sweep`).")
+    if not (run / "results.sqlite").is_file():
+        raise RedteamError(f"{run} holds no results.sqlite; is it a run folder of `redteam run` or `redteam sweep`?")
+    return ResultStore(run / "results.sqlite", writable=False)
+
+
 def _plain(value):
     """numpy scalars and bools -> the Python types sqlite3 binds."""
     value = value.item() if hasattr(value, "item") else value

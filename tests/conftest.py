@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import shared_path
+from helpers import invoke, shared_path
 
 torch.set_flush_denormal(True)
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -51,14 +50,4 @@ def small_faces(faces_root, tmp_path_factory):
 @pytest.fixture
 def cli(monkeypatch):
     """Run the real ``redteam`` entry point in-process: ``cli("run", "--limit", 3)`` -> exit code."""
-    from redteam.cli import main
-
-    def run(*args) -> int:
-        monkeypatch.setattr(sys, "argv", ["redteam", *map(str, args)])
-        try:
-            main()
-        except SystemExit as done:
-            return int(done.code or 0)
-        return 0
-
-    return run
+    return lambda *args: invoke(monkeypatch, *args)

@@ -192,14 +192,27 @@ class EvaluationConfig:
         """Digest of the settings that determine a probe's result (computed on the resolved config). A cell's key
         also covers the content of its inputs (:func:`redteam.engine.plan.claim_cell`); stores written before
         content fingerprints keyed cells by this alone."""
+        return _digest(self._settings(NOT_IN_KEY))
+
+    def comparability_key(self, fingerprint: dict[str, str]) -> str:
+        """Digest of what makes two runs' numbers comparable: the settings and the content of the inputs
+        (``fingerprint``: images, weights, defense weights, results version), but not the seed, the probe count or
+        where the faces lie on this machine. Two runs with one key measure the same thing on different draws, so
+        their difference is judged against their intervals (``redteam diff``, the gate)."""
+        return _digest([self._settings((*NOT_IN_KEY, "seed", "data")), fingerprint])
+
+    def _settings(self, ignored: tuple[str, ...]) -> dict[str, Any]:
         resolved = self.resolve()
-        ignored = NOT_IN_KEY + (("adaptive",) if resolved.defense == "none" else ())  # meaningless without one
-        settings = {
+        ignored += ("adaptive",) if resolved.defense == "none" else ()  # meaningless without one
+        return {
             key: value
             for key, value in asdict(resolved).items()
             if key not in ignored and not (key in KEY_DEFAULTS and KEY_DEFAULTS[key] == value)
         }
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def check_weights(target: str, weights: str | Path | None) -> None:

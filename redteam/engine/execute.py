@@ -30,6 +30,7 @@ from redteam.api import (
     Target,
     perturbation_size,
 )
+from redteam.budgets import display_eps
 from redteam.datasets import FaceDataset, open_dataset
 from redteam.engine.assembly import (
     DECISION_START_EPS,
@@ -211,6 +212,8 @@ class Executor:
                 judged = self.judge(crafted.verdict, crafted.adversarial)
                 stages = self.stages(crafted.adversarial, judged.score)
                 live = self.undefended.live_scores(crafted.adversarial)
+                evidence = self.evidence(batch, [eps] * len(batch), crafted.images, crafted.adversarial, judged,
+                                         crafted.verdict)  # fmt: skip
         delta = crafted.adversarial - crafted.images
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         queries = crafted.oracle.spent.tolist() if crafted.oracle else [None] * len(batch)
@@ -232,7 +235,33 @@ class Executor:
             )  # fmt: skip
             for k, probe in enumerate(batch)
         ]
-        return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [])
+        return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [], evidence)
+
+    def evidence(
+        self, batch: list[Probe], sizes: list[float], clean: Tensor, images: Tensor, judged: Verdict, verdict: Objective
+    ) -> list[tuple[dict[str, Any], Tensor]]:
+        """The evidence log's entries (:mod:`redteam.evidence`) for the probes ``judged`` fooled, at the budget (or,
+        for a minimal attack, the size) each was fooled at, with the verdict on the image as an 8-bit file holds
+        it."""
+        fooled = [k for k in range(len(batch)) if judged.success[k]]
+        if not fooled:
+            return []
+        saved = images[fooled].mul(255).round().div(255)
+        again = self.judge(verdict.select(torch.tensor(fooled, device=images.device)), saved)
+        config, records = self.cell.config, self.cell.dataset.records
+        entries = []
+        for position, k in enumerate(fooled):
+            probe, delta = batch[k], images[k] - clean[k]
+            entries.append({
+                "target": config.target, "defense": config.defense_label, "attack": config.attack,
+                "threat": config.threat, "norm": config.norm, "eps": display_eps(sizes[k], config.norm),
+                "probe": probe.key, "identity": records[probe.image].identity,
+                "reference": records[probe.reference].identity if probe.reference >= 0 else None,
+                "score": float(judged.score[k]), "threshold": float(self.target.threshold),
+                "linf": float(delta.abs().max()), "l2": float(delta.norm()),
+                "saved_fooled": bool(again.success[position]), "saved_score": float(again.score[position]),
+            })  # fmt: skip
+        return [(entry, images[k].cpu()) for entry, k in zip(entries, fooled)]
 
     def judge(self, verdict: Objective, images: Tensor) -> Verdict:
         """The recorded verdict on ``images``: one look at a deterministic system; a randomised defense is asked
@@ -272,6 +301,7 @@ class Executor:
                 result, steps = QueryResult(found.images, found.size), found.steps
             with torch.no_grad():
                 judged = verdict(result.images)
+                evidence = self.evidence(batch, result.size.tolist(), images, result.images, judged, verdict)
         delta = result.images - images
         size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
         linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
@@ -288,7 +318,7 @@ class Executor:
             }  # fmt: skip
             for k, p in enumerate(batch)
         ]
-        return Computed(rows, trajectories(oracle, batch, 0.0) if oracle else [])
+        return Computed(rows, trajectories(oracle, batch, 0.0) if oracle else [], evidence)
 
     def transfer_examples(
         self, crafting: Objective, images: Tensor, budget: Budget, generator: torch.Generator

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch import Tensor
 
 from redteam.api import TARGETS, AttackBase
 from redteam.assets import sha256_of
 from redteam.datasets import FaceDataset, open_dataset
 from redteam.engine.assembly import DefenseChain, build_attack, build_defense
 from redteam.engine.config import RESULTS_VERSION, EvaluationConfig
+from redteam.evidence import EvidenceLog
 from redteam.results import ResultStore, accuracy_curve
 from redteam.runtime import chunks
 from redteam.threats import THREATS, Probe, ThreatModel
@@ -140,10 +142,12 @@ class Shard:
 @dataclass
 class Computed:
     """What computing a shard gives its planner to store: the rows (``results``, or ``minimal`` for a minimal
-    attack's shard) and a query attack's trajectories."""
+    attack's shard), a query attack's trajectories, and the evidence of what fooled the system
+    (:mod:`redteam.evidence`)."""
 
     rows: list[dict[str, Any]]
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    evidence: list[tuple[dict[str, Any], Tensor]] = field(default_factory=list)  # fooled probes' entries and images
 
 
 def result_row(
@@ -197,6 +201,7 @@ class Planner:
         self.cell, self.store, self.batch_size = cell, store, batch_size
         cell.key, self.notes = claim_cell(store, cell.config, cell.fingerprint)
         self.recorded = 0  # batches recorded by this planner (0 on a re-run of a finished evaluation)
+        self.evidence = EvidenceLog(store.path.parent)
 
     def total_work(self) -> int:
         return len(self.cell.probes) * (2 if self.cell.minimal else len(self.cell.budgets))
@@ -209,9 +214,12 @@ class Planner:
         return self._plan_minimal(advance) if self.cell.minimal else self._plan_ladder(advance)
 
     def record(self, shard: Shard, computed: Computed) -> None:
-        """Store one computed batch under this planner's key for the cell: its trajectories, then its rows (one
-        transaction each; a batch counts as done once its rows are in)."""
+        """Store one computed batch under this planner's key for the cell: its evidence, its trajectories, then its
+        rows (one transaction each; a batch counts as done once its rows are in)."""
         key = self.cell.key
+        self.evidence.record(
+            [{**entry, "cell": key} for entry, _ in computed.evidence], [i for _, i in computed.evidence]
+        )
         self.store.record_trajectory([{**point, "cell": key} for point in computed.trajectory])
         rows = [{**row, "cell": key} for row in computed.rows]
         if shard.minimal:

@@ -3,12 +3,25 @@ Chromium), and assertions several detector tests make."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
+
+
+def invoke(monkeypatch: pytest.MonkeyPatch, *args) -> int:
+    """Run the real ``redteam`` entry point in-process with ``args`` -> its exit code."""
+    from redteam.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["redteam", *map(str, args)])
+    try:
+        main()
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
 
 
 def shared_path(*parts: str) -> Path:
