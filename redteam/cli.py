@@ -97,6 +97,9 @@ def run(
         ),
     ] = None,
     threshold: Annotated[float | None, typer.Option(help="Decide at this similarity instead of the card's.")] = None,
+    far: Annotated[
+        float | None, typer.Option(help="Decide at the threshold with this false accept rate (the card's, 1e-3).")
+    ] = None,
     weights: Annotated[Path | None, typer.Option(help="Your checkpoint, for targets that load one.")] = None,
     align: Annotated[
         bool, typer.Option(help="Detect and align faces (MTCNN) instead of assuming LFW-framed crops.")
@@ -172,6 +175,7 @@ def run(
         seed=seed,
         attack_options=options,
         threshold=threshold,
+        far=far,
         weights=str(weights) if weights else None,
         surrogate=surrogate,
         align=align,

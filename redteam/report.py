@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shlex
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,7 @@ class CellSummary:
     stages: str = ""  # a face system's verdicts on the attacked probes by stage, per budget
     broken_by: str = ""  # an ensemble attack's parts: how many probes each broke, per budget
     liveness: str = ""  # a face system's liveness scores of the attacked probes, per budget
+    operating_point: str = ""  # the threshold the system decided at and where it comes from
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Report:
     transfer: list[dict[str, Any]] = field(default_factory=list)  # transfer matrices: title, targets, rows
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # claimed vs adaptive robustness, per defense
     differences: dict[str, Any] | None = None  # two runs given: what moved between them (redteam.diff)
+    tradeoffs: list[dict[str, Any]] = field(default_factory=list)  # accuracy at each operating point, per system
 
     def to_json(self) -> dict[str, Any]:
         """Everything but the images."""
@@ -118,7 +121,7 @@ def run_command(config: dict[str, Any], eps: list[float], out: Path) -> str:
     if config.get("defense", "none") != "none":
         adaptivity = "adaptive" if config.get("adaptive", True) else "non-adaptive"
         parts += ["--defense", config["defense"], "--adaptivity", adaptivity]
-    for flag in ("surrogate", "threshold", "weights", "identity"):
+    for flag in ("surrogate", "threshold", "far", "weights", "identity"):
         if config.get(flag) is not None:
             parts += [f"--{flag}", str(config[flag])]
     if config.get("align"):
@@ -191,6 +194,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
                     stages=stages.get(str(cell), ""),
                     broken_by=broken_by.get(str(cell), ""),
                     liveness=liveness.get(str(cell), ""),
+                    operating_point=operating_point(config),
                 )
             )
             per_probe[(str(run), str(cell))] = results[results["cell"] == cell]
@@ -229,7 +233,46 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         transfer=transfer,
         verdicts=defense_verdicts(cells, columns),
         differences=_differences(runs),
+        tradeoffs=operating_tradeoffs(cells),
     )
+
+
+def operating_point(config: dict[str, Any]) -> str:
+    """The threshold a cell decided at and where it comes from: a false accept rate of the card's calibration
+    (with that rate's 95% interval on the calibration's impostor pairs), a given threshold, or the card's."""
+    card = TARGETS.get(config["target"]).card if config["target"] in TARGETS else None
+    far, threshold = config.get("far"), config.get("threshold")
+    if far is not None and card is not None:
+        counted = re.search(r"([\d,]+) impostor pairs", card.calibration)
+        text = f"FAR {far:g}: threshold {threshold:.4g} (card calibration"
+        if counted:
+            impostors = int(counted.group(1).replace(",", ""))
+            low, high = wilson_interval(far, impostors)
+            text += f", 95% interval {low:.1e}–{high:.1e} on {impostors:,} impostor pairs"
+        return text + ")"
+    if threshold is not None:
+        return f"threshold {threshold:.4g} (given)"
+    if card is not None and card.threshold is not None:
+        return f"best accuracy: threshold {card.threshold:.4g} (card calibration)"
+    return ""
+
+
+def operating_tradeoffs(cells: list[CellSummary]) -> list[dict[str, Any]]:
+    """Per system and attack run at more than one operating point: its clean and robust accuracy at each (the
+    accuracy-vs-FAR trade-off: a stricter threshold rejects more genuine users and may be harder to dodge)."""
+    groups: dict[tuple[str, ...], list[CellSummary]] = {}
+    for cell in cells:
+        key = (cell.target, cell.defense, cell.attack, cell.threat, cell.norm, cell.dataset)
+        groups.setdefault(key, []).append(cell)
+    tradeoffs = []
+    for (target, defense, attack, threat, norm, dataset), group in groups.items():
+        points = {cell.operating_point: cell for cell in group}
+        if len(points) < 2:
+            continue
+        rows = [{"label": point, "clean": cell.clean, "accuracy": list(cell.robust.values())}
+                for point, cell in points.items()]  # fmt: skip
+        tradeoffs.append({"title": f"{target} / {defense} / {attack} / {threat} ({norm}, {dataset})", "rows": rows})
+    return tradeoffs
 
 
 def _differences(runs: list[Path]) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from helpers import invoke
 from PIL import Image
 
+from redteam.api import TARGETS
 from redteam.diff import diff_runs
 from redteam.evidence import EvidenceLog
 from redteam.intervals import difference_interval
@@ -85,3 +87,23 @@ def test_the_evidence_log_holds_every_fooled_probe_as_a_file_that_fools_as_saved
     log = EvidenceLog(undefended)
     log.record([{key: entry[key] for key in ("cell", "probe", "eps")} for entry in lines], [clean] * len(lines))
     assert len((undefended / "evidence.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_far_decides_at_the_cards_threshold_and_the_report_shows_the_trade_off(runs, cli, capsys, faces_root, tmp_path):
+    folder = tmp_path / "both"
+    shutil.copytree(runs[0], folder)  # the card's best-accuracy threshold is stored there already
+    assert cli(*RUN, "--far", "1e-3", "--data", faces_root, "--out", folder) == 0
+    config = json.loads((folder / "run.json").read_text())["config"]
+    assert config["far"] == 1e-3 and config["threshold"] == TARGETS.get("facenet").card.threshold_far
+    assert cli("report", folder, "--examples", 0) == 0
+    markdown = " ".join((folder / "report.md").read_text().split())
+    assert "## Accuracy at each operating point" in markdown
+    assert (
+        "| FAR 0.001: threshold 0.5637 (card calibration, 95% interval 8.2e-04–1.2e-03 on 100,000 impostor" in markdown
+    )
+    assert "| best accuracy: threshold 0.4469 (card calibration) |" in markdown
+    capsys.readouterr()
+    assert cli(*RUN, "--far", "1e-4", "--data", faces_root, "--out", tmp_path / "x") == 2
+    assert "has a threshold at FAR 0.001 only: for FAR 0.0001 run `redteam calibrate" in capsys.readouterr().err
+    assert cli(*RUN, "--far", "1e-3", "--threshold", 0.3, "--data", faces_root, "--out", tmp_path / "x") == 2
+    assert "give --far or --threshold, not both" in capsys.readouterr().err

@@ -32,7 +32,10 @@ NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
 KEY_DEFAULTS: dict[str, Any] = {
     "precision": "fp32", "skip_bad_images": False, "access": "gradients", "queries": None, "recalibrate": None,
+    "far": None,
 }  # fmt: skip
+#: The false accept rate of a card's strict threshold (``threshold_far``), as ``redteam calibrate`` measures it.
+CARD_FAR = 1e-3
 
 
 @dataclass
@@ -68,6 +71,7 @@ class EvaluationConfig:
     access: str = "auto"  # what the target shows the attacker: gradients, scores or decisions (auto: all it offers)
     queries: int | None = None  # per-probe query budget of a query attack (None: the attack's own default)
     recalibrate: str | None = None  # faces to move a defended system's threshold on (its own false accept rate)
+    far: float | None = None  # decide at the card's threshold for this false accept rate (sets ``threshold``)
 
     @property
     def attack_class(self) -> type[AttackBase]:
@@ -133,7 +137,8 @@ class EvaluationConfig:
             raise RedteamError(f"--limit must be at least 1, not {self.limit}.")
         if self.batch_size != "auto" and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise RedteamError(f"--batch-size must be a positive number or auto, not {self.batch_size!r}.")
-        resolved = replace(self, norm=norm, threat=threat, access=access, queries=queries, surrogate=surrogate)
+        resolved = replace(self, norm=norm, threat=threat, access=access, queries=queries, surrogate=surrogate,
+                           threshold=self._threshold())  # fmt: skip
         if issubclass(attack_class, Campaign):
             campaign = instantiate(self.attack, self.attack_options)
             assert isinstance(campaign, Campaign)
@@ -148,6 +153,25 @@ class EvaluationConfig:
                 if norm == "linf" and value > 255:
                     raise RedteamError(f"ℓ∞ budget {value:g}/255 exceeds the whole pixel range.")
         return replace(resolved, eps=tuple(float(e) for e in eps))
+
+    def _threshold(self) -> float | None:
+        """``threshold`` settled: the one given, or, with ``far``, the card's threshold at that false accept rate
+        (its calibration's; a card carries one at :data:`CARD_FAR`)."""
+        if self.far is None:
+            return self.threshold
+        if not 0 < self.far < 1:
+            raise RedteamError(f"--far is a false accept rate between 0 and 1 (e.g. 1e-3), not {self.far:g}.")
+        card = TARGETS.get(self.target).card
+        if card.threshold_far is None or not math.isclose(self.far, CARD_FAR):
+            have = f"at FAR {CARD_FAR:g} only" if card.threshold_far is not None else "at no FAR"
+            raise RedteamError(
+                f"{self.target}'s calibration has a threshold {have}: for FAR {self.far:g} run `redteam calibrate "
+                f"--target {self.target} --data FACES --far {self.far:g}` on calibration faces and pass the threshold "
+                "it prints with --threshold."
+            )
+        if self.threshold is not None and self.threshold != card.threshold_far:
+            raise RedteamError("--far chooses the threshold: give --far or --threshold, not both.")
+        return card.threshold_far
 
     def _surrogate(self) -> str | None:
         """``surrogate`` settled: known names, each once, joined by commas without spaces; None when it is the
