@@ -118,6 +118,9 @@ def run(
         str, typer.Option(help="Probes per batch, or auto: as many as fit in GPU memory (16 on a CPU).")
     ] = "16",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's, one per core).")
+    ] = None,
     precision: Annotated[
         str,
         typer.Option(help="fp32, bf16 or fp16 for the attack's passes (autocast); verdicts are always float32."),
@@ -153,6 +156,10 @@ def run(
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
     from redteam.engine import EvaluationConfig, parse_options
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     if intruder:  # the system's own re-encoding comes before any defense it runs
         defense = intruder if defense == "none" else f"{intruder}+{defense}"
     # A defense's robustness is judged by attacks that do not stop at the first plateau (PGD-10 overstates it).

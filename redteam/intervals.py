@@ -33,7 +33,10 @@ def wilson_interval(accuracy: float, n: int, confidence: float = CONFIDENCE) -> 
     z = z_score(confidence)
     centre = (accuracy + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * np.sqrt(accuracy * (1 - accuracy) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    # at 0 or 1 the interval ends exactly there (the formula leaves rounding dust such as 7e-18)
+    low = 0.0 if accuracy <= 0 else float(max(0.0, centre - half))
+    high = 1.0 if accuracy >= 1 else float(min(1.0, centre + half))
+    return low, high
 
 
 def with_intervals(curve: pd.DataFrame) -> pd.DataFrame:

@@ -195,9 +195,11 @@ class ResultStore:
         for cell, rows in frame[frame["liveness"].notna() & (frame["eps"] > 0)].groupby("cell"):
             parts = []
             for eps, at in rows.groupby("eps"):
-                shown = eps * 255 if at["norm"].iloc[0] == "linf" else eps
                 flagged = int((at["stage"] == "spoof").sum())
-                parts.append(f"at ε {shown:g}: mean {at['liveness'].mean():.3f}, {flagged} of {len(at)} flagged")
+                parts.append(
+                    f"at ε {display_eps(eps, at['norm'].iloc[0]):g}: mean {at['liveness'].mean():.3f}, {flagged} of "
+                    f"{len(at)} flagged"
+                )
             lines[str(cell)] = "; ".join(parts)
         return lines
 
@@ -217,7 +219,7 @@ class ResultStore:
             for eps, at in rows.groupby("eps"):
                 counts = at[column].value_counts()
                 found = ", ".join(f"{value} {int(counts.get(value, 0))}" for value in values or counts.index)
-                parts.append(f"at ε {eps * 255 if at['norm'].iloc[0] == 'linf' else eps:g}: {found}")
+                parts.append(f"at ε {display_eps(eps, at['norm'].iloc[0]):g}: {found}")
             lines[str(cell)] = "; ".join(parts)
         return lines
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -191,3 +194,24 @@ def test_identification_run(cli, small_faces, tmp_path):
     curve = pd.read_csv(out / "curve.csv")
     assert curve["threat"].unique().tolist() == ["identification"]
     assert curve["accuracy"].iloc[0] >= 0.75 and curve["accuracy"].iloc[-1] == 0
+
+
+@pytest.mark.parametrize("given,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_waits_passively_unless_the_user_says_otherwise(given, expected):
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    environment.update({"OMP_WAIT_POLICY": given} if given else {})
+    code = "import redteam, os, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+    shown = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, check=True)
+    assert shown.stdout.split()[0] == expected
+
+
+def test_threads_option_sets_torchs_thread_count(cli, faces_root, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    args = ("run", "--limit", 2, "--eps", "0,1", "--steps", 1, "--no-checks", "--threads", 2 if before == 1 else 1)
+    try:
+        assert cli(*args, "--data", faces_root, "--out", tmp_path / "out") == 0
+        assert torch.get_num_threads() == (2 if before == 1 else 1)
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import invoke  # noqa: E402
 from helpers.chromium import chromium_binary, render  # noqa: E402
 
 from redteam.intervals import wilson_interval  # noqa: E402
@@ -22,15 +23,8 @@ RUN = ("--target", "facenet", "--attack", "pgd", "--limit", 2, "--eps", "0,2,4",
 
 
 def _cli(*args) -> int:
-    from redteam.cli import main
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", ["redteam", *map(str, args)])
-        try:
-            main()
-        except SystemExit as done:
-            return int(done.code or 0)
-    return 0
+        return invoke(patch, *args)
 
 
 @pytest.fixture(scope="module")

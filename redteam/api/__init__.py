@@ -36,6 +36,7 @@ from redteam.api.targets import (
     Target,
     TemplateWarp,
     crop_resize,
+    final_stages,
     grants,
 )
 from redteam.budgets import QUERY_CHECKPOINTS, Budget, Norm, perturbation_size
@@ -84,6 +85,7 @@ __all__ = [
     "QueryBudgetExceeded",
     "QueryResult",
     "Target",
+    "final_stages",
     "TemplateWarp",
     "Verdict",
     "crop_resize",

@@ -145,6 +145,12 @@ class Attack(AttackBase):
     ) -> AttackResult:
         """Maximise ``objective`` around ``images [B, 3, H, W]`` (in ``[0, 1]``) within ``budget``."""
 
+    def gradient_parts(self) -> Attack:
+        """What to run again when only the gradient changes (another BPDA stand-in for a defense): the whole
+        attack by default; an ensemble leaves out its parts that never look at a gradient, which would only
+        repeat their queries."""
+        return self
+
 
 @dataclass
 class QueryResult:

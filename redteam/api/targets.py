@@ -247,23 +247,17 @@ class Target(nn.Module, ABC):
         """A threshold on the score scale (default: the one in force) as users write it, with its unit."""
         return f"{self.threshold if threshold is None else threshold:.4f}"
 
-    def stages(self, images: Tensor) -> list[str] | None:
-        """Where a face system stops each image before matching: "no face", "spoof", or "" (it reaches the match).
-        ``None`` for a single model (the default)."""
-        return None
-
-    def live_scores(self, images: Tensor) -> Tensor | None:
-        """``[B]`` what a face system's liveness check scores the face it finds in each image; ``None`` without a
-        check (the default)."""
+    def inspect(self, images: Tensor) -> tuple[list[str], Tensor | None] | None:
+        """What a face system does with each image before matching, in one pass: where it stops ("no face",
+        "spoof", or "" where it reaches the match) and its liveness check's score of the face it found (``[B]``;
+        ``None`` without a check). ``None`` for a single model (the default)."""
         return None
 
     def verdicts(self, images: Tensor, scores: Tensor, threshold: float) -> list[str] | None:
         """Where a face system stopped each image (``SYSTEM_STAGES``): a stage before matching, else whether its
         score (``[B]``) reaches ``threshold``; ``None`` for a single model."""
-        before = self.stages(images)
-        if before is None:
-            return None
-        return [stage or ("match" if score >= threshold else "no match") for stage, score in zip(before, scores)]
+        inspected = self.inspect(images)
+        return None if inspected is None else final_stages(inspected[0], scores, threshold)
 
     @classmethod
     def weights_fingerprint(cls) -> str:
@@ -412,3 +406,9 @@ class LivenessDetector(ScoringTarget):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.live_score(images)
+
+
+def final_stages(before: list[str], scores: Tensor, threshold: float) -> list[str]:
+    """Each image's last stage: the one it stopped at before matching, else whether its score reached
+    ``threshold`` ("match" or "no match")."""
+    return [stage or ("match" if score >= threshold else "no match") for stage, score in zip(before, scores)]

@@ -11,7 +11,7 @@ counts them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ class Auto(Attack):
     eot: int = 1
     queries: int = 500
     early_stop: bool = True  # APGD stops each probe once it is fooled (off when another model judges)
+    square: bool = True  # the gradient-free part (left out when the attack reruns with another BPDA stand-in)
 
     def __call__(
         self, objective: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None = None
@@ -48,7 +49,7 @@ class Auto(Attack):
         steps = torch.zeros(len(images), dtype=torch.long, device=images.device)
         parts: list[str | None] = [None] * len(images)
         standing = torch.arange(len(images), device=images.device)
-        for part in PARTS:
+        for part in PARTS if self.square else PARTS[:-1]:
             if len(standing) == 0:
                 break
             goal = objective.select(standing)
@@ -70,6 +71,9 @@ class Auto(Attack):
                 parts[position] = part
             standing = standing[~fooled]
         return AttackResult(adversarial, steps, objective, parts)
+
+    def gradient_parts(self) -> Auto:
+        return replace(self, square=False)
 
     def _square(
         self, goal: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None

@@ -28,6 +28,7 @@ from redteam.api import (
     QueryAttack,
     QueryResult,
     Target,
+    final_stages,
     perturbation_size,
 )
 from redteam.budgets import display_eps
@@ -186,9 +187,10 @@ class Executor:
         standing = torch.arange(len(images), device=images.device)
         for number, surrogate in enumerate(variants):
             model.variant = number
+            again = attack if number == 0 else attack.gradient_parts()  # a stand-in changes only the gradient
             try:
                 with autocast(self.device, self.cell.config.precision):  # type: ignore[arg-type]
-                    result = attack(crafting.select(standing), images[standing], budget, generator)
+                    result = again(crafting.select(standing), images[standing], budget, generator)
             finally:
                 model.variant = 0
             with torch.no_grad():
@@ -210,8 +212,7 @@ class Executor:
             crafted = self.craft(batch, eps, level, batch_number)
             with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
                 judged = self.judge(crafted.verdict, crafted.adversarial)
-                stages = self.stages(crafted.adversarial, judged.score)
-                live = self.undefended.live_scores(crafted.adversarial)
+                stages, live = self.inspect(crafted.adversarial, judged.score)
                 evidence = self.evidence(batch, [eps] * len(batch), crafted.images, crafted.adversarial, judged,
                                          crafted.verdict)  # fmt: skip
         delta = crafted.adversarial - crafted.images
@@ -276,10 +277,14 @@ class Executor:
             score=torch.stack([d.score for d in draws]).mean(0),
         )
 
-    def stages(self, images: Tensor, scores: Tensor) -> list[str | None]:
-        """Where a face system stopped each image (``SYSTEM_STAGES``); ``None`` each for a single model."""
-        verdicts = self.undefended.verdicts(images, scores, self.target.threshold)
-        return [None] * len(images) if verdicts is None else list(verdicts)
+    def inspect(self, images: Tensor, scores: Tensor) -> tuple[list[str | None], Tensor | None]:
+        """Where a face system stopped each image (``SYSTEM_STAGES``; ``None`` each for a single model) and its
+        liveness check's scores (``None`` without one), from one look at the images."""
+        inspected = self.undefended.inspect(images)
+        if inspected is None:
+            return [None] * len(images), None
+        before, live = inspected
+        return list(final_stages(before, scores, self.target.threshold)), live
 
     def _attack_minimal(self, batch: list[Probe], batch_number: int) -> Computed:
         """Each probe's smallest fooling perturbation (``inf`` where the target is not fooled): rows of ``minimal``."""

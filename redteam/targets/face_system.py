@@ -104,16 +104,15 @@ class FaceSystem(FaceRecognizer):
         live = self._live_margin(faces).to(embedding.dtype)
         return torch.cat([found[:, None].to(embedding.dtype), live[:, None], embedding], dim=1)
 
-    def live_scores(self, images: Tensor) -> Tensor | None:
-        if self.liveness is None:
-            return None
-        return self.liveness.live_score(self.align(images)[1])
-
-    def stages(self, images: Tensor) -> list[str]:
-        """Detection and the liveness check only: the recogniser is not needed to say where a photo stopped."""
+    def inspect(self, images: Tensor) -> tuple[list[str], Tensor | None]:
+        """Detection and the liveness check, once: the recogniser is not needed to say where a photo stopped."""
         found, faces = self.align(images)
-        live = self._live_margin(faces)
-        return ["no face" if not f else "spoof" if m < 0 else "" for f, m in zip(found.tolist(), live.tolist())]
+        live, spoof = None, [False] * len(images)
+        if self.liveness is not None:
+            live = self.liveness.live_score(faces)
+            spoof = (live < self.liveness.threshold).tolist()
+        stages = ["no face" if not f else "spoof" if s else "" for f, s in zip(found.tolist(), spoof)]
+        return stages, live
 
     def _decide(self, score: Tensor, found: Tensor, probe_live: Tensor, reference_live: Tensor) -> Tensor:
         """The system's score from the recogniser's: both faces must be found and the reference live (gates: nothing
