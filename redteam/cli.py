@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -752,19 +753,18 @@ def check(
             raise Interrupted() from None
     written = [write_junit(report, junit)] if junit else []
     written += [write_sarif(report, sarif)] if sarif else []
-    table = Table(title=escape(f"regression gate: {baseline} (tolerance {tolerance:g}, level {level:g})"))
-    table.add_column("evaluation", ratio=1)  # the one column that wraps on a narrow terminal
-    for column in ("measure", "baseline [95%]", "now [95%]", "change", "detectable", ""):
-        table.add_column(column, justify="left" if column == "measure" else "right", no_wrap=True)
-    for row in report.frame().itertuples():
-        mark = "[red]✗ regressed[/]" if row.regressed else "[green]✓[/]"
-        if not row.regressed and row.change < -tolerance:
-            mark = "[yellow]✓ not significant[/]"
-        detectable = "" if row.detectable is None or row.detectable != row.detectable else f"{row.detectable:.2f}"
-        table.add_row(
-            escape(row.evaluation), row.measure, row.baseline, row.now, f"{row.change:+.3f}", detectable, mark
-        )
-    console.print(table)
+    console.print(escape(f"regression gate: {baseline} (tolerance {tolerance:g}, level {level:g})"), highlight=False)
+    frame = report.frame()
+    for evaluation, rows in frame.groupby("evaluation", sort=False):  # a table each: they fit 80 columns
+        table = Table(title=escape(str(evaluation)), box=box.SIMPLE, pad_edge=False)
+        for column in ("measure", "baseline [95%]", "now [95%]", "change", ""):
+            table.add_column(column, justify="left" if column == "measure" else "right", no_wrap=True)
+        for row in rows.itertuples():
+            mark = "[red]✗ regressed[/]" if row.regressed else "[green]✓[/]"
+            if not row.regressed and row.change < -tolerance:
+                mark = "[yellow]✓ chance[/]"  # fell by more than the tolerance, but not significantly
+            table.add_row(row.measure, row.baseline, row.now, f"{row.change:+.3f}", mark)
+        console.print(table)
     for outcome in report.checks:
         if not outcome.passed:
             console.print(f"[yellow]⚠ warning:[/] {escape(f'{outcome.evaluation}: {outcome.name}: {outcome.detail}')}")

@@ -290,7 +290,8 @@ class ResultStore:
             campaigns = self._set_aside(campaigns)
         campaigns = with_intervals(campaigns.astype({"eps": float, "accuracy": float, "n": int}))
         curve = pd.concat([accuracy_curve(self.frame(cell)), campaigns], ignore_index=True)
-        return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "low", "high", "cell"]]
+        numbers = {"eps": float, "accuracy": float, "n": int, "low": float, "high": float}
+        return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "low", "high", "cell"]].astype(numbers)
 
     def query_curves(self) -> pd.DataFrame:
         """Every current query-attack cell's progress with queries (:func:`query_curve`)."""

@@ -187,6 +187,7 @@ class ModelCard:
     metric: Literal["cosine", "euclidean"] = "cosine"
     threshold: float | None = None  # operating point: best verification accuracy on the calibration pairs
     threshold_far: float | None = None  # similarity threshold at FAR = 1e-3 on the calibration pairs
+    thresholds_at_far: dict[float, float] = field(default_factory=dict)  # other FARs, on the same pairs (`--far`)
     calibration: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     parity: str = ""

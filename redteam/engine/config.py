@@ -156,22 +156,24 @@ class EvaluationConfig:
 
     def _threshold(self) -> float | None:
         """``threshold`` settled: the one given, or, with ``far``, the card's threshold at that false accept rate
-        (its calibration's; a card carries one at :data:`CARD_FAR`)."""
+        (its calibration's: at :data:`CARD_FAR`, and at the card's ``thresholds_at_far``)."""
         if self.far is None:
             return self.threshold
         if not 0 < self.far < 1:
             raise RedteamError(f"--far is a false accept rate between 0 and 1 (e.g. 1e-3), not {self.far:g}.")
         card = TARGETS.get(self.target).card
-        if card.threshold_far is None or not math.isclose(self.far, CARD_FAR):
-            have = f"at FAR {CARD_FAR:g} only" if card.threshold_far is not None else "at no FAR"
+        known = {**card.thresholds_at_far, **({CARD_FAR: card.threshold_far} if card.threshold_far else {})}
+        chosen = next((t for far, t in known.items() if math.isclose(far, self.far)), None)
+        if chosen is None:
+            have = f"at FAR {', '.join(f'{far:g}' for far in sorted(known))} only" if known else "at no FAR"
             raise RedteamError(
                 f"{self.target}'s calibration has a threshold {have}: for FAR {self.far:g} run `redteam calibrate "
                 f"--target {self.target} --data FACES --far {self.far:g}` on calibration faces and pass the threshold "
                 "it prints with --threshold."
             )
-        if self.threshold is not None and self.threshold != card.threshold_far:
+        if self.threshold is not None and self.threshold != chosen:
             raise RedteamError("--far chooses the threshold: give --far or --threshold, not both.")
-        return card.threshold_far
+        return chosen
 
     def _surrogate(self) -> str | None:
         """``surrogate`` settled: known names, each once, joined by commas without spaces; None when it is the

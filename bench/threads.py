@@ -1,0 +1,103 @@
+"""How much does OpenMP's wait policy cost on a busy machine? Active (torch's default) against passive (redteam's).
+
+    python bench/threads.py [--targets facenet:16,arcface:1] [--rounds 3] [--passes 5]
+
+Each measurement is a fresh process (the policy only takes effect before torch is imported) that loads the target
+and times ``--passes`` forward+backward passes on real faces at the given batch size, reporting the median wall time
+of one pass. Policies alternate within every round; each configuration runs on an idle machine and on one loaded by
+a second process spinning on one core (what a CI runner, a laptop or a second redteam process looks like). The
+ratio column is active over passive in the same round: above 1, the default wastes time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
+POLICIES = ("ACTIVE", "PASSIVE")
+
+
+def child(target: str, batch: int, passes: int, data: str) -> None:
+    """One measurement, in this process: median seconds of a forward+backward pass."""
+    import torch
+
+    from redteam.datasets import open_dataset
+    from redteam.engine import load_target
+    from redteam.runtime import prepare_torch
+
+    prepare_torch()
+    model = load_target(target, torch.device("cpu"))
+    images = open_dataset(data).load(list(range(batch)))
+    times = []
+    for _ in range(passes + 1):  # the first pass pays for allocation: left out
+        x = images.clone().requires_grad_(True)
+        started = time.perf_counter()
+        torch.autograd.grad(model.embed(x).square().sum(), x)
+        times.append(time.perf_counter() - started)
+    print(json.dumps({"seconds": statistics.median(times[1:]), "threads": torch.get_num_threads()}))
+
+
+def measure(policy: str, target: str, batch: int, passes: int, data: str) -> float:
+    environment = {**os.environ, "OMP_WAIT_POLICY": policy}
+    command = [sys.executable, __file__, "--child", f"{target}:{batch}", "--passes", str(passes), "--data", data]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
+
+
+@contextmanager
+def load(busy: bool):
+    """A second process spinning on one core while the block runs (nothing when ``busy`` is false)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        yield
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", default="facenet:16,arcface:1", help="target:batch, comma-separated")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--passes", type=int, default=5)
+    parser.add_argument("--data", default=str(SHARED_FACES) if SHARED_FACES.exists() else "default")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        target, batch = args.child.split(":")
+        child(target, int(batch), args.passes, args.data)
+        return
+    print(
+        f"{os.cpu_count()} CPUs; forward+backward, median ms per pass over {args.passes} passes, {args.rounds} rounds"
+    )
+    print("| target | batch | machine | active (default) ms | passive ms | active / passive |")
+    print("|---|---:|---|---:|---:|---:|")
+    for spec in args.targets.split(","):
+        target, batch = spec.split(":")
+        for busy in (False, True):
+            ratios, seconds = [], {policy: [] for policy in POLICIES}
+            with load(busy):
+                for round_number in range(args.rounds):
+                    order = POLICIES if round_number % 2 == 0 else POLICIES[::-1]
+                    found = {p: measure(p, target, int(batch), args.passes, args.data) for p in order}
+                    for policy in POLICIES:
+                        seconds[policy].append(found[policy])
+                    ratios.append(found["ACTIVE"] / found["PASSIVE"])
+            active, passive = (statistics.median(seconds[p]) * 1000 for p in POLICIES)
+            machine = "loaded (1 busy core)" if busy else "idle"
+            print(
+                f"| {target} | {batch} | {machine} | {active:.0f} | {passive:.0f} | {statistics.median(ratios):.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
