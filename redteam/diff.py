@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from redteam.engine import EvaluationConfig
 from redteam.errors import RedteamError
-from redteam.intervals import CONFIDENCE, difference_interval, wilson_interval
+from redteam.intervals import CONFIDENCE, beyond_chance, difference_interval, wilson_interval
 from redteam.results import area_estimate, curve_area, open_run
 
 #: Stored settings that never separate two cells' numbers (how much was computed, and where) or that are compared
@@ -54,9 +52,6 @@ class Diff:
     changes: list[Change]
     only_a: list[str]  # cells with no partner in the other run
     only_b: list[str]
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{**asdict(c), "direction": c.direction} for c in self.changes])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,9 +141,8 @@ def _compare(label: str, a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataF
     area_a, area_b = curve_area(curve_a.sort_values("eps"), upto), curve_area(curve_b.sort_values("eps"), upto)
     estimate_a, estimate_b = area_estimate(results_a, upto), area_estimate(results_b, upto)
     if estimate_a is not None and estimate_b is not None:
-        spread = float(np.hypot(estimate_a.error, estimate_b.error))
-        critical = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
-        moved = bool(abs(area_b - area_a) > critical * spread) if spread > 0 else area_a != area_b
+        two_sided = (1 - CONFIDENCE) / 2  # each tail of the 95% interval of the difference
+        moved = beyond_chance(abs(area_b - area_a), (estimate_a.error, estimate_b.error), two_sided)
         changes.append(
             Change(label, f"area 0–{upto:g}", area_a, (estimate_a.low, estimate_a.high), area_b,
                    (estimate_b.low, estimate_b.high), moved)

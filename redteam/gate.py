@@ -23,15 +23,19 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 
-import numpy as np
 import pandas as pd
 
 from redteam.budgets import display_eps
 from redteam.engine import Check, Evaluation, EvaluationConfig, checks_of, run_campaign
 from redteam.errors import DataError, RedteamError
-from redteam.intervals import fell_significantly, probes_needed, smallest_detectable_fall, wilson_interval
+from redteam.intervals import (
+    beyond_chance,
+    fell_significantly,
+    probes_needed,
+    smallest_detectable_fall,
+    wilson_interval,
+)
 from redteam.results import ResultStore, area_estimate, curve_area
 
 DEFAULT_TOLERANCE = 0.05
@@ -75,8 +79,7 @@ class Comparison:
         if self.baseline_n and self.now_n:
             return fell_significantly(self.baseline, self.baseline_n, self.now, self.now_n, self.level)
         if self.baseline_error is not None and self.now_error is not None:
-            spread = float(np.hypot(self.baseline_error, self.now_error))
-            return self.fall > 0 and (spread == 0 or self.fall / spread > NormalDist().inv_cdf(1 - self.level))
+            return beyond_chance(self.fall, (self.baseline_error, self.now_error), self.level)
         return self.fall > 0
 
     @property

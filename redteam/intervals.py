@@ -65,6 +65,14 @@ def fell_significantly(before: float, n_before: int, after: float, n_after: int,
     return difference_interval(before, n_before, after, n_after, 1 - 2 * level)[0] > 0
 
 
+def beyond_chance(difference: float, errors: tuple[float, float], level: float) -> bool:
+    """Whether ``difference`` between two independent estimates with standard errors ``errors`` exceeds the
+    one-sided normal quantile at ``level`` times its own standard error (any positive difference, where both
+    estimates have no spread)."""
+    spread = float(np.hypot(*errors))
+    return difference > 0 if spread == 0 else difference / spread > NormalDist().inv_cdf(1 - level)
+
+
 def smallest_detectable_fall(before: float, n_before: int, n_after: int, level: float) -> float | None:
     """The smallest fall from ``before`` (measured on ``n_before`` probes) that a re-run on ``n_after`` probes would
     call significant at ``level``; ``None`` when even a fall to zero would not be."""

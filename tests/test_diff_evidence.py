@@ -16,6 +16,7 @@ from PIL import Image
 
 from redteam.api import TARGETS
 from redteam.diff import diff_runs
+from redteam.engine import EvaluationConfig
 from redteam.evidence import EvidenceLog
 from redteam.intervals import difference_interval
 
@@ -103,7 +104,9 @@ def test_far_decides_at_the_cards_threshold_and_the_report_shows_the_trade_off(r
     )
     assert "| best accuracy: threshold 0.4469 (card calibration) |" in markdown
     capsys.readouterr()
-    assert cli(*RUN, "--far", "1e-4", "--data", faces_root, "--out", tmp_path / "x") == 2
-    assert "has a threshold at FAR 0.001 only: for FAR 0.0001 run `redteam calibrate" in capsys.readouterr().err
+    assert cli(*RUN, "--far", "1e-5", "--data", faces_root, "--out", tmp_path / "x") == 2
+    assert "has a threshold at FAR 0.0001, 0.001 only: for FAR 1e-05 run `redteam calibrate" in capsys.readouterr().err
+    stricter = EvaluationConfig(target="facenet", attack="pgd", far=1e-4).resolve()
+    assert stricter.threshold == TARGETS.get("facenet").card.thresholds_at_far[1e-4]
     assert cli(*RUN, "--far", "1e-3", "--threshold", 0.3, "--data", faces_root, "--out", tmp_path / "x") == 2
     assert "give --far or --threshold, not both" in capsys.readouterr().err
