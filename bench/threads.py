@@ -1,12 +1,13 @@
-"""How much does OpenMP's wait policy cost on a busy machine? Active (torch's default) against passive (redteam's).
+"""How much does OpenMP's wait policy cost on a busy machine? Torch's default (active waiting) against redteam's
+(passive), and one thread.
 
     python bench/threads.py [--targets facenet:16,arcface:1] [--rounds 3] [--passes 5]
 
 Each measurement is a fresh process (the policy only takes effect before torch is imported) that loads the target
 and times ``--passes`` forward+backward passes on real faces at the given batch size, reporting the median wall time
-of one pass. Policies alternate within every round; each configuration runs on an idle machine and on one loaded by
-a second process spinning on one core (what a CI runner, a laptop or a second redteam process looks like). The
-ratio column is active over passive in the same round: above 1, the default wastes time.
+of one pass. Each configuration runs on an idle machine and on one loaded by a second process spinning on one core
+(what a CI runner, a laptop or a second redteam process looks like); the settings' order rotates every round. The
+last column is torch's default over redteam's: above 1, the default wastes time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
-POLICIES = ("ACTIVE", "PASSIVE")
+#: What each measured process is started with: torch's default (active waiting), redteam's, and one thread.
+SETTINGS = {
+    "active (torch's default)": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "passive (redteam's)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
+}
 
 
 def child(target: str, batch: int, passes: int, data: str) -> None:
@@ -45,8 +51,8 @@ def child(target: str, batch: int, passes: int, data: str) -> None:
     print(json.dumps({"seconds": statistics.median(times[1:]), "threads": torch.get_num_threads()}))
 
 
-def measure(policy: str, target: str, batch: int, passes: int, data: str) -> float:
-    environment = {**os.environ, "OMP_WAIT_POLICY": policy}
+def measure(setting: dict[str, str], target: str, batch: int, passes: int, data: str) -> float:
+    environment = {**os.environ, **setting}
     command = [sys.executable, __file__, "--child", f"{target}:{batch}", "--passes", str(passes), "--data", data]
     done = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
     return float(json.loads(done.stdout.strip().splitlines()[-1])["seconds"])
@@ -76,27 +82,23 @@ def main() -> None:
         target, batch = args.child.split(":")
         child(target, int(batch), args.passes, args.data)
         return
-    print(
-        f"{os.cpu_count()} CPUs; forward+backward, median ms per pass over {args.passes} passes, {args.rounds} rounds"
-    )
-    print("| target | batch | machine | active (default) ms | passive ms | active / passive |")
-    print("|---|---:|---|---:|---:|---:|")
+    names = list(SETTINGS)
+    print(f"{os.cpu_count()} CPUs; forward+backward, median ms per pass ({args.passes} passes, {args.rounds} rounds)")
+    print(f"| target | batch | machine | {' | '.join(names)} | default / redteam's |")
+    print("|---|---:|---|" + "---:|" * (len(names) + 1))
     for spec in args.targets.split(","):
         target, batch = spec.split(":")
         for busy in (False, True):
-            ratios, seconds = [], {policy: [] for policy in POLICIES}
+            seconds: dict[str, list[float]] = {name: [] for name in names}
             with load(busy):
                 for round_number in range(args.rounds):
-                    order = POLICIES if round_number % 2 == 0 else POLICIES[::-1]
-                    found = {p: measure(p, target, int(batch), args.passes, args.data) for p in order}
-                    for policy in POLICIES:
-                        seconds[policy].append(found[policy])
-                    ratios.append(found["ACTIVE"] / found["PASSIVE"])
-            active, passive = (statistics.median(seconds[p]) * 1000 for p in POLICIES)
+                    shift = round_number % len(names)  # the order rotates every round
+                    for name in names[shift:] + names[:shift]:
+                        seconds[name].append(measure(SETTINGS[name], target, int(batch), args.passes, args.data))
+            ms = {name: statistics.median(times) * 1000 for name, times in seconds.items()}
             machine = "loaded (1 busy core)" if busy else "idle"
-            print(
-                f"| {target} | {batch} | {machine} | {active:.0f} | {passive:.0f} | {statistics.median(ratios):.2f} |"
-            )
+            shown = " | ".join(f"{ms[name]:.0f}" for name in names)
+            print(f"| {target} | {batch} | {machine} | {shown} | {ms[names[0]] / ms[names[1]]:.2f} |")
 
 
 if __name__ == "__main__":

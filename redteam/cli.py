@@ -549,9 +549,17 @@ def serve(
             "a 0-100 confidence with thresholds)."
         ),
     ] = "reference",
+    threads: Annotated[
+        int, typer.Option(min=1, help="CPU threads for torch (1: a request is one image; bench/threads.py)")
+    ] = 1,
 ) -> None:
     """A reference face-verification service over a zoo recogniser: enrol, verify, identify, health (a demo target)."""
+    import torch
+
     from redteam.runtime import resolve_device
+
+    # One image per request: with passive waiting, one thread beats two at batch 1, idle or busy (bench/threads.py).
+    torch.set_num_threads(threads)
     from redteam.serve import ServiceConfig, api_key_from, parse_faults, parse_rate
     from redteam.serve import serve as run_service
 
