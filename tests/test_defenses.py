@@ -11,7 +11,7 @@ import torch
 from redteam.api import DEFENSES, FaceRecognizer, InputTransform
 from redteam.defenses.halftone import Halftone, floyd_steinberg, ordered_dither
 from redteam.engine import EvaluationConfig
-from redteam.engine.assembly import behind_transforms, build_defense
+from redteam.engine.assembly import DefendedRecognizer, behind_transforms, build_defense, drawing_from, fixed_draws
 from redteam.errors import RedteamError, UnknownNameError
 
 
@@ -142,3 +142,22 @@ def test_a_randomised_defense_needs_an_attack_with_eot_before_any_work(cli, caps
     assert cli(*args, "--attack", "pgd", "--steps", 1, "--adaptivity", "adaptive", "--no-checks") == 0
     settings = json.loads((out / "run.json").read_text())["attack_settings"]
     assert settings["eot"] == 8  # EOT implied by the randomised defense
+
+
+def test_fixed_draws_give_a_randomised_defense_one_draw(facenet, faces):
+    defended = DefendedRecognizer(facenet, [Speckle()], "facenet+speckle", adaptive=False)
+    images = faces.load([0, 1])
+    with torch.no_grad(), drawing_from(torch.Generator().manual_seed(0), defended):
+        assert not torch.equal(defended.embed(images), defended.embed(images))  # fresh draws, as deployed
+        with fixed_draws(3, defended):
+            assert torch.equal(defended.embed(images), defended.embed(images))
+        assert defended.fixed_seed is None
+
+
+def test_a_randomised_defense_gets_the_fixed_randomness_diagnostic(cli, faces_root, tmp_path, monkeypatch):
+    monkeypatch.setitem(DEFENSES._entries, "speckle", Speckle)  # registered for this test only
+    args = ("run", "--data", faces_root, "--limit", 3, "--eps", "0,2", "--defense", "speckle", "--attack", "pgd")
+    assert cli(*args, "--steps", 2, "--option", "eot=2", "--adaptivity", "adaptive", "--out", tmp_path / "x") == 0
+    checks = {c["name"]: c for c in json.loads((tmp_path / "x" / "run.json").read_text())["checks"]}
+    detail = checks["fixed randomness"]["detail"]
+    assert "at ε 2: with the defense's randomness fixed to one draw, pgd leaves" in detail and "fresh draws" in detail

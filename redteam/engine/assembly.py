@@ -223,6 +223,7 @@ class InputDefense(nn.Module):
         self.target, self.transforms, self.adaptive = target, nn.ModuleList(transforms), adaptive
         self.card = replace(target.card, name=name)
         self.draws: torch.Generator | None = None
+        self.fixed_seed: int | None = None  # set: every pass draws the same randomness (:func:`fixed_draws`)
         self.threshold_override: float | None = None  # a recalibrated threshold of the defended system
         self.variant = 0  # which of :meth:`surrogate_variants` the BPDA view uses
 
@@ -242,13 +243,16 @@ class InputDefense(nn.Module):
 
     def defend(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` -> what the target sees, ``[B, 3, H, W]``."""
+        draws = self.draws
+        if self.fixed_seed is not None:
+            draws = torch.Generator(images.device).manual_seed(self.fixed_seed)
         for transform in self.transforms:
             assert isinstance(transform, InputTransform)
             if not self.adaptive:
-                images = transform(images, self.draws)
+                images = transform(images, draws)
                 continue
             names = [] if transform.differentiable else list(transform.surrogates())
-            images = transform.bpda(images, self.draws, names[self.variant % len(names)] if names else None)
+            images = transform.bpda(images, draws, names[self.variant % len(names)] if names else None)
         return images
 
 
@@ -295,6 +299,20 @@ def drawing_from(generator: torch.Generator, *models: Target) -> Iterator[None]:
     finally:
         for model in defended:
             model.draws = None
+
+
+@contextmanager
+def fixed_draws(seed: int, *models: Target) -> Iterator[None]:
+    """Inside the block, randomised defenses in front of ``models`` draw the same randomness on every pass: one
+    fixed draw of the defense, for the attack and the verdict alike (the fixed-randomness diagnostic)."""
+    defended = [m for m in models if isinstance(m, InputDefense)]
+    for model in defended:
+        model.fixed_seed = seed
+    try:
+        yield
+    finally:
+        for model in defended:
+            model.fixed_seed = None
 
 
 def wrap_model(target: Target, config: EvaluationConfig, chain: DefenseChain) -> Target:

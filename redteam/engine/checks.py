@@ -29,7 +29,7 @@ from redteam.api import (
 from redteam.attacks.pgd import PGD
 from redteam.attacks.random_search import RandomSearch
 from redteam.budgets import display_eps
-from redteam.engine.assembly import InputDefense, drawing_from
+from redteam.engine.assembly import InputDefense, drawing_from, fixed_draws
 from redteam.engine.evaluation import Evaluation
 from redteam.engine.execute import Executor
 from redteam.engine.operating import AcceptRates, accept_rates
@@ -94,6 +94,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
                 checks += surrogate_checks(executor.crafting, images[:2])
             checks.append(_beats_noise(cell, own, verdict, images, sample))
             checks += _converged(cell, own, crafting, verdict, images, sample, executor.generator("converged"))
+            checks += _fixed_randomness(cell, own, executor, crafting, verdict, images, sample)
             if cell.queries and cell.budgets[-1] > 0:
                 checks.append(_beats_random_search(cell, own, verdict, images, sample))
                 if white_box:  # the target's own gradients, not the surrogates' a transfer start was crafted on
@@ -291,6 +292,37 @@ def _converged(
     if not passed:
         detail += "; the attack had not converged: raise its steps (the curve overstates robustness)"
     return [Check("converged", passed, detail)]
+
+
+#: How far below the run's accuracy the same attack may get once the defense's randomness is fixed to one draw
+#: before the robustness counts as resting on that randomness (two probes of eight).
+FIXED_RANDOMNESS_SLACK = 1 / 4
+
+
+def _fixed_randomness(
+    cell: Cell, own: pd.DataFrame, executor: Executor, crafting: Objective, verdict: Objective, images, sample
+) -> list[Check]:
+    """A randomised defense attacked adaptively, at the largest budget, with its randomness fixed to one draw for
+    the attack and the verdict alike: if the attack then breaks far more probes, the run's robustness rests on
+    the randomness rather than on what the defense does to an image. The attack could not optimise through the
+    noise, so more gradient samples per step (EOT) or steps should show more of it."""
+    attack = cell.attack
+    if not (cell.defense.randomised and cell.config.adaptive and isinstance(attack, Attack)):
+        return []
+    eps, run_accuracy = _attacked_accuracy(cell, own, sample)
+    norm = cast(Norm, cell.config.norm)
+    with fixed_draws(0, executor.crafting, executor.target):
+        result = attack(crafting, images, Budget(norm, eps), executor.generator("fixed randomness"))
+        with torch.no_grad():
+            fixed_accuracy = 1 - float(verdict(result.images).success.float().mean())
+    detail = (
+        f"at ε {display_eps(eps, norm):g}: with the defense's randomness fixed to one draw, {attack.name} leaves "
+        f"{fixed_accuracy:.0%} of the checks' probes ({run_accuracy:.0%} with fresh draws, as judged)"
+    )
+    passed = fixed_accuracy >= run_accuracy - FIXED_RANDOMNESS_SLACK
+    if not passed:
+        detail += "; the robustness rests on the randomness: raise the attack's eot and steps"
+    return [Check("fixed randomness", passed, detail)]
 
 
 def _attacked_accuracy(cell: Cell, own: pd.DataFrame, sample) -> tuple[float, float]:
