@@ -650,7 +650,7 @@ def sweep(
     from redteam.results import ResultStore, transfer_tables
 
     tables = transfer_tables(ResultStore(out / "results.sqlite", writable=False).frame())
-    for title, matrix in tables:
+    for title, matrix, _ in tables:
         shown = matrix.map(lambda a: "" if a != a else f"{a:.0%}").reset_index(names="crafted on")  # NaN: no cell
         _print_frame(f"accuracy under transfer: {title}", shown)
     files = f"(results.sqlite, curve.csv, curve.png{', transfer.csv' if tables else ''}, sweep.json)"

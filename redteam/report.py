@@ -151,8 +151,13 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
         results = store.frame()
         stages, broken_by, liveness = store.stage_summary(), store.ensemble_summary(), store.liveness_summary()
-        for title, table in transfer_tables(store.frame()):
-            rows = [{"surrogate": str(s), "accuracy": [_number(a) for a in row]} for s, row in table.iterrows()]
+        for title, table, counts in transfer_tables(store.frame()):
+            rows = [
+                {"surrogate": str(s), "accuracy": [_number(a) for a in row],
+                 "intervals": [None if pd.isna(a) else list(wilson_interval(a, int(n))) for a, n in
+                               zip(row, counts.loc[s])]}
+                for s, row in table.iterrows()
+            ]  # fmt: skip
             transfer.append({"title": f"{title} ({run})", "targets": [str(t) for t in table.columns], "rows": rows})
         if (run / "sweep.json").is_file():
             sweeps.append(json.loads((run / "sweep.json").read_text())["command"])
@@ -269,7 +274,8 @@ def operating_tradeoffs(cells: list[CellSummary]) -> list[dict[str, Any]]:
         points = {cell.operating_point: cell for cell in group}
         if len(points) < 2:
             continue
-        rows = [{"label": point, "clean": cell.clean, "accuracy": list(cell.robust.values())}
+        rows = [{"label": point, "clean": cell.clean, "clean_interval": cell.clean_interval,
+                 "accuracy": list(cell.robust.values()), "intervals": list(cell.intervals.values())}
                 for point, cell in points.items()]  # fmt: skip
         tradeoffs.append({"title": f"{target} / {defense} / {attack} / {threat} ({norm}, {dataset})", "rows": rows})
     return tradeoffs
@@ -302,16 +308,11 @@ def defense_verdicts(cells: list[CellSummary], columns: list[str]) -> list[dict[
         rows: list[dict[str, Any]] = []
         for label, chosen in (("claimed (non-adaptive)", claimed), (f"default adaptive ({default.attack})", [default])):
             if chosen:
-                weakest = [_weakest(chosen, column) for column in columns]
-                rows.append({"label": label, "accuracy": [a for a, _ in weakest], "attacks": [None] * len(columns)})
-        strongest = [_weakest(adaptive, column) for column in columns]
-        rows.append({
-            "label": "strongest adaptive found",
-            "accuracy": [accuracy for accuracy, _ in strongest],
-            "attacks": [attack for _, attack in strongest],
-        })  # fmt: skip
+                rows.append(_weakest_row(label, chosen, columns, attacks=False))
+        strongest = _weakest_row("strongest adaptive found", adaptive, columns, attacks=True)
+        rows.append(strongest)
         holds: list[str | None] = []
-        for column, (accuracy, _) in zip(columns, strongest):
+        for column, accuracy in zip(columns, strongest["accuracy"]):
             found = default.robust.get(column)
             if found is None or accuracy is None:
                 holds.append(None)
@@ -322,10 +323,19 @@ def defense_verdicts(cells: list[CellSummary], columns: list[str]) -> list[dict[
     return verdicts
 
 
-def _weakest(cells: list[CellSummary], column: str) -> tuple[float | None, str | None]:
-    """The lowest accuracy any of ``cells`` reached at ``column``, and the attack that reached it."""
-    reached = [(c.robust[column], c.attack) for c in cells if c.robust.get(column) is not None]
-    return min(reached, key=lambda pair: pair[0]) if reached else (None, None)  # type: ignore[arg-type,return-value]
+def _weakest_row(label: str, cells: list[CellSummary], columns: list[str], attacks: bool) -> dict[str, Any]:
+    """A table row: at each column, the lowest accuracy any of ``cells`` reached, its interval and (``attacks``)
+    the attack that reached it."""
+    weakest: list[CellSummary | None] = []
+    for column in columns:
+        reached = [(value, cell) for cell in cells if (value := cell.robust.get(column)) is not None]
+        weakest.append(min(reached, key=lambda pair: pair[0])[1] if reached else None)
+    return {
+        "label": label,
+        "accuracy": [None if cell is None else cell.robust[column] for cell, column in zip(weakest, columns)],
+        "intervals": [None if cell is None else cell.intervals[column] for cell, column in zip(weakest, columns)],
+        "attacks": [None if cell is None or not attacks else cell.attack for cell in weakest],
+    }
 
 
 def _number(value: Any) -> float | None:

@@ -445,10 +445,11 @@ def transfer_matrix(results: pd.DataFrame) -> pd.DataFrame:
     return matrix
 
 
-def transfer_tables(results: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def transfer_tables(results: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """The transfer matrix read as tables, one per threat, attack, norm, defense, dataset and budget above 0 that
     holds a transfer run: a row per surrogate set (in the order stored), a column per target, each cell the target's
-    accuracy on examples crafted on those surrogates (white-box where the row is the column's own target)."""
+    accuracy on examples crafted on those surrogates (white-box where the row is the column's own target); with
+    the same table of probe counts."""
     matrix = transfer_matrix(results)
     order = {surrogate: k for k, surrogate in enumerate(results["surrogate"].unique())}
     tables = []
@@ -456,9 +457,9 @@ def transfer_tables(results: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     for (threat, attack, norm, defense, dataset, eps), group in matrix[matrix["eps"] > 0].groupby(keys):
         if (group["surrogate"] == group["target"]).all():
             continue
-        table = group.pivot(index="surrogate", columns="target", values="accuracy")
-        table = table.loc[sorted(table.index, key=order.__getitem__)]
+        table, counts = (group.pivot(index="surrogate", columns="target", values=v) for v in ("accuracy", "n"))
+        rows = sorted(table.index, key=order.__getitem__)
         budget = f"{eps:g}/255" if norm == "linf" else f"{eps:g} ({norm})"
         undefended = "" if defense == "none" else f" · {defense}"
-        tables.append((f"{attack} · {threat} · ε {budget}{undefended} · {dataset}", table))
+        tables.append((f"{attack} · {threat} · ε {budget}{undefended} · {dataset}", table.loc[rows], counts.loc[rows]))
     return tables

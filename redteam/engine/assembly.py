@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -288,31 +288,28 @@ class DefendedDetector(InputDefense, FaceDetector):
         return self.target.detected(self.defend(images), scores)
 
 
-@contextmanager
-def drawing_from(generator: torch.Generator, *models: Target) -> Iterator[None]:
+def drawing_from(generator: torch.Generator, *models: Target) -> AbstractContextManager[None]:
     """Randomised defenses in front of ``models`` draw from ``generator`` inside the block."""
-    defended = [m for m in models if isinstance(m, InputDefense)]
-    for model in defended:
-        model.draws = generator
-    try:
-        yield
-    finally:
-        for model in defended:
-            model.draws = None
+    return _on_defenses(models, "draws", generator)
 
 
-@contextmanager
-def fixed_draws(seed: int, *models: Target) -> Iterator[None]:
+def fixed_draws(seed: int, *models: Target) -> AbstractContextManager[None]:
     """Inside the block, randomised defenses in front of ``models`` draw the same randomness on every pass: one
     fixed draw of the defense, for the attack and the verdict alike (the fixed-randomness diagnostic)."""
+    return _on_defenses(models, "fixed_seed", seed)
+
+
+@contextmanager
+def _on_defenses(models: Sequence[Target], attribute: str, value: object) -> Iterator[None]:
+    """``attribute`` of each defense among ``models`` set to ``value`` inside the block, ``None`` after it."""
     defended = [m for m in models if isinstance(m, InputDefense)]
     for model in defended:
-        model.fixed_seed = seed
+        setattr(model, attribute, value)
     try:
         yield
     finally:
         for model in defended:
-            model.fixed_seed = None
+            setattr(model, attribute, None)
 
 
 def wrap_model(target: Target, config: EvaluationConfig, chain: DefenseChain) -> Target:
