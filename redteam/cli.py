@@ -692,6 +692,7 @@ def diff(
 ) -> None:
     """Cell by cell, which accuracies and areas moved between two runs beyond their 95% intervals."""
     from redteam.diff import diff_runs
+    from redteam.intervals import with_bounds
 
     found = diff_runs(run_a, run_b)
     if found.differing:
@@ -702,8 +703,7 @@ def diff(
     for column in ("measure", "A [95%]", "B [95%]", "change", "moved"):
         table.add_column(column, justify="left" if column == "measure" else "right", no_wrap=True)
     for change in found.changes:
-        a, b = (f"{v:.3f} [{i[0]:.2f}, {i[1]:.2f}]" if i else f"{v:.3f}" for v, i in
-                ((change.a, change.a_interval), (change.b, change.b_interval)))  # fmt: skip
+        a, b = with_bounds(change.a, change.a_interval, 2), with_bounds(change.b, change.b_interval, 2)
         colour = "red" if change.direction.startswith("↓") else "green" if change.moved else "dim"
         table.add_row(
             escape(change.cell), change.measure, a, b, f"{change.b - change.a:+.3f}", f"[{colour}]{change.direction}[/]"

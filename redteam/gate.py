@@ -35,6 +35,7 @@ from redteam.intervals import (
     probes_needed,
     smallest_detectable_fall,
     wilson_interval,
+    with_bounds,
 )
 from redteam.results import ResultStore, area_estimate, curve_area
 
@@ -97,8 +98,7 @@ class Comparison:
 
     def text(self, which: str, digits: int = 3) -> str:
         """The value with its interval, e.g. ``0.650 [0.495, 0.779]``."""
-        value, bounds = (self.baseline if which == "baseline" else self.now), self.interval(which)
-        return f"{value:.3f}" + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")
+        return with_bounds(self.baseline if which == "baseline" else self.now, self.interval(which), digits)
 
     @property
     def detectable(self) -> float | None:

@@ -106,8 +106,10 @@ class Estimate:
     high: float
     error: float
 
-    def text(self, digits: int = 3) -> str:
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+def with_bounds(value: float, bounds: tuple[float, float] | None, digits: int = 3) -> str:
+    """A value as shown beside its interval, e.g. ``0.650 [0.50, 0.78]`` (the value alone without one)."""
+    return f"{value:.3f}" + (f" [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]" if bounds else "")
 
 
 def identity_bootstrap(

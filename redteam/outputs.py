@@ -14,7 +14,6 @@ from typing import Any
 import pandas as pd
 
 from redteam.errors import RedteamError
-from redteam.intervals import with_intervals
 from redteam.plots import plot_curves
 from redteam.results import ResultStore, transfer_matrix
 
@@ -65,8 +64,6 @@ def write_outputs(store: ResultStore, out: Path) -> None:
     a transfer run."""
     results = store.frame()
     curve, queries = store.curves(), store.query_curves()
-    if not queries.empty:
-        queries = with_intervals(queries)
     if curve.empty:  # a campaign without a curve: nothing to draw
         return
     table = curve if queries.empty else pd.concat([curve, queries], ignore_index=True)

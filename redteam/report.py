@@ -151,7 +151,7 @@ def collect(runs: list[Path], budgets: tuple[float, ...] | None = None) -> Repor
         configs, curves, checks, ledgers = store.cells(), store.curves(), store.checks(), store.ledger_summary()
         results = store.frame()
         stages, broken_by, liveness = store.stage_summary(), store.ensemble_summary(), store.liveness_summary()
-        for title, table, counts in transfer_tables(store.frame()):
+        for title, table, counts in transfer_tables(results):
             rows = [
                 {"surrogate": str(s), "accuracy": [_number(a) for a in row],
                  "intervals": [None if pd.isna(a) else list(wilson_interval(a, int(n))) for a, n in
@@ -313,12 +313,11 @@ def defense_verdicts(cells: list[CellSummary], columns: list[str]) -> list[dict[
         rows.append(strongest)
         holds: list[str | None] = []
         for column, accuracy in zip(columns, strongest["accuracy"]):
-            found = default.robust.get(column)
-            if found is None or accuracy is None:
+            interval = default.intervals.get(column)
+            if interval is None or accuracy is None:
                 holds.append(None)
                 continue
-            low, _ = wilson_interval(found, default.probes)
-            holds.append("holds" if accuracy >= low else "overstated")
+            holds.append("holds" if accuracy >= interval[0] else "overstated")
         verdicts.append({"title": f"{target} + {defense}, {threat} ({norm}, {dataset})", "rows": rows, "holds": holds})
     return verdicts
 

@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,20 +189,10 @@ class ResultStore:
     def liveness_summary(self) -> dict[str, str]:
         """Per cell of a face system with a liveness check, one line: at each budget, the attacked probes' mean
         liveness score and how many the check flagged."""
-        frame = self.frame()
-        if "liveness" not in frame:
-            return {}
-        lines = {}
-        for cell, rows in frame[frame["liveness"].notna() & (frame["eps"] > 0)].groupby("cell"):
-            parts = []
-            for eps, at in rows.groupby("eps"):
-                flagged = int((at["stage"] == "spoof").sum())
-                parts.append(
-                    f"at ε {display_eps(eps, at['norm'].iloc[0]):g}: mean {at['liveness'].mean():.3f}, {flagged} of "
-                    f"{len(at)} flagged"
-                )
-            lines[str(cell)] = "; ".join(parts)
-        return lines
+        return self._per_budget(
+            "liveness",
+            lambda at: f"mean {at['liveness'].mean():.3f}, {int((at['stage'] == 'spoof').sum())} of {len(at)} flagged",
+        )
 
     def ensemble_summary(self) -> dict[str, str]:
         """Per cell of an ensemble attack, one line: at each budget, how many probes each of its parts broke."""
@@ -210,16 +201,23 @@ class ResultStore:
     def _breakdown(self, column: str, values: tuple[str, ...] | None = None) -> dict[str, str]:
         """Per cell with ``column`` set, one line: at each budget, how many attacked probes had each value (all of
         ``values`` in their order, or those present)."""
+
+        def counted(at: pd.DataFrame) -> str:
+            counts = at[column].value_counts()
+            return ", ".join(f"{value} {int(counts.get(value, 0))}" for value in values or counts.index)
+
+        return self._per_budget(column, counted)
+
+    def _per_budget(self, column: str, describe: Callable[[pd.DataFrame], str]) -> dict[str, str]:
+        """Per cell with ``column`` set, one line: ``describe`` of its attacked probes' rows at each budget."""
         frame = self.frame()
         if column not in frame:  # a store written before the column was kept, opened read-only
             return {}
         lines = {}
         for cell, rows in frame[frame[column].notna() & (frame["eps"] > 0)].groupby("cell"):
-            parts = []
-            for eps, at in rows.groupby("eps"):
-                counts = at[column].value_counts()
-                found = ", ".join(f"{value} {int(counts.get(value, 0))}" for value in values or counts.index)
-                parts.append(f"at ε {display_eps(eps, at['norm'].iloc[0]):g}: {found}")
+            parts = [
+                f"at ε {display_eps(eps, at['norm'].iloc[0]):g}: {describe(at)}" for eps, at in rows.groupby("eps")
+            ]
             lines[str(cell)] = "; ".join(parts)
         return lines
 
@@ -288,10 +286,9 @@ class ResultStore:
         campaigns = self._table("curves", cell)
         if cell is None:
             campaigns = self._set_aside(campaigns)
-        campaigns = with_intervals(campaigns.astype({"eps": float, "accuracy": float, "n": int}))
         curve = pd.concat([accuracy_curve(self.frame(cell)), campaigns], ignore_index=True)
-        numbers = {"eps": float, "accuracy": float, "n": int, "low": float, "high": float}
-        return curve[[*CURVE_KEYS, "eps", "accuracy", "n", "low", "high", "cell"]].astype(numbers)
+        curve = curve[[*CURVE_KEYS, "eps", "accuracy", "n", "cell"]].astype({"eps": float, "accuracy": float, "n": int})
+        return with_intervals(curve)[[*CURVE_KEYS, "eps", "accuracy", "n", "low", "high", "cell"]]
 
     def query_curves(self) -> pd.DataFrame:
         """Every current query-attack cell's progress with queries (:func:`query_curve`)."""
@@ -370,8 +367,9 @@ def accuracy_curve(results: pd.DataFrame) -> pd.DataFrame:
 def query_curve(results: pd.DataFrame, trajectory: pd.DataFrame) -> pd.DataFrame:
     """Accuracy against queries, from query attacks' trajectories: per cell, budget and query count, ``accuracy``
     (the fraction of probes still decided correctly after that many queries per probe; probes wrong without an
-    attack count as wrong) and ``median_size`` (the attacked probes' median smallest fooling perturbation by then, in
-    the units budgets are written in; inf while fewer than half are fooled). A fixed-budget attack has its own
+    attack count as wrong; ``low``, ``high``: its 95% interval) and ``median_size`` (the attacked probes' median
+    smallest fooling perturbation by then, in the units budgets are written in; inf while fewer than half are
+    fooled). A fixed-budget attack has its own
     trajectory per budget; a minimal one has one (stored at budget 0) read at every budget."""
     columns = [*CURVE_KEYS, "eps", "queries", "accuracy", "median_size", "n", "cell"]
     rows = []
@@ -392,7 +390,7 @@ def query_curve(results: pd.DataFrame, trajectory: pd.DataFrame) -> pd.DataFrame
             rows.append({**{key: first[key] for key in CURVE_KEYS}, "eps": display_eps(eps, first["norm"]),
                          "queries": queries, "accuracy": (len(sizes) - fooled) / len(judged),
                          "median_size": float(np.median(shown)), "n": len(judged), "cell": cell})  # fmt: skip
-    return pd.DataFrame(rows, columns=columns).astype({"queries": "Int64"})
+    return with_intervals(pd.DataFrame(rows, columns=columns).astype({"queries": "Int64"}))
 
 
 def curve_area(curve: pd.DataFrame, upto: float | None = None) -> float:

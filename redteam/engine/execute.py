@@ -213,10 +213,10 @@ class Executor:
             with torch.no_grad():  # the verdict that is recorded: a fresh look at the final images, by the target
                 judged = self.judge(crafted.verdict, crafted.adversarial)
                 stages, live = self.inspect(crafted.adversarial, judged.score)
-                evidence = self.evidence(batch, [eps] * len(batch), crafted.images, crafted.adversarial, judged,
+                delta = crafted.adversarial - crafted.images
+                linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
+                evidence = self.evidence(batch, [eps] * len(batch), crafted.adversarial, (linf, l2), judged,
                                          crafted.verdict)  # fmt: skip
-        delta = crafted.adversarial - crafted.images
-        linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         queries = crafted.oracle.spent.tolist() if crafted.oracle else [None] * len(batch)
         parts = crafted.parts or [None] * len(batch)
         rows = [
@@ -239,27 +239,34 @@ class Executor:
         return Computed(rows, trajectories(crafted.oracle, batch, eps) if crafted.oracle else [], evidence)
 
     def evidence(
-        self, batch: list[Probe], sizes: list[float], clean: Tensor, images: Tensor, judged: Verdict, verdict: Objective
+        self,
+        batch: list[Probe],
+        sizes: list[float],
+        images: Tensor,
+        perturbation: tuple[Tensor, Tensor],
+        judged: Verdict,
+        verdict: Objective,
     ) -> list[tuple[dict[str, Any], Tensor]]:
         """The evidence log's entries (:mod:`redteam.evidence`) for the probes ``judged`` fooled, at the budget (or,
-        for a minimal attack, the size) each was fooled at, with the verdict on the image as an 8-bit file holds
-        it."""
+        for a minimal attack, the size) each was fooled at, with the perturbation's ℓ∞ and ℓ2 sizes
+        (``perturbation``, ``[B]`` each) and the verdict on the image as an 8-bit file holds it."""
         fooled = [k for k in range(len(batch)) if judged.success[k]]
         if not fooled:
             return []
         saved = images[fooled].mul(255).round().div(255)
         again = self.judge(verdict.select(torch.tensor(fooled, device=images.device)), saved)
         config, records = self.cell.config, self.cell.dataset.records
+        linf, l2 = perturbation
         entries = []
         for position, k in enumerate(fooled):
-            probe, delta = batch[k], images[k] - clean[k]
+            probe = batch[k]
             entries.append({
                 "target": config.target, "defense": config.defense_label, "attack": config.attack,
                 "threat": config.threat, "norm": config.norm, "eps": display_eps(sizes[k], config.norm),
                 "probe": probe.key, "identity": records[probe.image].identity,
                 "reference": records[probe.reference].identity if probe.reference >= 0 else None,
                 "score": float(judged.score[k]), "threshold": float(self.target.threshold),
-                "linf": float(delta.abs().max()), "l2": float(delta.norm()),
+                "linf": float(linf[k]), "l2": float(l2[k]),
                 "saved_fooled": bool(again.success[position]), "saved_score": float(again.score[position]),
             })  # fmt: skip
         return [(entry, images[k].cpu()) for entry, k in zip(entries, fooled)]
@@ -306,10 +313,10 @@ class Executor:
                 result, steps = QueryResult(found.images, found.size), found.steps
             with torch.no_grad():
                 judged = verdict(result.images)
-                evidence = self.evidence(batch, result.size.tolist(), images, result.images, judged, verdict)
-        delta = result.images - images
+                delta = result.images - images
+                linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
+                evidence = self.evidence(batch, result.size.tolist(), result.images, (linf, l2), judged, verdict)
         size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
-        linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
         rows = [
             {
                 "cell": self.cell.key,
