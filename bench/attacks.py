@@ -26,7 +26,7 @@ from redteam.attacks.pgd import PGD
 from redteam.datasets import open_dataset
 from redteam.engine import Evaluation, EvaluationConfig, load_target
 from redteam.results import ResultStore
-from redteam.runtime import autocast
+from redteam.runtime import autocast, prepare_torch
 from redteam.threats import Dodging
 
 SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also time our PGD under bfloat16 autocast")
     parser.add_argument("--compile", action="store_true", help="also time our PGD on the torch.compile'd target")
     args = parser.parse_args()
+    prepare_torch()  # the process settings every redteam entry point makes
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
 

@@ -112,6 +112,13 @@ def run(
     queries: Annotated[
         int | None, typer.Option(help="Per-probe query budget of a query attack (default: the attack's own).")
     ] = None,
+    forward: Annotated[
+        str,
+        typer.Option(
+            help="What computes the target's passes: torch, or onnxruntime on its export (faster forward passes, no "
+            "gradients: with --access score or decision)."
+        ),
+    ] = "torch",
     skip_bad_images: Annotated[
         bool, typer.Option(help="Leave out images a face model cannot use (grayscale, tiny, corrupt), listing them.")
     ] = False,
@@ -120,7 +127,8 @@ def run(
     ] = "16",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N].")] = "auto",
     threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's, one per core).")
+        int | None,
+        typer.Option(min=1, help="CPU threads for torch (default: torch's, one per core; one for a single image)."),
     ] = None,
     precision: Annotated[
         str,
@@ -158,9 +166,9 @@ def run(
     from redteam.engine import EvaluationConfig, parse_options
 
     if threads is not None:
-        import torch
+        from redteam.runtime import choose_threads
 
-        torch.set_num_threads(threads)
+        choose_threads(threads)
     if intruder:  # the system's own re-encoding comes before any defense it runs
         defense = intruder if defense == "none" else f"{intruder}+{defense}"
     # A defense's robustness is judged by attacks that do not stop at the first plateau (PGD-10 overstates it).
@@ -190,6 +198,7 @@ def run(
         skip_bad_images=skip_bad_images,
         access=access,
         queries=queries,
+        forward=forward,
         batch_size=_parse_batch_size(batch_size),
         device=device,
         precision=precision,
@@ -554,12 +563,10 @@ def serve(
     ] = 1,
 ) -> None:
     """A reference face-verification service over a zoo recogniser: enrol, verify, identify, health (a demo target)."""
-    import torch
-
-    from redteam.runtime import resolve_device
+    from redteam.runtime import choose_threads, resolve_device
 
     # One image per request: with passive waiting, one thread beats two at batch 1, idle or busy (bench/threads.py).
-    torch.set_num_threads(threads)
+    choose_threads(threads)
     from redteam.serve import ServiceConfig, api_key_from, parse_faults, parse_rate
     from redteam.serve import serve as run_service
 

@@ -4,8 +4,10 @@ nothing of redteam but its errors."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
 import torch
@@ -64,7 +66,18 @@ def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
 @torch.no_grad()
 def batched(function: Callable[[Tensor], Tensor], images: Tensor, device: torch.device, size: int = 32) -> Tensor:
     """``function`` over ``images [N, ...]`` in batches of ``size`` on ``device``, concatenated (no gradients)."""
-    return torch.cat([function(batch.to(device)) for batch in images.split(size)])
+    parts = []
+    for batch in images.split(size):
+        threads_for(len(batch))
+        parts.append(function(batch.to(device)))
+    return torch.cat(parts)
+
+
+def channels_last(x: Tensor) -> Tensor:
+    """Image batches ``[B, C, H, W]`` stored channels-last: oneDNN's convolutions run on that layout without
+    converting every layer's input and output (0.6-0.85x the time of the same graph fed channels-first, forward and
+    backward, on CPU: bench/targets.py); the values' meaning is unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 and x.is_floating_point() else x
 
 
 def frozen(module: M, device: torch.device) -> M:
@@ -98,8 +111,55 @@ def fit_batch_size(
 
 
 def prepare_torch() -> None:
-    """Process-wide settings every entry point needs: float32 by default, and no denormals (they make CPU
-    convolutions ~30x slower)."""
+    """Process-wide settings every entry point needs: float32 by default, no denormals (they make CPU convolutions
+    ~30x slower), and freed memory kept for the next pass."""
     if torch.get_default_dtype() != torch.float32:
         raise RedteamError("redteam evaluates in float32.")
     torch.set_flush_denormal(True)
+    keep_freed_memory()
+
+
+#: glibc's mallopt parameters (malloc.h) and the values redteam sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_LARGEST_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling on 64-bit systems
+_KEPT_FREE = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next allocation instead of handing it back to the system.
+
+    By default every activation over a few MiB is mapped fresh and unmapped when freed, so each pass pays page faults
+    on all of it again (a third of facenet's forward at batch 16 on a 2-core CPU, measured with and without this
+    setting; bench/targets.py shows it helps onnxruntime in the same process too). Blocks up to 32 MiB now
+    come from the heap, and up to 1 GiB of freed heap stays mapped. Elsewhere (macOS, musl, Windows) nothing
+    changes. Returns whether the C library took the settings."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE))
+
+
+@dataclass
+class _ThreadPolicy:
+    chosen: int | None = None  # the user's --threads, for every pass
+    batch: int = torch.get_num_threads()  # torch's own count (one per core), for a batch
+
+
+_THREADS = _ThreadPolicy()
+
+
+def choose_threads(count: int | None) -> None:
+    """Run every pass on ``count`` threads (``None``: the policy of :func:`threads_for`)."""
+    _THREADS.chosen = count
+    torch.set_num_threads(count or _THREADS.batch)
+
+
+def threads_for(batch: int) -> None:
+    """Set torch's thread count for a pass over ``batch`` images, and leave it set for the backward pass that
+    follows: one thread for a single image, torch's count otherwise, unless the user chose a count. At batch 1 a
+    second thread saves little or no time and doubles the CPU time, and on a busy machine it waits for a core
+    (bench/targets.py, bench/threads.py); query attacks and the last probes of a batch run one image at a time."""
+    wanted = _THREADS.chosen or (1 if batch == 1 else _THREADS.batch)
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)

@@ -25,6 +25,7 @@ from torch import Tensor
 from redteam.datasets import FaceDataset
 from redteam.errors import DataError
 from redteam.registry import Registry
+from redteam.runtime import threads_for
 
 if TYPE_CHECKING:
     from redteam.api.targets import FaceDetector, FaceRecognizer, LivenessDetector
@@ -70,8 +71,13 @@ class Objective(ABC):
         narrowed.per_sample = {k: v[index] for k, v in self.per_sample.items()}
         return narrowed
 
+    def __call__(self, images: Tensor) -> Verdict:
+        threads_for(len(images))  # every attack's passes come through here, whatever its batch has shrunk to
+        return self.judge(images)
+
     @abstractmethod
-    def __call__(self, images: Tensor) -> Verdict: ...
+    def judge(self, images: Tensor) -> Verdict:
+        """The verdict on ``images [B, 3, H, W]``, one per probe of this objective."""
 
 
 class VerificationObjective(Objective):
@@ -81,7 +87,7 @@ class VerificationObjective(Objective):
         super().__init__(embed, reference=reference)
         self.similarity, self.threshold, self.impersonate = similarity, threshold, impersonate
 
-    def __call__(self, images: Tensor) -> Verdict:
+    def judge(self, images: Tensor) -> Verdict:
         score = self.similarity(self.embed(images), self.per_sample["reference"])
         margin = score - self.threshold
         if self.impersonate:  # the adversary wants a match
@@ -96,7 +102,7 @@ class IdentificationObjective(Objective):
         super().__init__(embed, label=label)
         self.similarity_matrix, self.gallery = similarity_matrix, gallery
 
-    def __call__(self, images: Tensor) -> Verdict:
+    def judge(self, images: Tensor) -> Verdict:
         scores = self.similarity_matrix(self.embed(images), self.gallery)
         label = self.per_sample["label"]
         true = scores.gather(1, label[:, None]).squeeze(1)
@@ -116,7 +122,7 @@ class DetectionObjective(Objective):
         super().__init__(detector.candidate_scores)
         self.detector = detector
 
-    def __call__(self, images: Tensor) -> Verdict:
+    def judge(self, images: Tensor) -> Verdict:
         scores = self.embed(images)  # [B, K]
         score = scores.amax(dim=1)
         above = (scores - self.detector.threshold).clamp(min=0).sum(dim=1)
@@ -132,7 +138,7 @@ class LivenessObjective(Objective):
         super().__init__(check.live_score)
         self.threshold = check.threshold
 
-    def __call__(self, images: Tensor) -> Verdict:
+    def judge(self, images: Tensor) -> Verdict:
         score = self.embed(images)
         margin = score - self.threshold
         return Verdict(loss=-margin, success=margin < 0, score=score)

@@ -26,7 +26,7 @@ class Bumpy(Objective):
         centre = self.per_sample["centre"]
         return -((images - centre) ** 2).flatten(1).sum(1) + 0.05 * torch.sin(60 * images).flatten(1).sum(1)
 
-    def __call__(self, images: Tensor) -> Verdict:
+    def judge(self, images: Tensor) -> Verdict:
         loss = self.loss(images)
         self.seen.append((images.detach().clone(), loss.detach().clone()))
         return Verdict(loss=loss, success=torch.zeros(len(images), dtype=torch.bool), score=loss)

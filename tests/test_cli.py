@@ -208,10 +208,13 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise(given, expected):
 def test_threads_option_sets_torchs_thread_count(cli, faces_root, tmp_path):
     import torch
 
+    from redteam.runtime import choose_threads
+
     before = torch.get_num_threads()
     args = ("run", "--limit", 2, "--eps", "0,1", "--steps", 1, "--no-checks", "--threads", 2 if before == 1 else 1)
     try:
         assert cli(*args, "--data", faces_root, "--out", tmp_path / "out") == 0
         assert torch.get_num_threads() == (2 if before == 1 else 1)
     finally:
+        choose_threads(None)
         torch.set_num_threads(before)

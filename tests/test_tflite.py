@@ -61,22 +61,6 @@ def test_mobilefacenet_matches_litert_on_real_faces(arcface, faces):
     assert np.abs(reference).max() > 1  # raw (unnormalised) embeddings: the bound is not trivially met
 
 
-def test_spelled_out_prelu_runs_as_one_op_with_identical_outputs(faces, monkeypatch):
-    """MobileFaceNet writes PReLU as relu(x) + c (x - |x|): five passes over each activation. It runs as one."""
-    from redteam.convert import tf_graph
-    from redteam.targets.arcface import MOBILEFACENET_TFLITE
-
-    nodes = nodes_from_tflite(MOBILEFACENET_TFLITE.path().read_bytes())
-    fused = TFGraphModule(nodes, ["input"], ["embeddings"])
-    assert not any(name.endswith("/Abs") for (name,), _ in fused._plan)
-    monkeypatch.setattr(tf_graph, "fuse_prelu", lambda n: n)
-    spelled_out = TFGraphModule(nodes, ["input"], ["embeddings"])
-    assert len(spelled_out._plan) - len(fused._plan) == 4 * 33
-    x = torch.nn.functional.interpolate(faces.load([0, 1]), size=(112, 112)) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(fused(x), spelled_out(x))
-
-
 def test_conversion_is_cached_by_checksum():
     from redteam.assets import cache_dir
     from redteam.targets.arcface import MOBILEFACENET_TFLITE

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE, TEMPLATES, similarity_transform
 from redteam.assets import RegistryFile
+from redteam.convert.onnx_forward import OnnxRuntimeForward
 from redteam.errors import RedteamError
 from redteam.registry import Registry
 from redteam.results import QueryLedger
@@ -216,6 +217,9 @@ class Target(nn.Module, ABC):
     weights: ClassVar[tuple[RegistryFile, ...]] = ()
     #: What it shows an attacker: zoo targets are white-box graphs.
     offers: ClassVar[Access] = "gradients"
+    #: What can compute its passes: torch, and onnxruntime for a recogniser whose whole network is ``self.net``,
+    #: taking the card's preprocessed ``[B, 3, H, W]`` input (:meth:`FaceRecognizer.forward_on_onnxruntime`).
+    runtimes: ClassVar[tuple[str, ...]] = ("torch",)
     #: A deployed system whose every request costs: the engine gives it its cell's :class:`QueryLedger` as
     #: ``ledger``, which it answers repeated requests from (and an interrupted run resumes from).
     keeps_ledger: ClassVar[bool] = False
@@ -277,6 +281,8 @@ class FaceRecognizer(Target):
 
     #: Set when the target is converted from a frozen TF graph (campaigns may split it).
     frozen_graph: ClassVar[FrozenGraph | None] = None
+    #: Its network, where it has one: a module taking the preprocessed images (or, for a model file, its runtime).
+    net: Any
 
     @property
     def threshold(self) -> float:
@@ -316,6 +322,15 @@ class FaceRecognizer(Target):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.embed(images)
+
+    def forward_on_onnxruntime(self) -> None:
+        """From now on ``self.net`` answers from onnxruntime on its export (no gradients): for targets whose
+        ``runtimes`` include it, attacked with scores or decisions only."""
+        net, preprocessing = getattr(self, "net", None), self.card.preprocessing  # a face system has none
+        if not isinstance(net, nn.Module) or preprocessing is None or preprocessing.size is None:
+            raise RedteamError(f"{self.card.name} has no whole network to export: it runs on torch only.")
+        height, width = preprocessing.size
+        self.net = OnnxRuntimeForward(net, torch.zeros(1, 3, height, width, device=self.device))
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
         """Row-wise similarity of ``[B, D]`` embeddings -> ``[B]``; larger means more alike."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from redteam.errors import RedteamError
+from redteam.runtime import channels_last
 
 
 class DlibFormatError(RedteamError):
@@ -295,7 +296,7 @@ class DlibMetricResNet(nn.Module):
             self.fc.bias.data.copy_(torch.from_numpy(net.layers[-1].params["bias"].copy()))
 
     def forward(self, images: Tensor) -> Tensor:
-        x = (images * 255.0 - self.mean_rgb) / 256.0  # dlib's input_rgb_image layer
+        x = (channels_last(images) * 255.0 - self.mean_rgb) / 256.0  # dlib's input_rgb_image layer
         x = F.max_pool2d(F.relu(self.stem_affine(self.stem_conv(x))), *self.stem_pool)
         for block in self.blocks:
             x = block(x)

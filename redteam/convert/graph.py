@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from redteam.errors import RedteamError
+from redteam.runtime import channels_last
 
 
 class UnsupportedModelError(RedteamError, NotImplementedError):
@@ -77,7 +78,7 @@ class GraphModule(nn.Module):
         """Execute the plan -> the values still held at the end: the outputs (and inputs no step reads)."""
         if len(inputs) != len(self.input_names):
             raise ValueError(f"the graph takes {len(self.input_names)} inputs ({self.input_names}), got {len(inputs)}")
-        values: dict[str, Tensor] = dict(zip(self.input_names, inputs))
+        values: dict[str, Tensor] = dict(zip(self.input_names, map(channels_last, inputs)))
         for (outputs, op), released in zip(self._plan, self._released):
             result = op.fn(*(values[name] for name in op.inputs))
             for name, value in zip(outputs, result if isinstance(result, tuple) else (result,)):

@@ -12,11 +12,9 @@ New ops are added with ``@register_op("OpName")``; a TF op without a rule is rep
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +25,9 @@ from redteam.assets import RegistryFile
 from redteam.convert import graph
 from redteam.convert.cache import convert_once
 from redteam.convert.graph import GraphModule, UnsupportedModelError, same_padding
+from redteam.convert.prelu import prelu
+from redteam.convert.tf_nodes import GraphNode, clean_input, data_inputs
+from redteam.convert.tf_rewrites import simplify
 from redteam.registry import RuleTable
 
 
@@ -39,24 +40,10 @@ _NHWC_TO_NCHW_AXIS = {0: 0, 1: 2, 2: 3, 3: 1}
 
 
 @dataclass
-class GraphNode:
-    name: str
-    op: str
-    inputs: list[str]
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class CompiledOp(graph.CompiledOp):
     """A compiled node: ``fn(*input tensors) -> tensor`` plus the layout of its result."""
 
     layout: Layout
-
-
-def _clean_input(name: str) -> str | None:
-    if name.startswith("^"):  # control dependency: no data flows
-        return None
-    return re.sub(r":0$", "", name)
 
 
 def to_nchw(x: Tensor, layout: Layout) -> Tensor:
@@ -74,18 +61,17 @@ class GraphBuilder:
         self.nodes = {n.name: n for n in nodes}
         self.module = module
         self.layouts: dict[str, Layout] = {}
-        self.consumers = Counter(c for n in nodes for i in n.inputs if (c := _clean_input(i)))
 
     def const(self, name: str) -> np.ndarray | None:
         node = self.nodes.get(name)
         while node is not None and node.op == "Identity":  # weights sometimes pass through Identity
-            node = self.nodes.get(_clean_input(node.inputs[0]) or "")
+            node = self.nodes.get(clean_input(node.inputs[0]) or "")
         if node is None or node.op != "Const":
             return None
         return node.attrs["value"]
 
     def require_const(self, node: GraphNode, index: int) -> np.ndarray:
-        value = self.const(_clean_input(node.inputs[index]) or "")
+        value = self.const(clean_input(node.inputs[index]) or "")
         if value is None:
             raise UnsupportedModelError(f"{node.op} {node.name!r}: input {index} must be a constant")
         return value
@@ -106,52 +92,14 @@ _OPS: RuleTable[OpRule] = RuleTable()
 register_op = _OPS.register
 
 
-def _data_inputs(node: GraphNode) -> list[str]:
-    return [c for i in node.inputs if (c := _clean_input(i))]
-
-
-def fuse_prelu(nodes: list[GraphNode]) -> list[GraphNode]:
-    """Rewrite PReLU spelled out as ``relu(x) + c * (x - |x|)`` (TF-Slim MobileFaceNets: five passes over the
-    activation, forward and backward, ~45% of their time) into one ``Prelu(x, alpha = 2c)`` node. For ``x < 0`` the
-    sum is ``2 c x``, for ``x >= 0`` it is ``x``: the same function. The replaced nodes are left unused."""
-    by_name = {n.name: n for n in nodes}
-    consumers = Counter(c for n in nodes for i in n.inputs if (c := _clean_input(i)))
-
-    def only_use(name: str, op: str) -> GraphNode | None:
-        node = by_name.get(name)
-        return node if node is not None and node.op == op and consumers[name] == 1 else None
-
-    fused = []
-    for node in nodes:
-        operands = _data_inputs(node)
-        match = None
-        if node.op in ("Add", "AddV2") and len(operands) == 2:
-            for relu_name, mul_name in (operands, operands[::-1]):
-                relu, mul = only_use(relu_name, "Relu"), only_use(mul_name, "Mul")
-                if relu is None or mul is None or len(factors := _data_inputs(mul)) != 2:
-                    continue
-                for const_name, sub_name in (factors, factors[::-1]):
-                    const, sub = by_name.get(const_name), only_use(sub_name, "Sub")
-                    if const is None or const.op != "Const" or sub is None:
-                        continue
-                    x, absolute = _data_inputs(sub)
-                    source = only_use(absolute, "Abs")
-                    if source is not None and _data_inputs(source) == [x] and _data_inputs(relu) == [x]:
-                        match = (x, np.asarray(const.attrs["value"], np.float32) * 2)
-        if match is None:
-            fused.append(node)
-            continue
-        alpha = GraphNode(f"{node.name}/alpha", "Const", [], {"value": match[1]})
-        fused += [alpha, GraphNode(node.name, "Prelu", [match[0], alpha.name])]
-    return fused
-
-
 class TFGraphModule(GraphModule):
-    """A frozen TF graph as an ``nn.Module``. ``forward`` takes the graph inputs (images as NCHW) in order."""
+    """A frozen TF graph as an ``nn.Module``. ``forward`` takes the graph inputs (images as NCHW) in order.
+    ``rewrite``: run the graph through :func:`redteam.convert.tf_rewrites.simplify` first (fewer, fused steps; off
+    only to check the rewrites against the graph as written)."""
 
-    def __init__(self, nodes: list[GraphNode], inputs: list[str], outputs: list[str]):
+    def __init__(self, nodes: list[GraphNode], inputs: list[str], outputs: list[str], rewrite: bool = True):
         super().__init__(inputs, outputs)
-        nodes = fuse_prelu(nodes)
+        nodes = simplify(nodes) if rewrite else nodes
         builder = GraphBuilder(nodes, self)
         needed = self._needed(nodes, outputs, stop=set(inputs))
         unknown = sorted(
@@ -183,7 +131,7 @@ class TFGraphModule(GraphModule):
                 continue
             needed.add(name)
             if name not in stop:
-                todo.extend(_data_inputs(by_name[name]))
+                todo.extend(data_inputs(by_name[name]))
         return needed
 
     @staticmethod
@@ -192,7 +140,7 @@ class TFGraphModule(GraphModule):
         while pending:
             progressed = []
             for node in pending:
-                if all(i in done or i not in needed for i in _data_inputs(node)):
+                if all(i in done or i not in needed for i in data_inputs(node)):
                     order.append(node)
                     done.add(node.name)
                 else:
@@ -252,7 +200,7 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
         bias_key = builder.param(node, "bias", builder.require_const(node, 2))
     activation = _fused_activation(builder, node, fused[1:] if fused else [])
     weights = builder.module.weights
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     in_layout = builder.layout(source)
 
     def conv(x: Tensor) -> Tensor:
@@ -270,10 +218,8 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
     return CompiledOp(conv, [source], Layout.NCHW)
 
 
-def _fused_activation(
-    builder: GraphBuilder, node: GraphNode, ops: list[str], channels_shape: tuple[int, ...] = (-1, 1, 1)
-) -> Callable[[Tensor], Tensor]:
-    """A fused op's activation; ``channels_shape`` shapes a per-channel parameter (NCHW maps, or ``(-1,)``)."""
+def _fused_activation(builder: GraphBuilder, node: GraphNode, ops: list[str]) -> Callable[[Tensor], Tensor]:
+    """A fused op's activation, on an NCHW map or a ``[B, C]`` matrix (a PReLU's slopes run along dim 1)."""
     if not ops:
         return lambda x: x
     if ops == ["Relu"]:
@@ -283,9 +229,9 @@ def _fused_activation(
     if ops == ["Elu"]:
         return F.elu
     if ops == ["Prelu"]:
-        alpha_key = builder.param(node, "alpha", builder.require_const(node, 3).reshape(channels_shape))
+        alpha_key = builder.param(node, "alpha", builder.require_const(node, 3).reshape(-1))  # one per channel
         weights = builder.module.weights
-        return lambda x: torch.where(x >= 0, x, x * weights[alpha_key])
+        return lambda x: prelu(x, weights[alpha_key])
     raise UnsupportedModelError(f"{node.op} {node.name!r}: fused activation {ops}")
 
 
@@ -301,7 +247,7 @@ def _depthwise(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 
 @register_op("BiasAdd")
 def _bias_add(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     key = builder.param(node, "bias", builder.require_const(node, 1))
     layout, weights = builder.layout(source), builder.module.weights
 
@@ -316,7 +262,7 @@ def _pool_rule(node: GraphNode, builder: GraphBuilder, kind: str) -> CompiledOp:
     _check_nhwc(node)
     kernel, stride = _spatial(node.attrs["ksize"]), _spatial(node.attrs["strides"])
     padding = node.attrs.get("padding", "VALID")
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     layout = builder.layout(source)
 
     def pool(x: Tensor) -> Tensor:
@@ -362,7 +308,7 @@ _UNARY: dict[str, Callable[[Tensor], Tensor]] = {
 
 @register_op(*_UNARY)
 def _unary(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     return CompiledOp(_UNARY[node.op], [source], builder.layout(source))
 
 
@@ -387,7 +333,7 @@ def _broadcast_const_nchw(array: np.ndarray) -> np.ndarray:
 
 @register_op(*_BINARY)
 def _binary(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    names = _data_inputs(node)
+    names = data_inputs(node)
     fn = _BINARY[node.op]
     consts = [builder.const(n) for n in names]
     image = any(c is None and builder.layout(n) is Layout.NCHW for n, c in zip(names, consts))
@@ -425,14 +371,15 @@ def _binary(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 @register_op("Prelu")
 def _prelu(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     """``x`` where ``x >= 0``, else ``alpha * x`` (inputs ``x``, constant ``alpha`` broadcast NHWC-style): one
-    ``F.prelu`` kernel for per-channel slopes of an image tensor, elementwise otherwise."""
-    x = _data_inputs(node)[0]
+    PReLU kernel (:func:`redteam.convert.prelu.prelu`) for per-channel slopes of an image tensor, elementwise
+    otherwise."""
+    x = data_inputs(node)[0]
     alpha = builder.require_const(node, 1)
     layout, weights = builder.layout(x), builder.module.weights
     channels = alpha.shape[-1] if alpha.ndim else 1
     if layout is Layout.NCHW and alpha.size == channels:
         key = builder.param(node, "alpha", alpha.reshape(-1))
-        return CompiledOp(lambda v: F.prelu(v, weights[key]), [x], layout)
+        return CompiledOp(lambda v: prelu(v, weights[key]), [x], layout)
     key = builder.param(node, "alpha", _broadcast_const_nchw(alpha) if layout is Layout.NCHW else alpha)
     return CompiledOp(lambda v: torch.where(v >= 0, v, v * weights[key]), [x], layout)
 
@@ -445,7 +392,7 @@ def _plain_to_nchw_broadcast(x: Tensor) -> Tensor:
 
 @register_op("ConcatV2")
 def _concat(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    names = _data_inputs(node)
+    names = data_inputs(node)
     axis = int(builder.require_const(node, len(names) - 1))
     sources = names[:-1]
     layouts = [builder.layout(n) for n in sources]
@@ -463,7 +410,7 @@ def _concat(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 
 @register_op("Reshape")
 def _reshape(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     shape = [int(s) for s in builder.require_const(node, 1).reshape(-1)]
     layout = builder.layout(source)
 
@@ -478,7 +425,7 @@ def _reshape(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 
 @register_op("Squeeze")
 def _squeeze(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     axes = node.attrs.get("squeeze_dims") or []  # none listed: every size-1 axis, as in TF
     layout = builder.layout(source)
 
@@ -491,7 +438,7 @@ def _squeeze(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 
 @register_op("Pad")
 def _pad(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     paddings = builder.require_const(node, 1).astype(int)  # [rank, 2]: (before, after) per TF axis
     layout = builder.layout(source)
     if layout is Layout.NCHW:
@@ -511,8 +458,8 @@ def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     key = builder.param(node, "weight", weight)
     fused = node.attrs.get("fused_ops") or []
     bias_key = builder.param(node, "bias", builder.require_const(node, 2)) if fused[:1] == ["BiasAdd"] else None
-    activation = _fused_activation(builder, node, fused[1:], channels_shape=(-1,))
-    source, weights = _data_inputs(node)[0], builder.module.weights
+    activation = _fused_activation(builder, node, fused[1:])
+    source, weights = data_inputs(node)[0], builder.module.weights
     layout = builder.layout(source)
 
     def dense(x: Tensor) -> Tensor:
@@ -524,7 +471,7 @@ def _matmul(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 @register_op("Softmax")
 def _softmax(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     """Softmax over the last (TF) axis."""
-    source = _data_inputs(node)[0]
+    source = data_inputs(node)[0]
     layout = builder.layout(source)
     return CompiledOp(lambda x: F.softmax(to_plain(x, layout), dim=-1), [source], Layout.PLAIN)
 
@@ -538,7 +485,7 @@ def _batch_norm(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
     multiplier = scale / np.sqrt(var + node.attrs.get("epsilon", 1e-3))
     mul_key = builder.param(node, "scale", multiplier)
     add_key = builder.param(node, "shift", offset - mean * multiplier)
-    source, weights = _data_inputs(node)[0], builder.module.weights
+    source, weights = data_inputs(node)[0], builder.module.weights
     layout = builder.layout(source)
 
     def batch_norm(x: Tensor) -> Tensor:
@@ -550,7 +497,7 @@ def _batch_norm(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
 
 def _reduction(fn: Callable[..., Tensor]) -> OpRule:
     def rule(builder: GraphBuilder, node: GraphNode) -> CompiledOp:
-        source = _data_inputs(node)[0]
+        source = data_inputs(node)[0]
         axes = [int(a) for a in np.atleast_1d(builder.require_const(node, 1))]
         keep = bool(node.attrs.get("keep_dims", False))
         layout = builder.layout(source)

@@ -58,11 +58,13 @@ def load_target(
     threshold: float | None = None,
     weights: Path | None = None,
     access: str = "gradients",
+    forward: str = "torch",
 ) -> Target:
     """A registered target in eval mode with frozen parameters. ``weights``: a user's file, for targets that take
     one; its threshold (or that of a target that is a user's file, ``file:model.onnx``) is the one ``redteam
     calibrate`` stored for that file's content, if any. ``threshold`` decides at another operating point; ``access``
-    is what attackers get of it."""
+    is what attackers get of it; ``forward`` what computes its passes (``onnxruntime``: a recogniser's network on
+    onnxruntime, for score and decision access)."""
     target_class = TARGETS.get(name)
     check_weights(name, weights)
     target = target_class() if weights is None else target_class(weights=Path(weights))
@@ -79,6 +81,9 @@ def load_target(
     if access != "gradients":
         target.limit_to(access)  # type: ignore[arg-type]
     target = frozen(target, device)
+    if forward == "onnxruntime":
+        assert isinstance(target, FaceRecognizer)  # the config allows it only for targets that declare it
+        target.forward_on_onnxruntime()
     if threshold is not None:
         target.decide_at(threshold)
     return target

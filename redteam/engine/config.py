@@ -32,7 +32,7 @@ NOT_IN_KEY = ("eps", "limit", "batch_size", "device", "checks")
 #: Settings added after stores existed, left out of the key at these values so that older stores keep their keys.
 KEY_DEFAULTS: dict[str, Any] = {
     "precision": "fp32", "skip_bad_images": False, "access": "gradients", "queries": None, "recalibrate": None,
-    "far": None,
+    "far": None, "forward": "torch",
 }  # fmt: skip
 #: The false accept rate of a card's strict threshold (``threshold_far``), as ``redteam calibrate`` measures it.
 CARD_FAR = 1e-3
@@ -72,6 +72,7 @@ class EvaluationConfig:
     queries: int | None = None  # per-probe query budget of a query attack (None: the attack's own default)
     recalibrate: str | None = None  # faces to move a defended system's threshold on (its own false accept rate)
     far: float | None = None  # decide at the card's threshold for this false accept rate (sets ``threshold``)
+    forward: str = "torch"  # what computes the target's passes: torch, or onnxruntime (scores and decisions only)
 
     @property
     def attack_class(self) -> type[AttackBase]:
@@ -131,6 +132,7 @@ class EvaluationConfig:
         check_weights(self.target, self.weights)
         surrogate = self._surrogate()
         access, queries = self._access(attack_class)
+        self._check_forward(access)
         check_precision(self.precision)
         resolve_device(self.device)  # an unknown or absent device fails here, before any work
         if self.limit is not None and self.limit < 1:
@@ -153,6 +155,18 @@ class EvaluationConfig:
                 if norm == "linf" and value > 255:
                     raise RedteamError(f"ℓ∞ budget {value:g}/255 exceeds the whole pixel range.")
         return replace(resolved, eps=tuple(float(e) for e in eps))
+
+    def _check_forward(self, access: str) -> None:
+        """``forward`` is a runtime the target declares, and onnxruntime (no gradients) only serves queries."""
+        runtimes = TARGETS.get(self.target).runtimes
+        if self.forward not in runtimes:
+            able = [name for name, cls in TARGETS.items() if self.forward in getattr(cls, "runtimes", ())]
+            raise RedteamError(
+                f"--forward {self.forward}: {self.target} runs on {' or '.join(runtimes)}"
+                + (f"; on {self.forward}: {', '.join(able)}." if able else ".")
+            )
+        if self.forward != "torch" and access == "gradients":
+            raise RedteamError(f"--forward {self.forward} has no gradients: use it with --access score or decision.")
 
     def _threshold(self) -> float | None:
         """``threshold`` settled: the one given, or, with ``far``, the card's threshold at that false accept rate

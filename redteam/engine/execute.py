@@ -65,7 +65,7 @@ class Executor:
         config = cell.config
         self.device = device or resolve_device(config.device)
         weights = Path(config.weights) if config.weights else None
-        undefended = load_target(config.target, self.device, config.threshold, weights, config.access)
+        undefended = load_target(config.target, self.device, config.threshold, weights, config.access, config.forward)
         self.undefended = undefended
         model = wrap_model(undefended, config, cell.defense)
         self.target = behind_transforms(model, config, cell.defense, adaptive=False)

@@ -71,6 +71,8 @@ INSIGHTFACE_CROP = TemplateWarp("insightface-112")
 class AlignedRecognizer(FaceRecognizer):
     """A network fed 112 px crops warped onto InsightFace's five-point template (the card's preprocessing)."""
 
+    runtimes = ("torch", "onnxruntime")  # the whole network is self.net
+
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net

@@ -67,6 +67,7 @@ class DlibResNet(FaceRecognizer):
     )
 
     weights = (DESCRIPTOR,)
+    runtimes = ("torch", "onnxruntime")  # the whole network is self.net
     accepts_weights = True
 
     def __init__(self, weights: Path | None = None) -> None:

@@ -125,6 +125,7 @@ class FaceApiResNet(FaceRecognizer):
     )
 
     weights = RECOGNITION_MODEL.files
+    runtimes = ("torch", "onnxruntime")  # the whole network is self.net
 
     def __init__(self) -> None:
         super().__init__()

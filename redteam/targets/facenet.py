@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from redteam.api import TARGETS, CentralCrop, FaceRecognizer, FrozenGraph, ModelCard, Preprocessing
@@ -50,6 +49,7 @@ class FaceNet(FaceRecognizer):
     )
 
     weights = (GRAPH,)
+    runtimes = ("torch", "onnxruntime")  # the whole network is self.net
     frozen_graph: ClassVar[FrozenGraph | None] = FrozenGraph(GRAPH, input="input", output="embeddings")
 
     def __init__(self) -> None:
@@ -57,5 +57,4 @@ class FaceNet(FaceRecognizer):
         self.net = load_frozen_graph(GRAPH, inputs=["input"], outputs=["embeddings"])
 
     def embed(self, images: Tensor) -> Tensor:
-        x = self.preprocess(images).contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(self.preprocess(images))

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from redteam.api import TARGETS, Access, CentralCrop, FaceRecognizer, ModelCard, Preprocessing, TemplateWarp
 from redteam.console import console
 from redteam.convert.graph import UnsupportedModelError
+from redteam.convert.onnx_forward import onnx_session
 from redteam.convert.onnx_graph import load_onnx, normalises_its_input
 from redteam.convert.tf_graph import load_converted
 from redteam.convert.tflite import nodes_from_tflite, tflite_io_names
@@ -152,13 +153,9 @@ class OnnxRuntime(Runtime):
 
     def __init__(self, path: Path):
         try:
-            import onnxruntime
-        except ImportError:
-            raise RedteamError(f"{path} runs in onnxruntime: pip install onnxruntime") from None
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # its warnings about unused initialisers are not the user's business
-        try:
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(str(path))
+        except RedteamError:
+            raise
         except Exception as error:  # onnxruntime raises its own exception types for a bad file
             raise RedteamError(f"{path}: onnxruntime cannot load it: {str(error).splitlines()[0][:200]}") from None
         inputs = self.session.get_inputs()

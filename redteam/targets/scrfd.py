@@ -22,6 +22,8 @@ from redteam.convert.onnx_graph import load_onnx
 from redteam.errors import MissingWeightsError
 from redteam.targets.retinaface import keep_faces
 
+#: Pixels of network input per pass: four 640 x 640 canvases.
+CHUNK_PIXELS = 4 * 640 * 640
 WHERE_TO_GET = (
     "scrfd needs InsightFace's SCRFD ONNX file: pass --weights det_10g.onnx (or det_2.5g.onnx / det_500m.onnx). "
     "They come in InsightFace's model packs (buffalo_l / buffalo_m / buffalo_s .zip on the GitHub releases of "
@@ -93,20 +95,32 @@ class SCRFD(FaceDetector):
         """Per stride: scores ``[B, N]``, box distances ``[B, N, 4]`` and keypoint offsets ``[B, N, 10]`` (in
         strides), plus the factor from image to network pixels."""
         x, scale = self._canvas(images)
-        outputs = self.net(x)
-        batch, levels = len(images), len(self.strides)
-        per_image = []
-        for output, stride in zip(outputs, self.strides * (3 if self.has_keypoints else 2)):
+        # A few canvases at a time: sixteen 640 px canvases in one pass spill the CPU's caches and take twice as long
+        # as four passes of four (bench/targets.py).
+        chunks = [self._outputs(part) for part in x.split(self.images_per_pass)]
+        per_image = [torch.cat(parts) for parts in zip(*chunks)]
+        levels = len(self.strides)
+        scores = [s.squeeze(-1) for s in per_image[:levels]]
+        boxes = per_image[levels : 2 * levels]
+        keypoints: list[Tensor | None] = [*per_image[2 * levels :]] if self.has_keypoints else [None] * levels
+        return scores, boxes, keypoints, scale
+
+    @property
+    def images_per_pass(self) -> int:
+        """Canvases the network is given at a time."""
+        return max(1, CHUNK_PIXELS // self.input_size**2)
+
+    def _outputs(self, x: Tensor) -> list[Tensor]:
+        """The network's outputs for canvases ``x``, each ``[B, N, k]``."""
+        batch, per_image = len(x), []
+        for output, stride in zip(self.net(x), self.strides * (3 if self.has_keypoints else 2)):
             # InsightFace's batch-1 exports flatten [B, C, H, W] as permute(2, 3, 0, 1): rows run over (cell, image,
             # anchor); put the images first again. Batched exports give [B, N, k] already.
             if output.dim() == 2:
                 cells = math.ceil(self.input_size / stride) ** 2
                 output = output.reshape(cells, batch, -1).transpose(0, 1).reshape(batch, -1, output.shape[-1])
             per_image.append(output)
-        scores = [s.squeeze(-1) for s in per_image[:levels]]
-        boxes = per_image[levels : 2 * levels]
-        keypoints = per_image[2 * levels :] if self.has_keypoints else [None] * levels
-        return scores, boxes, keypoints, scale
+        return per_image
 
     def face_score(self, images: Tensor) -> Tensor:
         scores, _, _, _ = self.raw(images)

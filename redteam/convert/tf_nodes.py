@@ -1,0 +1,26 @@
+"""A TF graph as nodes: what the GraphDef and TF.js readers produce, the rewrites change and the interpreter runs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class GraphNode:
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def clean_input(name: str) -> str | None:
+    """The node an input reads (``name:0`` -> ``name``); ``None`` for a control dependency (no data flows)."""
+    if name.startswith("^"):
+        return None
+    return re.sub(r":0$", "", name)
+
+
+def data_inputs(node: GraphNode) -> list[str]:
+    return [c for i in node.inputs if (c := clean_input(i))]

@@ -1,0 +1,64 @@
+"""``--forward onnxruntime``: a recogniser's forward passes from onnxruntime on its export agree with the torch
+module on real faces, give no gradients, are refused where they cannot serve, and a query attack runs on them from
+the command line with the same verdicts as on torch."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pandas as pd
+import pytest
+import torch
+
+from redteam.engine import EvaluationConfig, load_target
+from redteam.errors import RedteamError
+
+pytest.importorskip("onnxruntime", reason="--forward onnxruntime needs onnxruntime (pip install onnxruntime)")
+
+
+@pytest.mark.parametrize("name", ["arcface", "dlib-resnet"])
+def test_embeddings_match_the_torch_module_on_real_faces(name, faces):
+    images = faces.load(range(0, 40, 10))  # 4 faces of different people
+    torch_target = load_target(name, torch.device("cpu"), access="scores")
+    onnx_target = load_target(name, torch.device("cpu"), access="scores", forward="onnxruntime")
+    with torch.no_grad():
+        ours, theirs = torch_target.embed(images), onnx_target.embed(images)
+    assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
+    assert (ours - theirs).abs().max() < 1e-4 * ours.abs().max()  # float32 rounding of two runtimes
+
+
+def test_it_has_no_gradients(faces):
+    target = load_target("arcface", torch.device("cpu"), access="decisions", forward="onnxruntime")
+    with pytest.raises(RedteamError, match="no gradients"):
+        target.embed(faces.load([0]).requires_grad_(True))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"target": "arcface", "attack": "pgd"}, "use it with --access score or decision"),
+        ({"target": "retinaface", "attack": "square", "access": "scores"}, "retinaface runs on torch; on onnxruntime:"),
+    ],
+)
+def test_refused_before_any_work_in_one_line(settings, message):
+    with pytest.raises(RedteamError, match=message) as refused:
+        EvaluationConfig(**settings, forward="onnxruntime").resolve()
+    assert "\n" not in str(refused.value)
+
+
+def test_a_score_attack_runs_on_it_with_torchs_verdicts(cli, faces_root, tmp_path):
+    """The same square attack, seed and probes on both runtimes: the same walk (the scores it ends at agree to
+    float32 rounding), the same verdicts, the same queries spent."""
+    rows = []
+    for forward in ("torch", "onnxruntime"):
+        command = ("run", "--target", "arcface", "--attack", "square", "--access", "score", "--queries", 40,
+                   "--forward", forward, "--data", faces_root, "--limit", 3, "--eps", "0,16", "--no-checks",
+                   "--out", tmp_path / forward)  # fmt: skip
+        assert cli(*command) == 0
+        with sqlite3.connect(tmp_path / forward / "results.sqlite") as db:
+            query = "SELECT probe, eps, correct, score, queries FROM results ORDER BY probe, eps"
+            rows.append(pd.read_sql_query(query, db))
+    torch_rows, onnx_rows = rows
+    assert len(torch_rows) == 6 and torch_rows["queries"].max() > 1
+    pd.testing.assert_frame_equal(torch_rows.drop(columns="score"), onnx_rows.drop(columns="score"))
+    assert (torch_rows["score"] - onnx_rows["score"]).abs().max() < 1e-4
