@@ -15,8 +15,10 @@ Contenders take turns, in a rotating order, for ``--rounds`` rounds after one wa
 one core (what a CI runner or a laptop running other work looks like). Threads: every runtime's own default; redteam's
 is torch's thread count with passive waiting (redteam/__init__.py).
 
-The TF.js models (mobileface, faceapi-resnet, blazeface, liveness, antispoof) have no native column here: their
-runtime is tfjs in node (the parity tests run it), whose pure-JS CPU backend is many times slower than any of these.
+The TF.js models (mobileface, faceapi-resnet, blazeface, liveness, antispoof) are timed in tfjs on node's
+WebAssembly backend, by the parity tests' runner in a process of its own (after the in-process contenders, so not
+interleaved with them); without node and the npm packages `make install` puts in .venv/node, they have no native
+column.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +142,59 @@ def native(name: str, x: np.ndarray) -> tuple[str, Call] | None:
     return None
 
 
+def tfjs(name: str, model: nn.Module, x: Tensor, rounds: int) -> tuple[str, tuple[float, float]] | None:
+    """Median (CPU s, wall s) of tfjs in node (WebAssembly backend) running a TF.js model on ``x``'s images, timed
+    in its own process by the parity tests' runner (tests/helpers/tfjs_reference.cjs); ``None`` for other models
+    or where node and the npm packages are missing."""
+    if name not in TFJS_TARGETS:
+        return None
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    import pytest
+    from helpers.tfjs_node import model_folder, run_reference
+
+    nhwc = x.permute(0, 2, 3, 1).numpy()
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        timings = {"timings": str(folder / "t.json"), "repeat": rounds, "backend": "wasm"}
+        if name == "faceapi-resnet":
+            from redteam.targets.faceapi import RECOGNITION_MODEL
+
+            manifest = model_folder(RECOGNITION_MODEL, folder / "model")
+            job = {"kind": "faceapi", "net": "FaceRecognitionNet", "manifest": str(manifest), **timings}
+            job |= {"input": str(folder / "x.npy"), "output": str(folder / "y.npy")}
+            arrays = {"x": nhwc * 255}  # face-api takes 0-255 pixels
+        else:
+            graph = model_folder(TFJS_TARGETS[name](model), folder / "model")
+            inputs = {model.net.input_names[0]: str(folder / "x.npy")}
+            outputs = {out: str(folder / f"{k}.npy") for k, out in enumerate(model.net.output_names)}
+            job = {"kind": "graph", "model": str(graph), "inputs": inputs, "outputs": outputs, **timings}
+            job["per_sample"] = name == "blazeface"  # its graph bakes in batch 1
+            arrays = {"x": nhwc}
+        try:
+            run_reference(job, folder, arrays)
+        except pytest.skip.Exception as missing:
+            print(f"  no tfjs column for {name}: {missing}", file=sys.stderr)
+            return None
+        measured = json.loads((folder / "t.json").read_text())
+    return "tfjs (wasm)", (statistics.median(measured["cpu"]) / 1e3, statistics.median(measured["wall"]) / 1e3)
+
+
+def _tfjs_targets() -> dict[str, Callable[[nn.Module], object]]:
+    from redteam.targets.arcface import MOBILEFACE
+    from redteam.targets.blazeface import BLAZEFACE_BACK
+
+    return {
+        "mobileface": lambda _: MOBILEFACE,
+        "blazeface": lambda _: BLAZEFACE_BACK,
+        "liveness": lambda model: model.model,
+        "antispoof": lambda model: model.model,
+        "faceapi-resnet": lambda _: None,  # face-api's own network class, not a graph model
+    }
+
+
+TFJS_TARGETS = _tfjs_targets()
+
+
 def timed(call: Call) -> tuple[float, float]:
     time.sleep(PAUSE)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -168,7 +224,10 @@ def bench(name: str, batch: int, rounds: int, data: str) -> dict:
     if found is not None:
         contenders[found[0]] = found[1]
     contenders["ort(export)"] = exported(model.net, x)
-    return {"target": name, "batch": batch, "native": found[0] if found else None, "times": measure(contenders, rounds)}
+    times = measure(contenders, rounds)
+    if found is None and (in_node := tfjs(name, model, x, rounds)) is not None:
+        found, times[in_node[0]] = in_node, in_node[1]
+    return {"target": name, "batch": batch, "native": found[0] if found else None, "times": times}
 
 
 def table(results: list[dict], machine: str) -> str:
@@ -206,6 +265,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
     prepare_torch()
+    batch_threads = torch.get_num_threads()
     names = [n for n in args.targets.split(",") if n not in WEIGHTS or WEIGHTS[n].exists()]
     everything = {}
     for machine in args.machine.split(","):
@@ -216,7 +276,7 @@ def main() -> None:
                     results.append(bench(name, batch, args.rounds, args.data))
                     print(f"  {machine} {name} b{batch}: " + json.dumps(results[-1]["times"]), file=sys.stderr)
         everything[machine] = results
-        print(f"\n{machine} machine, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+        print(f"\n{machine} machine, torch {torch.__version__}, {batch_threads} threads for a batch, 1 for one image\n")
         print(table(results, machine))
     if args.json:
         args.json.write_text(json.dumps(everything, indent=1))

@@ -9,7 +9,10 @@
 //   {"kind": "weights", "manifest": "x.json", "output": "dir"}
 //       tf.io.decodeWeights on a manifest (or a model.json's weightsManifest): each weight as dir/<index>.npy and
 //       dir/names.json.
-// Tensors travel as little-endian float32 .npy files. Packages come from NODE_PATH (the Makefile installs them).
+// A graph or faceapi job with "timings": "t.json" and "repeat": N then runs N more times and writes each run's wall
+// and CPU milliseconds there (bench/targets.py); "backend": "wasm" runs on the WebAssembly backend ("cpu", pure JS,
+// by default). Tensors travel as little-endian float32 .npy files. Packages come from NODE_PATH (the Makefile
+// installs them).
 
 const fs = require('fs');
 const path = require('path');
@@ -73,6 +76,25 @@ async function graph(tf, job) {
     const result = tf.concat(parts.map((outputs) => outputs[k]), 0);
     writeNpy(job.outputs[name], result.shape, result.dataSync());
   });
+  time(tf, job, () => (job.per_sample
+    ? [...Array(batch).keys()].map((i) => run(Object.fromEntries(inputs.map(([n, t]) => [n, t.slice(i, 1)]))))
+    : [run(Object.fromEntries(inputs))]).flat());
+}
+
+// With job.timings: `repeat` more runs of compute(), each timed to its outputs' values (wall and CPU ms).
+function time(tf, job, compute) {
+  if (!job.timings) return;
+  const wall = [];
+  const cpu = [];
+  for (let i = 0; i < (job.repeat || 5); i += 1) {
+    const started = process.hrtime.bigint();
+    const usage = process.cpuUsage();
+    tf.tidy(() => compute().forEach((t) => t.dataSync()));
+    const used = process.cpuUsage(usage);
+    wall.push(Number(process.hrtime.bigint() - started) / 1e6);
+    cpu.push((used.user + used.system) / 1e3);
+  }
+  fs.writeFileSync(job.timings, JSON.stringify({ wall, cpu, backend: tf.getBackend() }));
 }
 
 async function faceapi(tf, job) {
@@ -83,6 +105,7 @@ async function faceapi(tf, job) {
   const input = await api.toNetInput(tf.unstack(tf.tensor(values, shape, 'float32'))); // one 3D tensor per face
   const output = net.forwardInput(input, ...(job.args || []));
   writeNpy(job.output, output.shape, output.dataSync());
+  time(tf, job, () => [net.forwardInput(input, ...(job.args || []))]);
 }
 
 async function weights(tf, job) {
@@ -100,7 +123,8 @@ async function weights(tf, job) {
 async function main() {
   const job = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
   const tf = job.kind === 'faceapi' ? require('@vladmandic/face-api/dist/face-api.node-wasm.js').tf : require('@tensorflow/tfjs');
-  await tf.setBackend('cpu');
+  if (job.backend === 'wasm' && job.kind !== 'faceapi') require('@tensorflow/tfjs-backend-wasm');
+  await tf.setBackend(job.backend || 'cpu');
   await tf.ready();
   await { graph, faceapi, weights }[job.kind](tf, job);
 }
