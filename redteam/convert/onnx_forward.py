@@ -1,8 +1,9 @@
 """A converted network's forward pass on onnxruntime: the same graph, exported once, for passes that need no gradient.
 
-Query attacks and their judge only run forward passes. On a CPU onnxruntime runs our own export of a zoo graph 1.2-3x
-faster than eager PyTorch (its convolutions fuse their activations and use blocked layouts; bench/targets.py), so a
-score or decision oracle may answer from it (``redteam run --forward onnxruntime``). The export is PyTorch's own
+Query attacks and their judge only run forward passes. On a CPU onnxruntime runs our own export of most zoo
+recognisers 1.4-2.5x faster than eager PyTorch (its convolutions fuse their activations and use blocked layouts;
+arcface is the exception: bench/targets.py), so a score or decision oracle may answer from it (``redteam run
+--forward onnxruntime``). The export is PyTorch's own
 (TorchScript-based) exporter; parity with the torch module is tested on real faces (tests/test_onnx_forward.py).
 """
 
