@@ -561,6 +561,9 @@ def serve(
     threads: Annotated[
         int, typer.Option(min=1, help="CPU threads for torch (1: a request is one image; bench/threads.py)")
     ] = 1,
+    forward: Annotated[
+        str, typer.Option(help="What computes the embeddings: torch, or onnxruntime on the recogniser's export.")
+    ] = "torch",
 ) -> None:
     """A reference face-verification service over a zoo recogniser: enrol, verify, identify, health (a demo target)."""
     from redteam.runtime import choose_threads, resolve_device
@@ -580,6 +583,7 @@ def serve(
         device=str(resolve_device(device)),
         faults=parse_faults(faults) if faults else (),
         reply=reply,
+        forward=forward,
     )
     guarded = f" · key from ${api_key_env}" if api_key_env else ""
     limited = f" · at most {config.rate:g} requests/s" if config.rate else ""

@@ -92,6 +92,15 @@ def _in_process(first: Path, second: Path) -> float:
     return float(model.similarity(embeddings[:1], embeddings[1:])[0])
 
 
+def test_onnxruntime_embeddings_answer_with_the_models_scores(people):
+    """`redteam serve --forward onnxruntime`: the same scores as the model computed here on torch."""
+    (a1, a2), (b1, _) = people
+    with running_service("score", "--forward", "onnxruntime") as (client, _):
+        for first, second in ((a1, a2), (a1, b1)):
+            answer = client.post("/verify", files=_files(image=first, other=second)).json()
+            assert answer["score"] == pytest.approx(_in_process(first, second), abs=1e-4)
+
+
 @pytest.mark.parametrize("service", [("score",)], indirect=True)
 def test_scores_are_the_models_and_the_gallery_answers(service, people):
     client, _ = service
