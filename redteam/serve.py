@@ -48,7 +48,7 @@ from fastapi.responses import JSONResponse
 from torch import Tensor
 
 from redteam.align import CANONICAL_SIZE
-from redteam.api import TARGETS, FaceDetector, FaceRecognizer
+from redteam.api import FaceDetector, FaceRecognizer
 from redteam.datasets import open_image, square_resize, to_tensor
 from redteam.engine import load_target
 from redteam.errors import DataError, RedteamError
@@ -149,9 +149,6 @@ class FaceService:
 
     def __init__(self, config: ServiceConfig):
         device = torch.device(config.device)
-        runtimes = TARGETS.get(config.target).runtimes
-        if config.forward not in runtimes:
-            raise RedteamError(f"--forward {config.forward}: {config.target} runs on {' or '.join(runtimes)}.")
         model = load_target(config.target, device, config.threshold, forward=config.forward)
         if not isinstance(model, FaceRecognizer):
             raise RedteamError(f"{config.target} is a detector; redteam serve answers with a recogniser.")

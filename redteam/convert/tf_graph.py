@@ -26,7 +26,7 @@ from redteam.convert import graph
 from redteam.convert.cache import convert_once
 from redteam.convert.graph import GraphModule, UnsupportedModelError, same_padding
 from redteam.convert.prelu import prelu
-from redteam.convert.tf_nodes import GraphNode, clean_input, data_inputs
+from redteam.convert.tf_nodes import GraphNode, clean_input, const_value, data_inputs
 from redteam.convert.tf_rewrites import simplify
 from redteam.registry import RuleTable
 
@@ -63,12 +63,7 @@ class GraphBuilder:
         self.layouts: dict[str, Layout] = {}
 
     def const(self, name: str) -> np.ndarray | None:
-        node = self.nodes.get(name)
-        while node is not None and node.op == "Identity":  # weights sometimes pass through Identity
-            node = self.nodes.get(clean_input(node.inputs[0]) or "")
-        if node is None or node.op != "Const":
-            return None
-        return node.attrs["value"]
+        return const_value(self.nodes, name)
 
     def require_const(self, node: GraphNode, index: int) -> np.ndarray:
         value = self.const(clean_input(node.inputs[index]) or "")

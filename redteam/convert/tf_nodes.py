@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 
 @dataclass
@@ -24,3 +27,12 @@ def clean_input(name: str) -> str | None:
 
 def data_inputs(node: GraphNode) -> list[str]:
     return [c for i in node.inputs if (c := clean_input(i))]
+
+
+def const_value(nodes: Mapping[str, GraphNode], name: str) -> np.ndarray | None:
+    """The value of the constant ``name`` (followed through Identity nodes: weights sometimes pass through one);
+    ``None`` if it is not a constant."""
+    node = nodes.get(name)
+    while node is not None and node.op == "Identity":
+        node = nodes.get(clean_input(node.inputs[0]) or "")
+    return np.asarray(node.attrs["value"]) if node is not None and node.op == "Const" else None

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from redteam.convert.tf_nodes import GraphNode, clean_input, data_inputs
+from redteam.convert.tf_nodes import GraphNode, clean_input, const_value, data_inputs
 
 #: A plain convolution -> its fused form (which the conv rule reads with ``fused_ops``).
 _FUSED_CONV = {"Conv2D": "_FusedConv2D", "DepthwiseConv2dNative": "FusedDepthwiseConv2dNative"}
@@ -41,10 +41,7 @@ class _Uses:
         return readers[0] if len(readers) == 1 and readers[0].op == op else None
 
     def const(self, name: str) -> np.ndarray | None:
-        node = self.by_name.get(name)
-        while node is not None and node.op == "Identity":  # weights sometimes pass through Identity
-            node = self.by_name.get(clean_input(node.inputs[0]) or "")
-        return np.asarray(node.attrs["value"]) if node is not None and node.op == "Const" else None
+        return const_value(self.by_name, name)
 
     def against_zero(self, node: GraphNode) -> str | None:
         """The other operand of a binary op whose one operand is the constant 0."""

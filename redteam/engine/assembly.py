@@ -37,7 +37,7 @@ from redteam.api import (
     grants,
 )
 from redteam.calibrations import file_fingerprint, stored_calibration
-from redteam.engine.config import EvaluationConfig, check_weights, instantiate
+from redteam.engine.config import EvaluationConfig, check_runtime, check_weights, instantiate
 from redteam.errors import RedteamError
 from redteam.runtime import frozen
 from redteam.threats import THREATS
@@ -67,6 +67,7 @@ def load_target(
     onnxruntime, for score and decision access)."""
     target_class = TARGETS.get(name)
     check_weights(name, weights)
+    check_runtime(name, forward)
     target = target_class() if weights is None else target_class(weights=Path(weights))
     fingerprint = file_fingerprint(target_class, Path(weights) if weights else None)
     calibrated = stored_calibration(name, fingerprint) if fingerprint is not None else None
@@ -82,7 +83,7 @@ def load_target(
         target.limit_to(access)  # type: ignore[arg-type]
     target = frozen(target, device)
     if forward == "onnxruntime":
-        assert isinstance(target, FaceRecognizer)  # the config allows it only for targets that declare it
+        assert isinstance(target, FaceRecognizer)  # only recognisers declare it (check_runtime)
         target.forward_on_onnxruntime()
     if threshold is not None:
         target.decide_at(threshold)

@@ -158,13 +158,7 @@ class EvaluationConfig:
 
     def _check_forward(self, access: str) -> None:
         """``forward`` is a runtime the target declares, and onnxruntime (no gradients) only serves queries."""
-        runtimes = TARGETS.get(self.target).runtimes
-        if self.forward not in runtimes:
-            able = [name for name, cls in TARGETS.items() if self.forward in getattr(cls, "runtimes", ())]
-            raise RedteamError(
-                f"--forward {self.forward}: {self.target} runs on {' or '.join(runtimes)}"
-                + (f"; on {self.forward}: {', '.join(able)}." if able else ".")
-            )
+        check_runtime(self.target, self.forward)
         if self.forward != "torch" and access == "gradients":
             raise RedteamError(f"--forward {self.forward} has no gradients: use it with --access score or decision.")
 
@@ -263,6 +257,17 @@ def check_weights(target: str, weights: str | Path | None) -> None:
         raise RedteamError(f"{target} has fixed weights; --weights is for targets that load a user's file.")
     if not Path(weights).is_file():
         raise RedteamError(f"--weights {weights} is not a file.")
+
+
+def check_runtime(target: str, forward: str) -> None:
+    """``forward`` is one of the runtimes ``target`` declares (one line naming the targets that run on it)."""
+    runtimes = TARGETS.get(target).runtimes
+    if forward not in runtimes:
+        able = [name for name, cls in TARGETS.items() if forward in getattr(cls, "runtimes", ())]
+        raise RedteamError(
+            f"--forward {forward}: {target} runs on {' or '.join(runtimes)}"
+            + (f"; on {forward}: {', '.join(able)}." if able else ".")
+        )
 
 
 def instantiate(name: str, options: dict[str, Any]) -> AttackBase:
