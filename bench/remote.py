@@ -1,12 +1,13 @@
 """What the wire costs: queries per second through a deployed target against the same model called in-process.
 
-    python bench/remote.py [--target facenet] [--queries 64] [--concurrency 1,4]
+    python bench/remote.py [--target facenet] [--queries 64] [--concurrency 1,4] [--forward torch|onnxruntime]
 
 Starts `redteam serve --target T --expose decision` on 127.0.0.1 (a free port), points the shipped example spec at
 it, and times the same comparisons (probe photo against reference photo, each a different image so no ledger or
 cache answers them): the oracle in-process (a batch of the whole set, as query attacks send them), and the remote
-target answering the same batch with each ``--concurrency`` (the spec's requests in flight at once). Every way is
-warmed up with one call first. Prints queries per second and the ratio to in-process, measured in this one run.
+target answering the same batch with each ``--concurrency`` (the spec's requests in flight at once). ``--forward``
+says what embeds faces on both sides. Every way is warmed up with one call first. Prints queries per second and the
+ratio to in-process, measured in this one run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import httpx
 import torch
 
 from redteam.api import Oracle
+from redteam.budgets import eight_bit
 from redteam.engine import EvaluationConfig, load_target, prepare
 from redteam.engine.execute import Executor
 
@@ -38,9 +40,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED_FACES))
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument("--forward", default="torch", choices=("torch", "onnxruntime"))
     args = parser.parse_args()
     cell = prepare(EvaluationConfig(target=args.target, attack="hsj", access="decision", data=args.data, limit=1,
-                                    checks=False))  # fmt: skip
+                                    checks=False, forward=args.forward))  # fmt: skip
     executor = Executor(cell)
     images = cell.dataset.load([cell.probes[0].image])
     _, verdict = executor.objectives(cell.probes[:1])
@@ -56,13 +59,14 @@ def main() -> None:
     started = time.perf_counter()
     oracle(batch, [0] * args.queries)
     in_process = args.queries / (time.perf_counter() - started)
-    print(f"{args.target} · {args.queries} comparisons\n| how | queries/s | ratio to in-process |\n|---|---|---|")
+    print(f"{args.target} on {args.forward} · {args.queries} comparisons")
+    print("| how | queries/s | ratio to in-process |\n|---|---|---|")
     print(f"| in-process oracle, one batch | {in_process:.1f} | 1.00 |")
 
     port = _free_port()
     environment = {**os.environ, "REDTEAM_API_KEY": "bench-key"}
-    command = [str(Path(sys.executable).parent / "redteam"), "serve", "--target", args.target, "--expose",
-               "decision", "--port", str(port), "--api-key-env", "REDTEAM_API_KEY"]  # fmt: skip
+    command = [str(Path(sys.executable).parent / "redteam"), "serve", "--target", args.target, "--expose", "decision",
+               "--port", str(port), "--api-key-env", "REDTEAM_API_KEY", "--forward", args.forward]  # fmt: skip
     service = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait(port)
@@ -81,7 +85,7 @@ def main() -> None:
                 local = oracle(batch, [0] * args.queries).fooled
                 references = reference.flatten().expand(args.queries, -1)
                 started = time.perf_counter()
-                answers = remote.similarity(batch.flatten(1), references)
+                answers = remote.similarity(eight_bit(batch, images).flatten(1), references)  # as the oracle sends
                 rate = args.queries / (time.perf_counter() - started)
                 agree = sum((a < 0.5) == bool(f) for a, f in zip(answers.tolist(), local.tolist()))
                 print(f"| remote, concurrency {concurrency} | {rate:.1f} | {rate / in_process:.2f} |  "

@@ -37,6 +37,20 @@ def perturbation_size(delta: Tensor, norm: Norm) -> Tensor:
     return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
 
 
+def eight_bit(images: Tensor, origins: Tensor) -> Tensor:
+    """``images [B, 3, H, W]`` as a deployed system receives them, 8 bits per channel: each pixel on the nearest of
+    the 256 grey levels, except where rounding would move it further from its origin (``origins``, broadcast
+    against ``images``) than it already was; there it moves to the level next to the origin's side. So a
+    perturbation never grows in any norm (for origins on the levels, as decoded photos are), and an image already on
+    the levels is returned as it is (levels are ``k / 255``, computed as a decoder computes them)."""
+    origin = torch.round(origins * 255)
+    change = images * 255 - origin
+    nearest = torch.round(change)
+    # 1e-3 of a level: an image on the levels, read back as floats, is a hair off them.
+    level = torch.where(nearest.abs() <= change.abs() + 1e-3, nearest, torch.trunc(change))
+    return (origin + level).clamp_(0, 255) / 255
+
+
 def per_sample(value: float | Tensor, like: Tensor) -> float | Tensor:
     """A scalar, or a ``[B]`` tensor reshaped to broadcast against ``like [B, ...]``."""
     return value.view(-1, *([1] * (like.dim() - 1))) if isinstance(value, Tensor) else value

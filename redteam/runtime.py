@@ -163,3 +163,15 @@ def threads_for(batch: int) -> None:
     wanted = _THREADS.chosen or (1 if batch == 1 else _THREADS.batch)
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread inside the block, whatever the policy: some CPU kernels (bilinear resizing among them)
+    round differently with the work split over more threads, and what runs here must not depend on that."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

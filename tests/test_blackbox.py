@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from redteam.api import Budget, Oracle, QueryBudgetExceeded, bisect_boundary
+from redteam.budgets import eight_bit
 from redteam.engine import EvaluationConfig, prepare
 from redteam.engine.execute import Executor
 
@@ -47,6 +48,31 @@ def test_scores_carry_no_gradient(dodging):
     with pytest.raises(RuntimeError):
         answer.margin.sum().backward()
     assert probe.grad is None
+
+
+def test_the_oracle_answers_what_an_upload_can_carry(dodging):
+    """Every image is answered and recorded as its 8-bit version, as a service decodes it: on the 256 levels, the
+    perturbation never larger than the one sent, and equal answers for an image and its 8-bit version (a difference
+    under half a grey level fools nothing)."""
+    _, _, images, verdict = dodging
+    generator = torch.Generator().manual_seed(0)
+    sent = (images + 0.03 * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    received = eight_bit(sent, images)
+    levels = received * 255
+    assert torch.equal(levels, levels.round()) and torch.equal(eight_bit(received, images), received)
+    assert torch.equal((levels.round().byte().float() / 255), received)  # what a PNG decoder gives back
+    assert ((received - images).abs() <= (sent - images).abs() + 1e-5).all()  # within float error of a level
+    assert (received != sent).float().mean() > 0.5  # most pixels were moved
+    oracle = Oracle(verdict, images, "scores", 4, "l2")
+    shifted = images + 0.4 / 255  # under half a level from the photo: no upload can carry it
+    assert torch.equal(oracle(shifted).margin, oracle(images).margin)
+    assert torch.equal(oracle(sent).margin, oracle(received).margin)
+    oracle_l2 = Oracle(verdict, images, "decisions", 2, "l2")
+    fooling = torch.stack([images[1], images[0]])  # each probe's image is another's face: both fool a dodging check
+    oracle_l2(fooling + 0.001)
+    best, size = oracle_l2.best_so_far()
+    assert torch.equal(best, eight_bit(fooling + 0.001, images))
+    assert torch.allclose(size, (best - images).flatten(1).norm(dim=1))
 
 
 def test_decision_attacks_start_from_another_face_and_shrink(dodging):

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
+from redteam.budgets import eight_bit
 from redteam.engine import EvaluationConfig, load_target
 from redteam.errors import RedteamError
+from redteam.runtime import choose_threads
 
 pytest.importorskip("onnxruntime", reason="--forward onnxruntime needs onnxruntime (pip install onnxruntime)")
 
@@ -25,6 +27,26 @@ def test_embeddings_match_the_torch_module_on_real_faces(name, faces):
         ours, theirs = torch_target.embed(images), onnx_target.embed(images)
     assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
     assert (ours - theirs).abs().max() < 1e-4 * ours.abs().max()  # float32 rounding of two runtimes
+
+
+@pytest.mark.parametrize("name", ["facenet", "arcface"])
+def test_a_face_gets_the_same_bits_alone_or_in_a_batch(name, faces):
+    """What lets a run in-process reproduce one against `redteam serve --forward onnxruntime` (which embeds each
+    upload alone) to the last bit: a face's embedding depends neither on the batch it is in nor on torch's thread
+    count (facenet resizes its crop on torch, whose resizing rounds differently on two threads than on one)."""
+    clean = faces.load(range(0, 160, 10))
+    noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(0))
+    images = eight_bit(clean + 0.03 * (noise - 0.5), clean)  # queries as an attack sends them
+    target = load_target(name, torch.device("cpu"), access="decisions", forward="onnxruntime")
+    try:
+        with torch.no_grad():
+            choose_threads(2)
+            batched = target.embed(images)
+            choose_threads(1)
+            alone = torch.cat([target.embed(image[None]) for image in images])
+    finally:
+        choose_threads(None)
+    assert torch.equal(batched, alone)
 
 
 def test_it_has_no_gradients(faces):

@@ -3,8 +3,11 @@
 A query attack gets an :class:`Oracle`, never the model: with ``scores`` access each answer is whether the system
 was fooled and the threat's margin (what the attacker maximises, from the score the API returns); with
 ``decisions`` access only whether it was fooled. Answers are computed without autograd on detached inputs, so no
-gradient reaches the attack. Each image sent is one query of its probe (a batch of k images of one probe is k), and a
-probe's hard budget can never be exceeded: a query past it raises :class:`QueryBudgetExceeded`.
+gradient reaches the attack. Every image is answered as a deployed system receives it, with 8 bits per channel
+(:func:`~redteam.budgets.eight_bit`), and recorded so: an attack cannot win on a difference no upload can carry, and
+a run against a model held here reproduces one over the wire. Each image sent is one query of its probe (a batch of
+k images of one probe is k), and a probe's hard budget can never be exceeded: a query past it raises
+:class:`QueryBudgetExceeded`.
 
 The oracle also keeps, per probe, the smallest fooling perturbation among everything queried so far and when it
 improved: the attack-independent record from which query curves are drawn (what an attacker holding every answer
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from redteam.budgets import QUERY_CHECKPOINTS, Norm, perturbation_size
+from redteam.budgets import QUERY_CHECKPOINTS, Norm, eight_bit, perturbation_size
 from redteam.threats import Objective
 
 #: Images the model sees at once when an attack sends more (memory, not meaning).
@@ -99,20 +102,21 @@ class Oracle:
         if bool((self._ledger.spent + asked > self.budget).any()):
             most = int((self._ledger.spent + asked).max())
             raise QueryBudgetExceeded(f"{most} queries asked of a budget of {self.budget} per probe")
-        images = images.detach()
         fooled, margin = [], []
-        with torch.no_grad():  # in slices: an attack may send thousands of images at once
+        with torch.no_grad():  # in slices: an attack may send thousands of images at once, too many to copy whole
             for start in range(0, len(images), CALL_SIZE):
                 part = slice(start, start + CALL_SIZE)
-                verdict = self._objective.select(index[part])(images[part])
+                received = eight_bit(images[part].detach(), self._ledger.origins[index[part]])
+                verdict = self._objective.select(index[part])(received)
+                self._record(received, index[part], verdict.success)
                 fooled.append(verdict.success)
                 margin.append(verdict.loss)
-        self._record(images, index, torch.cat(fooled), asked)
         return Answer(torch.cat(fooled), torch.cat(margin) if self.access == "scores" else None)
 
-    def _record(self, images: Tensor, index: Tensor, fooled: Tensor, asked: Tensor) -> None:
-        """Count the ``asked`` queries per probe and keep each probe's smallest fooling perturbation, with the query
-        (in the order sent) that found it. Only fooling images are looked at one by one (this runs per call)."""
+    def _record(self, images: Tensor, index: Tensor, fooled: Tensor) -> None:
+        """Count the queries of ``images`` (the k-th for probe ``index[k]``) and keep each probe's smallest fooling
+        perturbation, with the query (in the order sent) that found it. Only fooling images are looked at one by
+        one (this runs per slice of a call)."""
         ledger = self._ledger
         running, order = ledger.spent.tolist(), []  # each image's query number for its probe, in plain ints
         probes = index.tolist()
@@ -129,7 +133,7 @@ class Oracle:
                 if sizes[j] < float(ledger.best_size[probe]):
                     ledger.best_size[probe], ledger.best[probe] = sizes[j], images[k]
                     ledger.improved[probe].append((order[k], linf[j], l2[j]))
-        ledger.spent += asked
+        ledger.spent += torch.bincount(index, minlength=len(ledger.spent))
 
     def best_so_far(self) -> tuple[Tensor, Tensor]:
         """This view's smallest fooling images ``[N, 3, H, W]`` among everything queried (the origin where none

@@ -30,6 +30,7 @@ from redteam.convert.onnx_forward import OnnxRuntimeForward
 from redteam.errors import RedteamError
 from redteam.registry import Registry
 from redteam.results import QueryLedger
+from redteam.runtime import one_thread
 
 
 def check_target_class(name: str, target_class: Any) -> None:
@@ -314,6 +315,12 @@ class FaceRecognizer(Target):
 
     def preprocess(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` canonical images in ``[0, 1]`` -> the network's input (the card's preprocessing)."""
+        if isinstance(getattr(self, "net", None), OnnxRuntimeForward):
+            # onnxruntime's answers do not depend on the batch or its threads; torch's resizing does depend on its
+            # threads, and on one thread it does not depend on the batch either. So a query answered in a batch
+            # here and one answered alone by a service (`redteam serve --forward onnxruntime`) agree bit for bit.
+            with one_thread():
+                return self.card.preprocessing(images)
         return self.card.preprocessing(images)
 
     @abstractmethod

@@ -19,6 +19,7 @@ from torch import Tensor
 from redteam.api import ATTACKS, Attack, AttackResult, Budget, Objective, Oracle
 from redteam.attacks.apgd import APGD
 from redteam.attacks.square import Square
+from redteam.budgets import eight_bit
 
 #: Names of the ensemble's parts, in the order they run.
 PARTS = ("apgd", "apgd-long", "square")
@@ -78,8 +79,9 @@ class Auto(Attack):
     def _square(
         self, goal: Objective, images: Tensor, budget: Budget, generator: torch.Generator | None
     ) -> tuple[Tensor, Tensor]:
-        """Square on the scores of ``goal`` -> (its images, queries spent per probe)."""
+        """Square on the scores of ``goal`` -> (its images, queries spent per probe). The images are the 8-bit ones
+        the oracle answered, so that what Square found fooling is what is judged."""
         oracle = Oracle(goal, images, "scores", self.queries, budget.norm)
         drawn = generator if generator is not None else torch.Generator(images.device).manual_seed(0)
         result = Square()(oracle, images, budget, drawn)
-        return result.images, oracle.spent
+        return eight_bit(result.images, images), oracle.spent

@@ -20,7 +20,10 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, MinimalQueryAttack, Oracle, QueryResult, bisect_boundary
-from redteam.budgets import Norm, perturbation_size, scaled_to
+from redteam.budgets import Norm, per_sample, perturbation_size, scaled_to
+
+#: Boundary samples drawn and sent at once (memory: each is a full-size image).
+SAMPLES_PER_CALL = 256
 
 
 @ATTACKS.register("hsj", "HopSkipJump (Chen et al. 2020): boundary walk from decisions only (ℓ2, ℓ∞), minimal")
@@ -53,6 +56,9 @@ class HopSkipJump(MinimalQueryAttack):
             # The sampling radius: the reference implementation's 0.1 at first (no previous step to scale by), then
             # the scale times θ times the distance.
             radius = scale * theta * distance if iteration > 1 else torch.full_like(distance, 0.1)
+            # At least one grey level per pixel (root mean square): the oracle answers 8-bit images, and a smaller
+            # sample rounds back onto the boundary point, its vote then saying nothing about the direction.
+            radius = radius.clamp_min(math.sqrt(dimensions) / 255)
             samples = int(min(self.initial_samples * math.sqrt(iteration), self.most_samples))
             direction = self._direction(oracle.narrow(live), boundary[live], radius, samples, generator)
             if self.norm == "linf":
@@ -74,24 +80,30 @@ class HopSkipJump(MinimalQueryAttack):
     def _direction(oracle: Oracle, points: Tensor, radius: Tensor, samples: int, generator: torch.Generator) -> Tensor:
         """Monte Carlo estimate of each boundary point's normal, towards fooling: ``samples`` random unit
         directions (fewer where the budget is short), weighted by the decision minus its mean over the point's
-        samples (the paper's baseline; the decision itself where every sample agrees)."""
+        samples (the paper's baseline; the decision itself where every sample agrees).
+
+        Thousands of full-size samples do not fit in memory at once, so they are drawn and sent
+        :data:`SAMPLES_PER_CALL` at a time, keeping per point three sums: of the votes, of the unit samples sent,
+        and of the samples times their votes; with the baseline ``m``, ``sum((v - m) u) = sum(v u) - m sum(u)``."""
         counts = torch.clamp(oracle.remaining() - 2, min=1, max=samples)
         probes = torch.repeat_interleave(torch.arange(len(points), device=points.device), counts)
-        # In place where it can be: this is the attack's own work per query, over every sampled image.
-        noise = torch.randn((len(probes), *points.shape[1:]), generator=generator, device=points.device)
-        origins = points[probes]
-        perturbed = scaled_to(noise, radius[probes]).add_(origins).clamp_(0, 1)
-        votes = oracle(perturbed, probes).fooled.float() * 2 - 1
-        mean = torch.zeros(len(points), device=points.device).index_add_(0, probes, votes) / counts
+        votes = torch.zeros(len(points), device=points.device)
+        sent, weighted = torch.zeros_like(points), torch.zeros_like(points)
+        for chunk in probes.split(SAMPLES_PER_CALL):
+            # In place where it can be: this is the attack's own work per query, over every sampled image.
+            noise = torch.randn((len(chunk), *points.shape[1:]), generator=generator, device=points.device)
+            origins = points[chunk]
+            perturbed = scaled_to(noise, radius[chunk]).add_(origins).clamp_(0, 1)
+            vote = oracle(perturbed, chunk).fooled.float() * 2 - 1
+            # The unit sample actually sent (clipping to the image range may have shortened it).
+            unit = perturbed.sub_(origins).div_(per_sample(radius[chunk].clamp_min(1e-12), origins))
+            votes.index_add_(0, chunk, vote)
+            sent.index_add_(0, chunk, unit)
+            weighted.index_add_(0, chunk, unit.mul_(per_sample(vote, unit)))
+        mean = votes / counts
         agreed = mean.abs() >= 1  # every sample on one side: no baseline to subtract
-        weights = torch.where(agreed[probes], votes, votes - mean[probes]) / counts[probes]
-        # The unit sample actually sent (clipping to the image range may have shortened it), weighted and summed
-        # per point: one matrix product.
-        sent = perturbed.sub_(origins).flatten(1)
-        spread = torch.zeros(len(points), len(probes), device=points.device)
-        spread[probes, torch.arange(len(probes), device=points.device)] = weights / radius[probes].clamp_min(1e-12)
-        direction = (spread @ sent).view_as(points)
-        return scaled_to(direction)
+        baseline = torch.where(agreed, torch.zeros_like(mean), mean)
+        return scaled_to(weighted.sub_(per_sample(baseline, sent) * sent))
 
     @staticmethod
     def _step(oracle: Oracle, images: Tensor, points: Tensor, direction: Tensor, step: Tensor) -> Tensor:

@@ -38,6 +38,9 @@ def onnx_session(model: bytes | str):
         raise RedteamError("onnxruntime is not installed: pip install onnxruntime") from None
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # its warnings (e.g. about unused initialisers) are not the user's business
+    # Its threads wait for work without spinning, as torch's do (runtime.py): spinning, they held both cores of a
+    # 2-core machine between a service's requests while its client waited for a core to encode the next query.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 

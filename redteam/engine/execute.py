@@ -31,7 +31,7 @@ from redteam.api import (
     final_stages,
     perturbation_size,
 )
-from redteam.budgets import display_eps
+from redteam.budgets import display_eps, eight_bit
 from redteam.datasets import FaceDataset, open_dataset
 from redteam.engine.assembly import (
     DECISION_START_EPS,
@@ -159,7 +159,8 @@ class Executor:
                 found = attack(oracle, images, budget, generator, start=start)
             else:
                 found = attack(oracle, images, budget, generator)
-            return Crafted(images, found.images, oracle.spent, verdict, oracle)
+            # What the system received (the oracle's 8 bits), not the attack's own floats: that is what is judged.
+            return Crafted(images, eight_bit(found.images, images), oracle.spent, verdict, oracle)
         assert isinstance(attack, Attack)
         adversarial, steps, parts = self._through_surrogates(attack, crafting, verdict, images, budget, generator)
         return Crafted(images, adversarial, steps, verdict, parts=parts)
@@ -364,10 +365,11 @@ class Executor:
             tried = [self._candidate(candidates[k][attempt]) if attempt < len(candidates[k])
                      else torch.full_like(images[k], 0.5).cpu()  # no face at all
                      for k in trying]  # fmt: skip
-            answer = oracle(torch.stack(tried).to(self.device), trying)
+            sent = eight_bit(torch.stack(tried).to(self.device), images[trying])  # as the oracle answers it
+            answer = oracle(sent, trying)
             for position, k in enumerate(trying):
                 if bool(answer.fooled[position]):
-                    starts[k], found[k] = tried[position].to(self.device), True
+                    starts[k], found[k] = sent[position], True
         return starts
 
     def _candidate(self, candidate: int | Tensor) -> Tensor:

@@ -246,7 +246,8 @@ class RemoteRecognizer(FaceRecognizer):
     def _encoded(self, pixels: np.ndarray) -> bytes:
         """Pixels in the spec's encoding (JPEG at its quality)."""
         buffer = io.BytesIO()
-        options = {"quality": self.spec.quality} if self.spec.encoding == "jpeg" else {}
+        # PNG at zlib's fastest level: lossless all the same, and 2-3x faster on lightly perturbed faces.
+        options = {"quality": self.spec.quality} if self.spec.encoding == "jpeg" else {"compress_level": 1}
         Image.fromarray(pixels).save(buffer, format=self.spec.encoding.upper(), **options)
         return buffer.getvalue()
 
