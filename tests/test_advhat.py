@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from redteam.align import CANONICAL_LANDMARKS
-from redteam.attacks.advhat import ASPECT, AdvHat, footprint, forehead_pose, photograph, render, sticker_grid, wear
+from redteam.attacks.accessory import Surface, photograph, placed_pose, render, surface_grid, wear
+from redteam.attacks.advhat import ASPECT, AdvHat, footprint
 
 WEARER = "Bill_Gates"  # 10 photos: 1 enrolment, 2 optimised on, 7 held out
 QUICK = ("--steps", "16", "--option", "draws=2", "--option", "train_photos=2")
@@ -40,10 +41,10 @@ def test_image_formation_is_differentiable():
     faces = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 0.6 + 0.2
     sticker = torch.rand(1, 3, 4, 9, dtype=torch.float64, requires_grad=True)
     eyes = torch.tensor([[[5.0, 11.0], [11.0, 10.0]], [[5.5, 11.5], [10.5, 11.5]]], dtype=torch.float64)
-    pose = forehead_pose(eyes, 1.5, bend=1.17, pitch=math.radians(17), gap=0.6)
-    assert torch.autograd.gradcheck(lambda s: wear(faces, s, pose, 5.0), (sticker,))
+    pose, surface = placed_pose(eyes, 1.5, 0.6, bend=1.17, pitch=math.radians(17)), Surface(ASPECT, 5.0)
+    assert torch.autograd.gradcheck(lambda s: wear(faces, s, pose, surface), (sticker,))
     assert torch.autograd.gradcheck(
-        lambda s: photograph(faces, s, pose, 5.0, 1.0, torch.Generator().manual_seed(0)), (sticker,)
+        lambda s: photograph(faces, s, pose, surface, 1.0, torch.Generator().manual_seed(0)), (sticker,)
     )
 
 
@@ -54,9 +55,10 @@ def test_the_sticker_sits_on_the_forehead_with_the_asked_area():
     campaign = AdvHat()
     eyes = CANONICAL_LANDMARKS[None, :2]
     for area in (0.02, 0.06):
-        pose = campaign._pose(eyes, campaign.width_for(area))
+        surface, width = campaign.surface(area)
+        pose = campaign.nominal_pose(CANONICAL_LANDMARKS[None], width, surface)
         size = 250
-        _, coverage = render(torch.ones(1, 3, 40, 90), sticker_grid(pose, size, campaign.camera_distance))
+        _, coverage = render(torch.ones(1, 3, 40, 90), surface_grid(pose, size, surface))
         assert coverage.mean().item() == pytest.approx(area, rel=0.03)
         rows, columns = torch.nonzero(coverage[0, 0] > 0.5, as_tuple=True)
         assert rows.max() < eyes[0, :, 1].min() - 0.4 * 41.2  # above the eyebrows
@@ -65,8 +67,8 @@ def test_the_sticker_sits_on_the_forehead_with_the_asked_area():
 
 def test_grid_interpolation_stays_close_to_the_exact_map():
     eyes = CANONICAL_LANDMARKS[None, :2] + torch.randn(4, 2, 2, generator=torch.Generator().manual_seed(0)) * 3
-    pose = forehead_pose(eyes, 2.5, bend=1.17, pitch=math.radians(17), gap=0.6)
-    exact, interpolated = sticker_grid(pose, 250, 5.0, stride=1), sticker_grid(pose, 250, 5.0)
+    pose, surface = placed_pose(eyes, 2.5, 0.6, bend=1.17, pitch=math.radians(17)), Surface(ASPECT, 5.0)
+    exact, interpolated = surface_grid(pose, 250, surface, stride=1), surface_grid(pose, 250, surface)
     inside = (exact.abs() <= 1).all(-1)
     assert inside.any()
     assert (exact - interpolated)[inside].abs().max() < 0.01  # in [-1, 1] units: < 0.5 sticker pixel at 100 px
@@ -88,7 +90,7 @@ def test_short_run_beats_random_noise_and_writes_sticker_faces_curve_and_transfe
 
     sticker = Image.open(tmp_path / "advhat-sticker.png")
     assert sticker.size == (900, 400)
-    width_mm = AdvHat().printed_size_mm(AdvHat().width_for(0.06))[0]
+    width_mm = AdvHat().printed_size_mm(0.06)[0]
     assert sticker.info["dpi"][0] == pytest.approx(900 * 25.4 / width_mm, rel=0.01)
     assert (tmp_path / "advhat-faces.png").stat().st_size > 50_000
     curve = pd.read_csv(tmp_path / "curve.csv")

@@ -1,0 +1,420 @@
+"""Adversarial face masks (Zolfi et al. 2022, AdvMask): a printed texture on a mask over the nose, mouth and chin.
+
+The mask is a cut-out in the print's coordinates: its top edge arches over the nose, its bottom rounds under the
+chin, its sides reach the cheeks. The print bends around the lower face (a parabolic cylinder, so it turns away
+from the camera towards the cheeks) and is placed from five landmarks: square to the eye line and scaled by the
+eyes' distance, centred ``drop`` below the middle of the nose and mouth corners. Image formation, shooting
+conditions and optimisation are the printable accessories' own (:mod:`redteam.attacks.accessory`).
+
+Two variants:
+
+- with ``--identity``, a mask for one wearer, for dodging and impersonation, judged on their held-out photos like
+  the other accessories;
+- without it, one universal mask for everyone, as in the paper: the identities are halved by the seed, the mask is
+  learned on photos of the first half and judged on photos of people it never saw, for verification (each photo
+  against its owner's enrolment photo) and identification (rank-1 over a gallery of one enrolment photo per
+  person), beside the same photos without a mask, with a plain surgical-blue mask and with a random texture, and on
+  every other recogniser in the zoo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from redteam.api import ATTACKS, Axis, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
+from redteam.attacks.accessory import (
+    Accessory,
+    Photos,
+    Surface,
+    SurfacePose,
+    coverage_of,
+    decided_right,
+    placed_pose,
+    rise,
+    solve_area,
+    wear,
+)
+from redteam.errors import DataError, RedteamError
+from redteam.results import SYSTEM_STAGES
+from redteam.runtime import chunks
+from redteam.threats import IdentificationObjective, VerificationObjective
+
+#: Height / width of the print.
+ASPECT = 0.6
+#: How far the top edge dips from the nose to the cheeks, and the bottom edge rises from the chin to the cheeks,
+#: in print heights.
+TOP_DIP, CHIN_ROUNDING = 0.3, 0.3
+#: Width over which an edge fades, in inter-ocular distances (about one canonical face pixel).
+EDGE = 0.025
+#: A mask of common size covers this share of a canonical face image: 2.8 inter-ocular distances wide, 17.6 cm
+#: flat for eyes 63 mm apart, as a surgical mask is 17.5 cm (``tests/test_accessories.py`` re-measures it).
+STANDARD_AREA = 0.088
+#: Print widths the area axis can reach, in inter-ocular distances.
+WIDTHS = (0.5, 3.2)
+#: Held-out wearers a universal mask is judged on when ``--limit`` is not given.
+DEFAULT_WEARERS = 100
+#: The conditions every universal mask is judged under, in order.
+CONDITIONS = ("clean", "random", "plain", "mask")
+
+
+def mask_outline(grid: Tensor, width: float) -> Tensor:
+    """Coverage of the mask on a print ``width`` inter-ocular distances wide.
+
+    Args:
+        grid: ``[..., 2]`` print coordinates in ``[-1, 1]`` (``grid_sample``'s).
+    Returns:
+        ``[...]`` in ``[0, 1]``.
+    """
+    half_width, half_height = width / 2, width * ASPECT / 2
+    x, y = grid[..., 0] * half_width, grid[..., 1] * half_height  # inter-ocular distances, y down
+    sideways = grid[..., 0].square()
+    top = -half_height + TOP_DIP * 2 * half_height * sideways
+    bottom = half_height - CHIN_ROUNDING * 2 * half_height * sideways
+    inside = torch.stack([y - top, bottom - y, half_width - x.abs()]).amin(0)
+    return (0.5 + inside / EDGE).clamp(0, 1)
+
+
+@dataclass
+class Wearers:
+    """Photos with landmarks (``photos``), each photo's person as a row of the gallery (``label``, ``[N]``)."""
+
+    photos: Photos
+    label: Tensor
+
+
+@dataclass
+class Universal:
+    """A universal mask of one size judged on the held-out wearers under the conditions after ``clean``:
+    ``similarity`` to their own enrolment and ``identified`` (rank-1 right), each ``[3, N]``; ``stages``: where a face
+    system stopped each photo (``SYSTEM_STAGES``; empty for a single recogniser); ``covered``: share of their face
+    images it covers."""
+
+    area: float
+    width: float
+    texture: Tensor
+    similarity: Tensor
+    identified: Tensor
+    stages: list[list[str]]
+    covered: float
+    steps: int
+
+
+@ATTACKS.register("mask", "adversarial face mask (Zolfi et al. 2022): universal, or for one wearer with --identity")
+@dataclass
+class Mask(Accessory):
+    """:class:`~redteam.attacks.accessory.Accessory`'s settings, and ``drop``: inter-ocular distances from the
+    middle of the nose and mouth corners down to the mask's centre. A universal mask (no ``--identity``) also
+    takes ``learn_photos`` (photos of the learning half, spread over its people) and ``per_step`` (photos per
+    step); ``--limit`` caps the held-out wearers (default :data:`DEFAULT_WEARERS`)."""
+
+    name = "mask"
+    noun = "mask"
+    plain_colour = (0.45, 0.66, 0.82)  # surgical blue
+    axes = {
+        "area": Axis("area", "fraction of the face image", "mask area", (0.0, STANDARD_AREA), high=0.15),
+    }
+    threats = ("dodging", "impersonation", "identification")
+    needs_identity = False
+
+    steps: int = 150
+    bend: float = 1.1
+    drop: float = 0.08
+    learn_photos: int = 64
+    per_step: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.learn_photos, self.per_step) < 1:
+            raise ValueError("learn_photos and per_step must be at least 1")
+        self._widths: dict[float, float] = {}  # area -> print width (solving takes 30 renders)
+
+    def surface(self, area: float) -> tuple[Surface, float]:
+        if area not in self._widths:
+            self._widths[area] = solve_area(
+                lambda width: self.canonical_coverage(self._mask(width), width), area, WIDTHS
+            )
+        width = self._widths[area]
+        return self._mask(width), width
+
+    def nominal_pose(self, landmarks: Tensor, width: float, surface: Surface) -> SurfacePose:
+        pitch = math.radians(self.pitch)
+        lift = -(rise(surface, torch.tensor(pitch)).item() * width + self.drop)  # the centre, not the bottom edge
+        return placed_pose(landmarks[:, :2], width, lift, self.bend, pitch, origin=landmarks[:, 2:].mean(1))
+
+    def _mask(self, width: float) -> Surface:
+        return Surface(ASPECT, self.camera_distance, partial(mask_outline, width=width))
+
+    def run(self, context: CampaignContext) -> CampaignReport:
+        if context.identity is not None:
+            if context.threat == "identification":
+                raise RedteamError(
+                    "a mask for one wearer (--identity) supports --threat dodging or impersonation; without "
+                    "--identity a universal mask is judged on identification too."
+                )
+            return super().run(context)
+        if context.threat == "impersonation":
+            raise RedteamError(
+                "a universal mask (no --identity) supports --threat dodging or identification; pass --identity for "
+                "a mask that impersonates someone."
+            )
+        return self._universal(context)
+
+    # The universal mask.
+
+    def _universal(self, context: CampaignContext) -> CampaignReport:
+        target = context.target
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
+        gallery_photos, learning, held, split = self.split_people(context)
+        detector = context.load_target("mtcnn")
+        assert isinstance(detector, FaceDetector)
+        learn = Wearers(self._photos(context, detector, learning[0]), torch.tensor(learning[1], device=context.device))
+        judged = Wearers(self._photos(context, detector, held[0]), torch.tensor(held[1], device=context.device))
+        gallery = self._embed(context, target, gallery_photos, "the gallery")
+        outcomes = [
+            Universal(
+                **context.stage(
+                    f"area {area:g}", partial(self._stored_universal, context, gallery, learn, judged, area)
+                )
+            )
+            for area in context.budgets[1:]
+        ]
+        clean = self._judge(context, target, gallery, judged, None)
+        final = outcomes[-1]
+        identification = context.threat == "identification"
+
+        similarity = torch.cat([clean[0][None], final.similarity])  # [conditions, N]
+        identified = torch.cat([clean[1][None], final.identified])
+        verified_share = decided_right(similarity, target.threshold, impersonate=False).float().mean(-1).tolist()
+        identified_share = identified.float().mean(-1).tolist()
+        metrics = {
+            "area": final.area,
+            "covered": final.covered,
+            "threshold": target.threshold,
+            **{f"{c}_verified": v for c, v in zip(CONDITIONS, verified_share)},
+            **{f"{c}_identified": v for c, v in zip(CONDITIONS, identified_share)},
+            **{f"{c}_similarity": s.mean().item() for c, s in zip(CONDITIONS, similarity)},
+            "learning_people": split[0],
+            "judged_people": split[1],
+            "gallery": len(gallery_photos),
+            "learn_photos": len(learning[0]),
+            "judged_photos": len(held[0]),
+        }
+        rows = []
+        for outcome in [None, *outcomes]:
+            worn_similarity = clean[0] if outcome is None else outcome.similarity[-1]
+            worn_identified = clean[1] if outcome is None else outcome.identified[-1]
+            worn_verified = decided_right(worn_similarity, target.threshold, impersonate=False)
+            rows.append({
+                "area": 0.0 if outcome is None else outcome.area,
+                "covered": 0.0 if outcome is None else outcome.covered,
+                "verified": worn_verified.float().mean().item(),
+                "identified": worn_identified.float().mean().item(),
+                "accuracy": (worn_identified if identification else worn_verified).float().mean().item(),
+                "steps": 0 if outcome is None else outcome.steps,
+                **(self.sizes(outcome.area) if outcome else {}),
+            })  # fmt: skip
+        areas_table = pd.DataFrame(rows)
+        names = judged.photos.names
+        people = [context.dataset.records[i].identity for i in held[0]]
+        per_photo = pd.DataFrame({"person": people, "photo": names})
+        for k, condition in enumerate(CONDITIONS):
+            per_photo[condition] = similarity[k].tolist()
+            per_photo[f"{condition}_identified"] = identified[k].tolist()
+        system_lines = []
+        if clean[2]:  # a face system: where it stopped each photo
+            per_photo["stage"] = final.stages[-1]
+            for condition, found in zip(CONDITIONS, [clean[2], *final.stages]):
+                metrics[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
+            tally = {
+                condition: ", ".join(f"{stage} {found.count(stage)}" for stage in SYSTEM_STAGES)
+                for condition, found in (("mask", final.stages[-1]), ("clean", clean[2]))
+            }
+            system_lines.append(
+                f"where {context.target_name} stopped the held-out wearers with the adversarial mask: {tally['mask']} "
+                f"(without it: {tally['clean']}); a face no longer found is detector evasion, not dodging"
+            )
+        transfer, skipped = self._universal_transfer(context, gallery_photos, judged, final)
+        width_mm, height_mm = self.printed_size_mm(final.area)
+        measure = "identified (rank-1)" if identification else "verified"
+        share = "identified" if identification else "verified"
+        lines = [
+            f"one mask learned on {len(learning[0])} photos of {split[0]} people, worn in {len(names)} photos of "
+            f"{split[1]} others it never saw: {measure} {metrics['clean_' + share]:.1%} without a mask, "
+            f"{metrics['plain_' + share]:.1%} with a plain one, {metrics['random_' + share]:.1%} with a random "
+            f"texture, {metrics['mask_' + share]:.1%} with the adversarial one",
+            f"verified against their own enrolment photo (threshold {target.threshold:.4f}): "
+            + ", ".join(f"{c} {v:.1%}" for c, v in zip(CONDITIONS, verified_share))
+            + f"; identified (rank-1 over {len(gallery_photos)} people): "
+            + ", ".join(f"{c} {v:.1%}" for c, v in zip(CONDITIONS, identified_share)),
+            f"mask: {width_mm / 10:.1f} x {height_mm / 10:.1f} cm printed, for a face with {self.eye_distance_mm:g} mm "
+            f"between the eye centres (mask-mask.png, {self.print_width * 25.4 / width_mm:.0f} dpi); it covers "
+            f"{final.covered:.1%} of the face image; {final.steps} steps of {self.per_step} photos x {self.draws} "
+            "shooting conditions",
+            *system_lines,
+            *skipped,
+        ]
+        return CampaignReport(
+            metrics=metrics,
+            tables={"transfer": transfer, "held_out": per_photo, "areas": areas_table},
+            curve=areas_table[["area", "accuracy"]].rename(columns={"area": "eps"}).assign(n=len(names)),
+            images=[
+                self._save_print(context.out, final.texture, final.area),
+                self._universal_faces(context, target, judged, final, clean[0]),
+            ],
+            lines=lines,
+        )
+
+    def split_people(
+        self, context: CampaignContext
+    ) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]], tuple[int, int]]:
+        """The gallery (one enrolment photo per person with two or more photos, in name order), then the learning
+        and judged photos with their gallery rows (people halved by the seed; photos taken in turns across people,
+        so a prefix spreads over many), then how many people each set of photos shows."""
+        dataset = context.dataset
+        people = sorted(name for name, photos in dataset.by_identity.items() if len(photos) >= 2)
+        if len(people) < 4:
+            raise DataError(
+                f"a universal mask needs at least 4 people with two or more photos (two to learn on, two to judge "
+                f"on); {dataset.name} has {len(people)}."
+            )
+        photos = {
+            name: context.shuffled(sorted(dataset.by_identity[name]), "mask", context.seed, name) for name in people
+        }
+        row = {name: k for k, name in enumerate(people)}
+        order = context.shuffled(people, "mask-split", context.seed)
+        halves = (order[: len(order) // 2], order[len(order) // 2 :])
+
+        def in_turns(names: list[str], cap: int) -> tuple[list[int], list[int]]:
+            taken: list[tuple[int, int]] = []
+            for turn in range(max(len(photos[n]) for n in names) - 1):
+                taken += [(photos[n][1 + turn], row[n]) for n in names if turn + 1 < len(photos[n])]
+            taken = taken[:cap]
+            return [index for index, _ in taken], [label for _, label in taken]
+
+        learning = in_turns(halves[0], self.learn_photos)
+        judged = in_turns(halves[1], context.limit or DEFAULT_WEARERS)
+        return [photos[name][0] for name in people], learning, judged, (len(set(learning[1])), len(set(judged[1])))
+
+    def _embed(self, context: CampaignContext, model: FaceRecognizer, indices: list[int], what: str) -> Tensor:
+        """Embeddings ``[N, D]`` of these dataset photos by ``model``."""
+        advance = context.progress(f"mask: embedding {what} ({model.card.name})", len(indices))
+        embeddings = []
+        with torch.no_grad():
+            for batch in chunks(indices, context.batch_size):
+                embeddings.append(model.embed(context.load(batch)))
+                advance(len(batch))
+        return torch.cat(embeddings)
+
+    def _stored_universal(
+        self, context: CampaignContext, gallery: Tensor, learn: Wearers, judged: Wearers, area: float
+    ) -> dict:
+        """A universal mask covering ``area`` learned on ``learn``, judged on ``judged``, as plain data (a stage)."""
+        target = context.target
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
+        if context.threat == "identification":
+
+            def goal(index: Tensor) -> IdentificationObjective:
+                return IdentificationObjective(target.embed, target.similarity_matrix, gallery, learn.label[index])
+        else:
+
+            def goal(index: Tensor) -> VerificationObjective:  # type: ignore[misc]
+                reference = gallery[learn.label[index]]
+                return VerificationObjective(target.embed, target.similarity, target.threshold, False, reference)
+
+        texture, steps = self._optimise(context, learn.photos, goal, area, per_step=self.per_step)
+        surface, width = self.surface(area)
+        textures = self._baselines(context, texture, area)
+        judgements = [self._judge(context, target, gallery, judged, (t, area)) for t in textures]
+        pose = self.nominal_pose(judged.photos.landmarks, width, surface)
+        with torch.no_grad():
+            coverage = coverage_of(texture, pose, judged.photos.images.shape[-1], surface)
+        return asdict(
+            Universal(
+                area=area,
+                width=width,
+                texture=texture,
+                similarity=torch.stack([similarity for similarity, _, _ in judgements]),
+                identified=torch.stack([identified for _, identified, _ in judgements]),
+                stages=[stages for _, _, stages in judgements],
+                covered=coverage.mean().item(),
+                steps=steps,
+            )
+        )
+
+    def _baselines(self, context: CampaignContext, texture: Tensor, area: float) -> list[Tensor]:
+        """A random and a plain texture of ``texture``'s shape, then ``texture``: the conditions after ``clean``."""
+        noise = torch.rand(texture.shape, generator=context.generator("mask-noise", area), device=context.device)
+        plain = torch.tensor(self.plain_colour, device=context.device).view(1, 3, 1, 1).expand_as(texture)
+        return [noise, plain, texture]
+
+    def _worn(self, photos: Photos, texture: Tensor, area: float) -> Tensor:
+        surface, width = self.surface(area)
+        with torch.no_grad():
+            return wear(photos.images, texture, self.nominal_pose(photos.landmarks, width, surface), surface)
+
+    def _judge(
+        self,
+        context: CampaignContext,
+        model: FaceRecognizer,
+        gallery: Tensor,
+        judged: Wearers,
+        worn: tuple[Tensor, float] | None,
+    ) -> tuple[Tensor, Tensor, list[str]]:
+        """``judged``'s photos (wearing ``worn``'s texture at its area, or nothing) by ``model``: similarity to
+        their own enrolment ``[N]``, rank-1 right over ``gallery`` (``model``'s embeddings) ``[N]``, and where a face
+        system stopped each (``SYSTEM_STAGES``; empty for a single recogniser)."""
+        similarity, identified, stages = [], [], []
+        for index in chunks(list(range(len(judged.label))), context.batch_size):
+            part = Photos(judged.photos.images[index], judged.photos.landmarks[index], [])
+            images = part.images if worn is None else self._worn(part, *worn)
+            with torch.no_grad():
+                embedding = model.embed(images)
+                label = judged.label[index]
+                similarity.append(model.similarity(embedding, gallery[label]))
+                identified.append(model.similarity_matrix(embedding, gallery).argmax(1) == label)
+                stages += model.verdicts(images, similarity[-1], model.threshold) or []
+        return torch.cat(similarity), torch.cat(identified), stages
+
+    def _universal_transfer(
+        self, context: CampaignContext, gallery_photos: list[int], judged: Wearers, final: Universal
+    ) -> tuple[pd.DataFrame, list[str]]:
+        """The final mask and its baselines judged by every recogniser in the zoo, with its own gallery."""
+        models, skipped = context.recognizers()
+        textures = [None, *((t, final.area) for t in self._baselines(context, final.texture, final.area))]
+        rows = []
+        for name, model in models:
+            gallery = self._embed(context, model, gallery_photos, "the gallery")
+            row: dict[str, object] = {"target": name, "threshold": model.threshold}
+            for condition, worn in zip(CONDITIONS, textures):
+                similarity, identified, _ = self._judge(context, model, gallery, judged, worn)
+                right = decided_right(similarity, model.threshold, impersonate=False)
+                row[f"{condition}_verified"] = right.float().mean().item()
+                row[f"{condition}_identified"] = identified.float().mean().item()
+            rows.append(row)
+        return pd.DataFrame(rows), skipped
+
+    def _universal_faces(
+        self, context: CampaignContext, model: FaceRecognizer, judged: Wearers, final: Universal, clean: Tensor
+    ) -> Path:
+        """Held-out wearers (different people) without a mask, with a random, a plain and the adversarial one."""
+        shown = min(len(judged.label), 6)
+        part = Photos(judged.photos.images[:shown], judged.photos.landmarks[:shown], [])
+        textures = self._baselines(context, final.texture, final.area)
+        labels = ("random mask", "plain mask", "adversarial mask")
+        rows = [("no mask", part.images, clean[:shown])] + [
+            (label, self._worn(part, texture, final.area), similarity[:shown])
+            for label, texture, similarity in zip(labels, textures, final.similarity)
+        ]
+        title = f"people the mask never saw: similarity to their enrolment photo (threshold {model.threshold:.3f})"
+        marked = [
+            (label, faces, similarity, ~decided_right(similarity, model.threshold, impersonate=False))
+            for label, faces, similarity in rows
+        ]
+        return self._faces_figure(context.out / "mask-faces.png", marked, title)
