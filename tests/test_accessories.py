@@ -108,7 +108,7 @@ def test_glasses_beat_random_and_plain_frames_and_print_as_a_cut_out(people, cli
     frames = Image.open(tmp_path / "glasses-frames.png")
     assert frames.mode == "RGBA" and frames.size == (900, 405)
     assert frames.info["dpi"][0] == pytest.approx(900 * 25.4 / Glasses().printed_size_mm(0.02)[0], rel=0.01)
-    alpha = torch.from_numpy(np.asarray(frames.getchannel("A")))
+    alpha = torch.tensor(np.asarray(frames.getchannel("A")))
     lens = alpha[202, round(900 * (1 / 2 - 0.5 / 2.2))]  # the left lens' centre, half an eye distance from the middle
     assert lens == 0 and alpha.float().mean() / 255 == pytest.approx(0.3, abs=0.15)
 

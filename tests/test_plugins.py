@@ -83,7 +83,10 @@ def toy_package(tmp_path_factory) -> Path:
     """The README's plugin package (its files and entry points, plus :data:`EXTRAS`) installed into a folder for
     PYTHONPATH, as ``pip install`` leaves a package: its modules and its ``*.dist-info``."""
     blocks = extending_blocks()
-    assert sorted(blocks) == ["my_plugins/attack.py", "my_plugins/defense.py", "my_plugins/target.py", "pyproject.toml"]
+    assert sorted(blocks) == [
+        "my_plugins/accessory.py", "my_plugins/attack.py", "my_plugins/defense.py", "my_plugins/target.py",
+        "pyproject.toml",
+    ]  # fmt: skip
     root = tmp_path_factory.mktemp("site")
     (root / "my_plugins").mkdir()
     (root / "my_plugins" / "__init__.py").write_text("")
@@ -108,7 +111,7 @@ def redteam(site: Path, *args: object) -> subprocess.CompletedProcess:
 def test_plugins_are_listed(toy_package):
     done = redteam(toy_package, "list")
     assert done.returncode == 0, done.stderr
-    for name in ("thumbnail", "thumbnail-api", "fgsm", "random-corners", "box-blur"):
+    for name in ("thumbnail", "thumbnail-api", "fgsm", "random-corners", "box-blur", "cheek-sticker"):
         assert name in done.stdout
 
 
@@ -125,6 +128,20 @@ def test_plugin_target_attack_and_defense_run_on_real_faces(toy_package, small_f
     assert adaptive[0] > 0.5 and adaptive[16] < adaptive[0]  # the thumbnails match, and one step breaks some
     summary = json.loads((out / "run.json").read_text())["evaluations"][0]
     assert summary["threshold"] == 0.3 and summary["config"]["target"] == "thumbnail"
+
+
+def test_a_plugin_accessory_is_optimised_judged_and_printed_like_the_built_in_ones(toy_package, small_faces, tmp_path):
+    out = tmp_path / "cheek"
+    done = redteam(
+        toy_package, "run", "--target", "arcface", "--attack", "cheek-sticker", "--data", small_faces.root,
+        "--steps", 2, "--option", "draws=1", "--option", "train_photos=1", "--out", out,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    assert metrics["covered"] == pytest.approx(0.02, rel=0.1) and metrics["train_photos"] == 1
+    assert {"clean_similarity", "random_similarity", "plain_similarity", "sticker_similarity"} <= set(metrics)
+    assert (out / "cheek-sticker-sticker.png").is_file() and (out / "cheek-sticker-faces.png").is_file()
+    assert "arcface" in set(pd.read_csv(out / "transfer.csv")["target"])
 
 
 def test_decision_only_target_refuses_gradient_attacks_before_any_work(toy_package, small_faces, tmp_path):

@@ -474,7 +474,6 @@ class Accessory(Campaign):
                 f"where {context.target_name} stopped the held-out photos wearing the {noun}: {tally[noun]} "
                 f"(without it: {tally['clean']})"
             )
-        width_mm, height_mm = self.printed_size_mm(final.area)
         enrolled_as = f"{victim[0]}'s enrolment photo" if victim else "their enrolment photo"
         lines = [
             f"held-out photos of {context.identity} against {enrolled_as}: mean similarity {clean.mean():.3f} with "
@@ -482,10 +481,8 @@ class Accessory(Campaign):
             f"with a plain one, {final.similarity.mean():.3f} with the adversarial one (threshold "
             f"{target.threshold:.4f}); {int(per_photo['fooled'].sum())} of {len(held.names)} photos now cross it "
             f"({int((~right(clean)).sum())} without the {noun})",
-            f"{noun}: {width_mm / 10:.1f} x {height_mm / 10:.1f} cm printed, for a face with {self.eye_distance_mm:g} "
-            f"mm between the eye centres ({self.name}-{noun}.png, {self.print_width * 25.4 / width_mm:.0f} dpi); it "
-            f"covers {final.covered:.1%} of the face image; optimised on {len(trained_on.names)} photos x "
-            f"{self.draws} shooting conditions for {final.steps} steps",
+            f"{self.print_line(final.area)}; it covers {final.covered:.1%} of the face image; optimised on "
+            f"{len(trained_on.names)} photos x {self.draws} shooting conditions for {final.steps} steps",
             *system_lines,
             *skipped,
         ]
@@ -510,6 +507,15 @@ class Accessory(Campaign):
         pose = self.nominal_pose(CANONICAL_LANDMARKS[None], width, surface)
         texture = blank_texture(surface, width, CANONICAL_SIZE)
         return coverage_of(texture, pose, CANONICAL_SIZE, surface).mean().item()
+
+    def print_line(self, area: float) -> str:
+        """The printed accessory covering ``area``, in words: its size, the file and its dpi."""
+        width_mm, height_mm = self.printed_size_mm(area)
+        return (
+            f"{self.noun}: {width_mm / 10:.1f} x {height_mm / 10:.1f} cm printed, for a face with "
+            f"{self.eye_distance_mm:g} mm between the eye centres ({self.name}-{self.noun}.png, "
+            f"{self.print_width * 25.4 / width_mm:.0f} dpi)"
+        )
 
     def sizes(self, area: float) -> dict[str, float]:
         """The printed accessory covering ``area``, in mm, for the areas table (an accessory may add its parts')."""
@@ -647,9 +653,7 @@ class Accessory(Campaign):
             ),
             area,
         )
-        generator = context.generator(f"{self.name}-noise", area)
-        noise = torch.rand(texture.shape, generator=generator, device=context.device)
-        plain = torch.tensor(self.plain_colour, device=context.device).view(1, 3, 1, 1).expand_as(texture)
+        noise, plain, _ = self.baselines(context, texture, area)
         pose = self.nominal_pose(held.landmarks, width, surface)
         with torch.no_grad():
             worn, noisy, plain_worn = (wear(held.images, t, pose, surface) for t in (texture, noise, plain))
@@ -667,6 +671,14 @@ class Accessory(Campaign):
             covered=coverage.mean().item(),
             steps=steps,
         )
+
+    def baselines(self, context: CampaignContext, texture: Tensor, area: float) -> list[Tensor]:
+        """A random and a plain texture of ``texture``'s shape (the baselines at ``area``), then ``texture``."""
+        noise = torch.rand(
+            texture.shape, generator=context.generator(f"{self.name}-noise", area), device=context.device
+        )
+        plain = torch.tensor(self.plain_colour, device=context.device).view(1, 3, 1, 1).expand_as(texture)
+        return [noise, plain, texture]
 
     def _shooting(self, context: CampaignContext, held: Photos, final: Outcome, reference: Tensor) -> float:
         """Mean similarity of the held-out photos wearing the print under ``draws`` random shooting conditions."""

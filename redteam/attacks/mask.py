@@ -126,7 +126,7 @@ class Mask(Accessory):
     steps: int = 150
     bend: float = 1.1
     drop: float = 0.08
-    learn_photos: int = 64
+    learn_photos: int = 256
     per_step: int = 8
 
     def __post_init__(self) -> None:
@@ -241,7 +241,6 @@ class Mask(Accessory):
                 f"(without it: {tally['clean']}); a face no longer found is detector evasion, not dodging"
             )
         transfer, skipped = self._universal_transfer(context, gallery_photos, judged, final)
-        width_mm, height_mm = self.printed_size_mm(final.area)
         measure = "identified (rank-1)" if identification else "verified"
         share = "identified" if identification else "verified"
         lines = [
@@ -253,10 +252,8 @@ class Mask(Accessory):
             + ", ".join(f"{c} {v:.1%}" for c, v in zip(CONDITIONS, verified_share))
             + f"; identified (rank-1 over {len(gallery_photos)} people): "
             + ", ".join(f"{c} {v:.1%}" for c, v in zip(CONDITIONS, identified_share)),
-            f"mask: {width_mm / 10:.1f} x {height_mm / 10:.1f} cm printed, for a face with {self.eye_distance_mm:g} mm "
-            f"between the eye centres (mask-mask.png, {self.print_width * 25.4 / width_mm:.0f} dpi); it covers "
-            f"{final.covered:.1%} of the face image; {final.steps} steps of {self.per_step} photos x {self.draws} "
-            "shooting conditions",
+            f"{self.print_line(final.area)}; it covers {final.covered:.1%} of the face image; {final.steps} steps of "
+            f"{self.per_step} photos x {self.draws} shooting conditions",
             *system_lines,
             *skipped,
         ]
@@ -330,7 +327,7 @@ class Mask(Accessory):
 
         texture, steps = self._optimise(context, learn.photos, goal, area, per_step=self.per_step)
         surface, width = self.surface(area)
-        textures = self._baselines(context, texture, area)
+        textures = self.baselines(context, texture, area)
         judgements = [self._judge(context, target, gallery, judged, (t, area)) for t in textures]
         pose = self.nominal_pose(judged.photos.landmarks, width, surface)
         with torch.no_grad():
@@ -347,12 +344,6 @@ class Mask(Accessory):
                 steps=steps,
             )
         )
-
-    def _baselines(self, context: CampaignContext, texture: Tensor, area: float) -> list[Tensor]:
-        """A random and a plain texture of ``texture``'s shape, then ``texture``: the conditions after ``clean``."""
-        noise = torch.rand(texture.shape, generator=context.generator("mask-noise", area), device=context.device)
-        plain = torch.tensor(self.plain_colour, device=context.device).view(1, 3, 1, 1).expand_as(texture)
-        return [noise, plain, texture]
 
     def _worn(self, photos: Photos, texture: Tensor, area: float) -> Tensor:
         surface, width = self.surface(area)
@@ -387,7 +378,7 @@ class Mask(Accessory):
     ) -> tuple[pd.DataFrame, list[str]]:
         """The final mask and its baselines judged by every recogniser in the zoo, with its own gallery."""
         models, skipped = context.recognizers()
-        textures = [None, *((t, final.area) for t in self._baselines(context, final.texture, final.area))]
+        textures = [None, *((t, final.area) for t in self.baselines(context, final.texture, final.area))]
         rows = []
         for name, model in models:
             gallery = self._embed(context, model, gallery_photos, "the gallery")
@@ -406,7 +397,7 @@ class Mask(Accessory):
         """Held-out wearers (different people) without a mask, with a random, a plain and the adversarial one."""
         shown = min(len(judged.label), 6)
         part = Photos(judged.photos.images[:shown], judged.photos.landmarks[:shown], [])
-        textures = self._baselines(context, final.texture, final.area)
+        textures = self.baselines(context, final.texture, final.area)
         labels = ("random mask", "plain mask", "adversarial mask")
         rows = [("no mask", part.images, clean[:shown])] + [
             (label, self._worn(part, texture, final.area), similarity[:shown])
