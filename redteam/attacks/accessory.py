@@ -52,6 +52,8 @@ from redteam.threats import Objective, VerificationObjective
 CANONICAL_EYE_DISTANCE = float(CANONICAL_LANDMARKS[1, 0] - CANONICAL_LANDMARKS[0, 0])
 #: Darkest and lightest ink a printer reaches (per channel), for the non-printability score's palette.
 PRINT_GAMUT = (0.08, 0.92)
+#: Width over which an outline's edge fades, in inter-ocular distances (about one canonical face pixel).
+OUTLINE_EDGE = 0.025
 #: AdvHat's two stages: (sign-step size, momentum of the gradient average).
 STAGES = ((5 / 255, 0.9), (1 / 255, 0.995))
 
@@ -212,6 +214,15 @@ def placed_pose(
         width=width * distance,
         roll=torch.atan2(line[:, 1], line[:, 0]),
     )
+
+
+def centred_pose(
+    eyes: Tensor, width: float, surface: Surface, below: float, bend: float, pitch: float, origin: Tensor | None = None
+) -> SurfacePose:
+    """:func:`placed_pose` by the print's centre (at ``pitch``, radians): ``below`` inter-ocular distances under
+    ``origin`` (by default the eyes' midpoint)."""
+    lift = -(rise(surface, torch.tensor(pitch)).item() * width + below)
+    return placed_pose(eyes, width, lift, bend, pitch, origin)
 
 
 def non_printability(texture: Tensor, levels: int = 3) -> Tensor:

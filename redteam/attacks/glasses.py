@@ -20,28 +20,26 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, Axis
-from redteam.attacks.accessory import Accessory, Surface, SurfacePose, placed_pose, rise, solve_area
+from redteam.attacks.accessory import OUTLINE_EDGE, Accessory, Surface, SurfacePose, centred_pose, solve_area
 
 #: Height / width of the print: room for the lenses and the widest rims.
 ASPECT = 0.45
 #: Half-width and half-height of each lens, and the superellipse's exponent (2: an ellipse; larger: squarer).
 LENS = (0.40, 0.28, 3.0)
-#: Width over which an edge fades, in inter-ocular distances (about one canonical face pixel).
-EDGE = 0.025
 #: Rim width limits, in inter-ocular distances (the widest still fits the print).
 RIMS = (0.01, 0.18)
 
 
 def superellipse_inside(x: Tensor, y: Tensor, a: float, b: float, power: float) -> Tensor:
-    """Soft inside-ness (1 inside, 0 outside, over :data:`EDGE`) of ``|x / a|^p + |y / b|^p <= 1``."""
+    """Soft inside-ness (1 inside, 0 outside, over :data:`OUTLINE_EDGE`) of ``|x / a|^p + |y / b|^p <= 1``."""
     radius = ((x / a).abs() ** power + (y / b).abs() ** power + 1e-12) ** (1 / power)
-    return ((1 - radius) * min(a, b) / EDGE + 0.5).clamp(0, 1)  # signed distance, to first order at the edge
+    return ((1 - radius) * min(a, b) / OUTLINE_EDGE + 0.5).clamp(0, 1)  # signed distance, to first order at the edge
 
 
 def box_inside(x: Tensor, y: Tensor, centre: tuple[float, float], half: tuple[float, float]) -> Tensor:
     """Soft inside-ness of an axis-aligned box."""
     distance = torch.maximum((x - centre[0]).abs() - half[0], (y - centre[1]).abs() - half[1])
-    return (0.5 - distance / EDGE).clamp(0, 1)
+    return (0.5 - distance / OUTLINE_EDGE).clamp(0, 1)
 
 
 def frame_outline(grid: Tensor, rim: float, width: float) -> Tensor:
@@ -93,9 +91,8 @@ class Glasses(Accessory):
         return self._frames(self._rims[area]), self.frame_width
 
     def nominal_pose(self, landmarks: Tensor, width: float, surface: Surface) -> SurfacePose:
-        pitch = math.radians(self.pitch)
-        lift = -(rise(surface, torch.tensor(pitch)).item() * width + self.drop)  # lens centres, not the bottom edge
-        return placed_pose(landmarks[:, :2], width, lift, self.bend, pitch)
+        # The lenses are centred on the print.
+        return centred_pose(landmarks[:, :2], width, surface, self.drop, self.bend, math.radians(self.pitch))
 
     def sizes(self, area: float) -> dict[str, float]:
         self.surface(area)

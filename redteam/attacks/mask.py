@@ -30,14 +30,14 @@ from torch import Tensor
 
 from redteam.api import ATTACKS, Axis, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
 from redteam.attacks.accessory import (
+    OUTLINE_EDGE,
     Accessory,
     Photos,
     Surface,
     SurfacePose,
+    centred_pose,
     coverage_of,
     decided_right,
-    placed_pose,
-    rise,
     solve_area,
     wear,
 )
@@ -51,8 +51,6 @@ ASPECT = 0.6
 #: How far the top edge dips from the nose to the cheeks, and the bottom edge rises from the chin to the cheeks,
 #: in print heights.
 TOP_DIP, CHIN_ROUNDING = 0.3, 0.3
-#: Width over which an edge fades, in inter-ocular distances (about one canonical face pixel).
-EDGE = 0.025
 #: A mask of common size covers this share of a canonical face image: 2.8 inter-ocular distances wide, 17.6 cm
 #: flat for eyes 63 mm apart, as a surgical mask is 17.5 cm (``tests/test_accessories.py`` re-measures it).
 STANDARD_AREA = 0.088
@@ -78,7 +76,7 @@ def mask_outline(grid: Tensor, width: float) -> Tensor:
     top = -half_height + TOP_DIP * 2 * half_height * sideways
     bottom = half_height - CHIN_ROUNDING * 2 * half_height * sideways
     inside = torch.stack([y - top, bottom - y, half_width - x.abs()]).amin(0)
-    return (0.5 + inside / EDGE).clamp(0, 1)
+    return (0.5 + inside / OUTLINE_EDGE).clamp(0, 1)
 
 
 @dataclass
@@ -144,9 +142,9 @@ class Mask(Accessory):
         return self._mask(width), width
 
     def nominal_pose(self, landmarks: Tensor, width: float, surface: Surface) -> SurfacePose:
+        nose_and_mouth = landmarks[:, 2:].mean(1)
         pitch = math.radians(self.pitch)
-        lift = -(rise(surface, torch.tensor(pitch)).item() * width + self.drop)  # the centre, not the bottom edge
-        return placed_pose(landmarks[:, :2], width, lift, self.bend, pitch, origin=landmarks[:, 2:].mean(1))
+        return centred_pose(landmarks[:, :2], width, surface, self.drop, self.bend, pitch, origin=nose_and_mouth)
 
     def _mask(self, width: float) -> Surface:
         return Surface(ASPECT, self.camera_distance, partial(mask_outline, width=width))
