@@ -65,7 +65,9 @@ def test_the_prior_draws_faces_and_projects_unseen_ones(prior, data):
 def test_white_box_reconstructions_are_recognised_by_an_independent_model(data, prior, cli, tmp_path, capsys):
     command = ("run", "--target", "facenet", "--attack", "inversion", "--data", data / "faces", "--identity", PERSON)
     black_box = ("--option", "black_box=true", "--option", "black_box_steps=4", "--option", "black_box_samples=5")
-    assert cli(*command, *QUICK, *black_box, "--steps", 8, "--out", tmp_path) == 0
+    # 16 steps: at 8, one of the four reconstructions sat on dlib's boundary, and the packages of a fresh install
+    # (2026-11-30) moved it across; the commits before fail the same way on them.
+    assert cli(*command, *QUICK, *black_box, "--steps", 16, "--out", tmp_path) == 0
     out = capsys.readouterr().out
     assert "identified top-1" in out and "dlib-resnet" in out
     metrics = json.loads((tmp_path / "run.json").read_text())["metrics"]
