@@ -114,6 +114,17 @@ def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, fa
     assert "Where the face system stopped the attacked probes: at ε 8" in (tmp_path / "report.md").read_text()
 
 
+def test_stages_are_where_the_system_stopped_what_it_saw_after_the_intruder(cli, faces_root, tmp_path):
+    """A blur of 30 pixels wipes every face out before MTCNN looks: every probe stopped at "no face", in both the
+    adaptive and the non-adaptive cell (not "no match", which the photo before the blur would give)."""
+    command = ("run", "--target", "mtcnn+arcface", "--attack", "pgd", "--intruder", "blur:30", "--data", faces_root,
+               "--limit", 2, "--eps", "0,2", "--steps", 1, "--no-checks", "--out", tmp_path)  # fmt: skip
+    assert cli(*command) == 0
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        rows = pd.read_sql_query("SELECT cell, stage FROM results", db)
+    assert rows["cell"].nunique() == 2 and (rows["stage"] == "no face").all(), rows
+
+
 def test_a_checked_system_stores_each_attacked_probes_liveness_beside_its_match(cli, capsys, faces_root, tmp_path):
     command = ("run", "--target", "mtcnn+liveness+arcface", "--attack", "pgd", "--threat", "impersonation", "--data",
                faces_root, "--limit", 2, "--eps", "0,8", "--steps", 2, "--no-checks", "--out", tmp_path)  # fmt: skip

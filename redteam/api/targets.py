@@ -230,6 +230,9 @@ class Target(nn.Module, ABC):
     #: The user's file this target is (``file:model.onnx``): ``redteam calibrate`` keeps its thresholds for the
     #: file's content, as for ``--weights``.
     user_file: ClassVar[Path | None] = None
+    #: A face system: a detector (and a liveness check) before the recogniser, whose :meth:`inspect` says where it
+    #: stopped each image.
+    pipeline: ClassVar[bool] = False
     #: Set to decide at another operating point than the card's.
     threshold_override: float | None = None
 

@@ -261,6 +261,10 @@ class InputDefense(nn.Module):
             images = transform.bpda(images, draws, names[self.variant % len(names)] if names else None)
         return images
 
+    def inspect(self, images: Tensor) -> tuple[list[str], Tensor | None] | None:
+        """A face system's stages on what it sees: the images after the transforms (one draw of a random one)."""
+        return self.target.inspect(self.defend(images)) if self.target.pipeline else None
+
 
 class DefendedRecognizer(InputDefense, FaceRecognizer):
     def embed(self, images: Tensor) -> Tensor:

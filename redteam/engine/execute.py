@@ -287,8 +287,9 @@ class Executor:
 
     def inspect(self, images: Tensor, scores: Tensor) -> tuple[list[str | None], Tensor | None]:
         """Where a face system stopped each image (``SYSTEM_STAGES``; ``None`` each for a single model) and its
-        liveness check's scores (``None`` without one), from one look at the images."""
-        inspected = self.undefended.inspect(images)
+        liveness check's scores (``None`` without one), from one look at the images as the system sees them: after
+        its defense's and intruder's transforms."""
+        inspected = self.target.inspect(images)
         if inspected is None:
             return [None] * len(images), None
         before, live = inspected

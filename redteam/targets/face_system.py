@@ -50,6 +50,7 @@ class FaceSystem(FaceRecognizer):
     threshold (1 without a check), then the recogniser's embedding of the aligned face.
     """
 
+    pipeline = True
     detector_name: ClassVar[str]
     liveness_name: ClassVar[str | None] = None
     recogniser_name: ClassVar[str]
