@@ -117,12 +117,13 @@ def test_a_universal_mask_is_learned_on_one_half_and_judged_on_the_other(people,
     dataset = ImageFolderDataset(people)
     context = CampaignContext(target=None, target_name="arcface", dataset=dataset, device=torch.device("cpu"),
                               out=tmp_path, limit=10)  # type: ignore[arg-type]  # fmt: skip
-    gallery, learning, judged, _ = Mask(learn_photos=10).split_people(context)
+    split = Mask(learn_photos=10).split_people(context)
     identity = [record.identity for record in dataset.records]
-    learned_on, judged_on = {identity[i] for i in learning[0]}, {identity[i] for i in judged[0]}
+    learned_on, judged_on = {identity[i] for i in split.learn}, {identity[i] for i in split.judge}
     assert not learned_on & judged_on and len(learned_on) >= 5 and len(judged_on) >= 5
-    assert not set(gallery) & {*learning[0], *judged[0]}  # enrolment photos are never worn
-    assert [identity[gallery[row]] for row in judged[1]] == [identity[i] for i in judged[0]]
+    assert not set(split.gallery) & {*split.learn, *split.judge}  # enrolment photos are never worn
+    for photos, rows in ((split.learn, split.learn_rows), (split.judge, split.judge_rows)):
+        assert [identity[split.gallery[row]] for row in rows] == [identity[i] for i in photos]
 
     command = ("run", "--target", "arcface", "--attack", "mask", "--data", people, "--limit", "10", "--steps", "12")
     options = ("--option", "learn_photos=12", "--option", "per_step=6", "--option", "draws=1")

@@ -80,6 +80,20 @@ def mask_outline(grid: Tensor, width: float) -> Tensor:
 
 
 @dataclass
+class PeopleSplit:
+    """A universal mask's people. ``gallery``: one enrolment photo per person with two or more photos, in name order
+    (a person's gallery row is its position); ``learn`` / ``judge``: the photos worn while learning and when judged
+    (dataset indices; never an enrolment photo), from disjoint halves of the people, with their owners' gallery rows
+    (``learn_rows`` / ``judge_rows``)."""
+
+    gallery: list[int]
+    learn: list[int]
+    learn_rows: list[int]
+    judge: list[int]
+    judge_rows: list[int]
+
+
+@dataclass
 class Wearers:
     """Photos with landmarks (``photos``), each photo's person as a row of the gallery (``label``, ``[N]``)."""
 
@@ -169,12 +183,14 @@ class Mask(Accessory):
     def _universal(self, context: CampaignContext) -> CampaignReport:
         target = context.target
         assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
-        gallery_photos, learning, held, split = self.split_people(context)
+        split = self.split_people(context)
         detector = context.load_target("mtcnn")
         assert isinstance(detector, FaceDetector)
-        learn = Wearers(self._photos(context, detector, learning[0]), torch.tensor(learning[1], device=context.device))
-        judged = Wearers(self._photos(context, detector, held[0]), torch.tensor(held[1], device=context.device))
-        gallery = self._embed(context, target, gallery_photos, "the gallery")
+        learn, judged = (
+            Wearers(self._photos(context, detector, indices), torch.tensor(rows, device=context.device))
+            for indices, rows in ((split.learn, split.learn_rows), (split.judge, split.judge_rows))
+        )
+        gallery = self._embed(context, target, split.gallery, "the gallery")
         outcomes = [
             Universal(
                 **context.stage(
@@ -198,11 +214,11 @@ class Mask(Accessory):
             **{f"{c}_verified": v for c, v in zip(CONDITIONS, verified_share)},
             **{f"{c}_identified": v for c, v in zip(CONDITIONS, identified_share)},
             **{f"{c}_similarity": s.mean().item() for c, s in zip(CONDITIONS, similarity)},
-            "learning_people": split[0],
-            "judged_people": split[1],
-            "gallery": len(gallery_photos),
-            "learn_photos": len(learning[0]),
-            "judged_photos": len(held[0]),
+            "learning_people": len(set(split.learn_rows)),
+            "judged_people": len(set(split.judge_rows)),
+            "gallery": len(split.gallery),
+            "learn_photos": len(split.learn),
+            "judged_photos": len(split.judge),
         }
         rows = []
         for outcome in [None, *outcomes]:
@@ -220,7 +236,7 @@ class Mask(Accessory):
             })  # fmt: skip
         areas_table = pd.DataFrame(rows)
         names = judged.photos.names
-        people = [context.dataset.records[i].identity for i in held[0]]
+        people = [context.dataset.records[i].identity for i in split.judge]
         per_photo = pd.DataFrame({"person": people, "photo": names})
         for k, condition in enumerate(CONDITIONS):
             per_photo[condition] = similarity[k].tolist()
@@ -238,17 +254,18 @@ class Mask(Accessory):
                 f"where {context.target_name} stopped the held-out wearers with the adversarial mask: {tally['mask']} "
                 f"(without it: {tally['clean']}); a face no longer found is detector evasion, not dodging"
             )
-        transfer, skipped = self._universal_transfer(context, gallery_photos, judged, final)
+        transfer, skipped = self._universal_transfer(context, split.gallery, judged, final)
         measure = "identified (rank-1)" if identification else "verified"
         share = "identified" if identification else "verified"
         lines = [
-            f"one mask learned on {len(learning[0])} photos of {split[0]} people, worn in {len(names)} photos of "
-            f"{split[1]} others it never saw: {measure} {metrics['clean_' + share]:.1%} without a mask, "
-            f"{metrics['plain_' + share]:.1%} with a plain one, {metrics['random_' + share]:.1%} with a random "
-            f"texture, {metrics['mask_' + share]:.1%} with the adversarial one",
+            f"one mask learned on {len(split.learn)} photos of {metrics['learning_people']} people, worn in "
+            f"{len(names)} photos of {metrics['judged_people']} others it never saw: {measure} "
+            f"{metrics['clean_' + share]:.1%} without a mask, {metrics['plain_' + share]:.1%} with a plain one, "
+            f"{metrics['random_' + share]:.1%} with a random texture, {metrics['mask_' + share]:.1%} with the "
+            "adversarial one",
             f"verified against their own enrolment photo (threshold {target.threshold:.4f}): "
             + ", ".join(f"{c} {v:.1%}" for c, v in zip(CONDITIONS, verified_share))
-            + f"; identified (rank-1 over {len(gallery_photos)} people): "
+            + f"; identified (rank-1 over {len(split.gallery)} people): "
             + ", ".join(f"{c} {v:.1%}" for c, v in zip(CONDITIONS, identified_share)),
             f"{self.print_line(final.area)}; it covers {final.covered:.1%} of the face image; {final.steps} steps of "
             f"{self.per_step} photos x {self.draws} shooting conditions",
@@ -266,12 +283,9 @@ class Mask(Accessory):
             lines=lines,
         )
 
-    def split_people(
-        self, context: CampaignContext
-    ) -> tuple[list[int], tuple[list[int], list[int]], tuple[list[int], list[int]], tuple[int, int]]:
-        """The gallery (one enrolment photo per person with two or more photos, in name order), then the learning
-        and judged photos with their gallery rows (people halved by the seed; photos taken in turns across people,
-        so a prefix spreads over many), then how many people each set of photos shows."""
+    def split_people(self, context: CampaignContext) -> PeopleSplit:
+        """People halved by the seed, the first half's photos learned on (at most ``learn_photos``), the second's
+        judged (at most ``--limit``); photos are taken in turns across people, so a prefix spreads over many."""
         dataset = context.dataset
         people = sorted(name for name, photos in dataset.by_identity.items() if len(photos) >= 2)
         if len(people) < 4:
@@ -284,18 +298,16 @@ class Mask(Accessory):
         }
         row = {name: k for k, name in enumerate(people)}
         order = context.shuffled(people, "mask-split", context.seed)
-        halves = (order[: len(order) // 2], order[len(order) // 2 :])
 
         def in_turns(names: list[str], cap: int) -> tuple[list[int], list[int]]:
             taken: list[tuple[int, int]] = []
             for turn in range(max(len(photos[n]) for n in names) - 1):
                 taken += [(photos[n][1 + turn], row[n]) for n in names if turn + 1 < len(photos[n])]
-            taken = taken[:cap]
-            return [index for index, _ in taken], [label for _, label in taken]
+            return [index for index, _ in taken[:cap]], [label for _, label in taken[:cap]]
 
-        learning = in_turns(halves[0], self.learn_photos)
-        judged = in_turns(halves[1], context.limit or DEFAULT_WEARERS)
-        return [photos[name][0] for name in people], learning, judged, (len(set(learning[1])), len(set(judged[1])))
+        learn, learn_rows = in_turns(order[: len(order) // 2], self.learn_photos)
+        judge, judge_rows = in_turns(order[len(order) // 2 :], context.limit or DEFAULT_WEARERS)
+        return PeopleSplit([photos[name][0] for name in people], learn, learn_rows, judge, judge_rows)
 
     def _embed(self, context: CampaignContext, model: FaceRecognizer, indices: list[int], what: str) -> Tensor:
         """Embeddings ``[N, D]`` of these dataset photos by ``model``."""
