@@ -58,6 +58,31 @@ def test_a_photo_without_a_face_is_rejected(system, photos):
     assert rejected.item() == pytest.approx(system.threshold - 1.0)
 
 
+def test_a_system_with_a_box_judges_the_face_over_it_not_the_largest(system, photos, tmp_path):
+    """Two people side by side, the one on the left larger: the default system judges the left face; one whose box
+    covers the right half judges the right face; one whose box holds no face finds none."""
+    raw, _ = photos
+    left, right = raw[0:1], raw[2:3]  # different people
+    scene = torch.zeros(1, 3, 250, 500)
+    scene[..., :250] = left
+    scene[..., 40:215, 290:465] = F.interpolate(right, size=(175, 175), mode="bilinear", antialias=True)
+
+    def load(box: str) -> torch.nn.Module:
+        spec = tmp_path / f"{len(box)}.yaml"
+        spec.write_text(f"detector: mtcnn\nrecogniser: arcface\nbox: {box}\n")
+        return load_target(f"system:{spec}", torch.device("cpu"))
+
+    boxed, empty = load("[250, 0, 500, 250]"), load("[0, 0, 40, 40]")
+    with torch.no_grad():
+        alone = system.embed(torch.cat([left, right]))
+        by_default, by_box, by_empty = (model.embed(scene) for model in (system, boxed, empty))
+    assert system.similarity(by_default, alone[:1]) > 0.9 > system.similarity(by_default, alone[1:])
+    assert system.similarity(by_box, alone[1:]) > 0.9 > system.similarity(by_box, alone[:1])
+    assert by_empty[0, 0] == 0 and empty.inspect(scene)[0] == ["no face"]
+    assert "the face over the region [250.0, 0.0, 500.0, 250.0]" in boxed.card.architecture
+    assert len({type(model).weights_fingerprint() for model in (system, boxed, empty)}) == 3  # runs keep them apart
+
+
 def test_gradients_reach_the_photo_with_landmarks_fixed_or_through_the_detector(system, photos, tmp_path):
     raw, _ = photos
     spec = tmp_path / "face.yaml"
@@ -161,3 +186,12 @@ def test_a_detector_without_landmark_gradients_cannot_pass_them(tmp_path):
     spec.write_text("detector: retinaface\nrecogniser: arcface\nlandmarks: detector\n")
     with pytest.raises(RedteamError, match="retinaface gives no landmark gradients; use landmarks: fixed"):
         TARGETS.get(f"system:{spec}")
+
+
+@pytest.mark.parametrize("box", ["[10, 10, 5, 50]", "[1, 2, 3]", "[0, 0, true, 9]", "left", "7"])
+def test_a_bad_box_is_one_line(tmp_path, box):
+    spec = tmp_path / "face.yaml"
+    spec.write_text(f"detector: mtcnn\nrecogniser: arcface\nbox: {box}\n")
+    with pytest.raises(RedteamError, match=r"box is \[x1, y1, x2, y2\] in pixels with x1 < x2") as raised:
+        TARGETS.get(f"system:{spec}")
+    assert "\n" not in str(raised.value)

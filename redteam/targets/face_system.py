@@ -23,6 +23,11 @@ Settings other than the default come from a YAML, ``--target system:face.yaml``:
     liveness: antispoof     # optional
     recogniser: arcface
     landmarks: detector     # or fixed
+    box: [250, 0, 500, 250] # optional: the face over this region (x1, y1, x2, y2 pixels), not the largest
+
+With a ``box``, the system takes the face lying most inside it, as a kiosk takes the person in front of its camera
+and ignores faces behind them; a face at least half inside counts, and a photo with none is rejected like a photo
+without a face.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ from redteam.api import ACCESS_LEVELS, TARGETS, FaceDetector, FaceRecognizer, Li
 from redteam.errors import RedteamError
 
 LandmarkGradients = Literal["fixed", "detector"]
+#: A region of the photo, ``(x1, y1, x2, y2)`` in pixels.
+Box = tuple[float, float, float, float]
+#: The least share of a face's box inside the ``box`` setting for the system to take that face.
+INSIDE = 0.5
 #: How far below the threshold a photo without a face scores (a constant: nothing to differentiate there).
 REJECTED = 1.0
 
@@ -55,12 +64,20 @@ class FaceSystem(FaceRecognizer):
     liveness_name: ClassVar[str | None] = None
     recogniser_name: ClassVar[str]
     landmarks: ClassVar[LandmarkGradients] = "fixed"
+    #: The region whose face the system takes (``None``: the largest face anywhere).
+    box: ClassVar[Box | None] = None
 
     def __init__(self) -> None:
         super().__init__()
         self.detector = cast(FaceDetector, TARGETS.get(self.detector_name)())
         self.liveness = cast(LivenessDetector, TARGETS.get(self.liveness_name)()) if self.liveness_name else None
         self.recogniser = cast(FaceRecognizer, TARGETS.get(self.recogniser_name)())
+
+    @classmethod
+    def weights_fingerprint(cls) -> str:
+        """Its parts' weights, and the settings a ``system:`` YAML edited in place could change (a run folder keeps
+        the results of another box or landmark mode apart)."""
+        return f"{super().weights_fingerprint()}:landmarks={cls.landmarks}:box={cls.box}"
 
     def on_score_scale(self, threshold: float) -> float:
         return self.recogniser.on_score_scale(threshold)
@@ -69,8 +86,8 @@ class FaceSystem(FaceRecognizer):
         return self.recogniser.threshold_text(self.threshold if threshold is None else threshold)
 
     def locate(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 5, 2]`` the landmarks of each
-        photo's largest face (the canonical ones where none was found)."""
+        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 5, 2]`` the landmarks of the face
+        each photo is judged on (:meth:`choose`; the canonical ones where none was found)."""
         if self.landmarks == "detector":
             detections = self.detector.faces(images)
         else:
@@ -78,14 +95,27 @@ class FaceSystem(FaceRecognizer):
                 detections = self.detector.detect(images)
         found, points = [], []
         for faces in detections:
-            if len(faces.boxes) == 0 or faces.landmarks is None:
-                found.append(False)
+            chosen = self.choose(faces.boxes)
+            found.append(chosen is not None and faces.landmarks is not None)
+            if chosen is None or faces.landmarks is None:
                 points.append(CANONICAL_LANDMARKS.to(images))
-                continue
-            sides = faces.boxes[:, 2:] - faces.boxes[:, :2]
-            found.append(True)
-            points.append(faces.landmarks[int((sides[:, 0] * sides[:, 1]).argmax())].to(images))
+            else:
+                points.append(faces.landmarks[chosen].to(images))
         return torch.tensor(found, device=images.device), torch.stack(points)
+
+    def choose(self, boxes: Tensor) -> int | None:
+        """Which of the faces found (``boxes [N, 4]``) the system judges: the largest, or with a ``box`` the one most
+        inside it (at least :data:`INSIDE` of it); ``None`` when none qualifies."""
+        if len(boxes) == 0:
+            return None
+        area = (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(1)
+        if self.box is None:
+            return int(area.argmax())
+        region = boxes.new_tensor(self.box)
+        overlap = (torch.minimum(boxes[:, 2:], region[2:]) - torch.maximum(boxes[:, :2], region[:2])).clamp_min(0)
+        inside = overlap.prod(1) / area.clamp_min(1e-9)
+        best = int(inside.argmax())
+        return best if inside[best] >= INSIDE else None
 
     def align(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 3, 250, 250]`` each photo's largest
@@ -136,10 +166,10 @@ class FaceSystem(FaceRecognizer):
 
 
 def face_system_class(
-    detector: str, recogniser: str, landmarks: str = "fixed", liveness: str | None = None
+    detector: str, recogniser: str, landmarks: str = "fixed", liveness: str | None = None, box: Box | None = None
 ) -> type[FaceSystem]:
     """The target class of ``detector`` (+ ``liveness``) + ``recogniser`` (zoo names), with landmark gradients
-    ``landmarks``."""
+    ``landmarks``, judging the face over ``box`` (``None``: the largest)."""
     name = "+".join(filter(None, (detector, liveness, recogniser)))
     detector_class, recogniser_class = TARGETS.get(detector), TARGETS.get(recogniser)
     check_class = TARGETS.get(liveness) if liveness else None
@@ -158,10 +188,11 @@ def face_system_class(
     offers = min((part.offers for part in parts), key=ACCESS_LEVELS.index)
     face, card = recogniser_class.card, detector_class.card
     checked = f"; {liveness} must find the aligned face live" if liveness else ""
+    which = "the largest face" if box is None else f"the face over the region {list(box)}"
     system_card = ModelCard(
         name=name,
         task="recognition",
-        architecture=f"{detector} finds the largest face of a raw photo; its five landmarks align it to the canonical "
+        architecture=f"{detector} finds {which} of a raw photo; its five landmarks align it to the canonical "
         f"frame (a similarity warp){checked}; {recogniser} ({face.architecture}) decides",
         weights=f"{detector}: {card.weights}; {recogniser}: {face.weights}",
         licence=f"{detector}: {card.licence}; {recogniser}: {face.licence}",
@@ -181,6 +212,7 @@ def face_system_class(
         "liveness_name": liveness,
         "recogniser_name": recogniser,
         "landmarks": landmarks,
+        "box": box,
     }
     return type(f"System_{name}".replace("-", "_").replace("+", "_"), (FaceSystem,), attributes)
 
@@ -201,14 +233,20 @@ def face_system_from_file(argument: str) -> type[FaceSystem]:
         settings = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as error:
         raise RedteamError(f"system:{argument}: cannot read it as YAML ({str(error).splitlines()[0]}).") from None
-    keys = {"detector", "liveness", "recogniser", "landmarks"}
+    keys = {"detector", "liveness", "recogniser", "landmarks", "box"}
     if not isinstance(settings, dict) or not {"detector", "recogniser"} <= set(settings) <= keys:
-        raise RedteamError(f"{path}: a face system is a mapping of detector, recogniser, and optionally liveness and "
-                           "landmarks.")  # fmt: skip
-    liveness = settings.get("liveness")
+        raise RedteamError(f"{path}: a face system is a mapping of detector, recogniser, and optionally liveness, "
+                           "landmarks and box.")  # fmt: skip
+    liveness, box = settings.get("liveness"), settings.get("box")
+    if box is not None:
+        given = box if isinstance(box, list) else []
+        numbers = [v for v in given if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(numbers) != 4 or len(given) != 4 or not (numbers[0] < numbers[2] and numbers[1] < numbers[3]):
+            raise RedteamError(f"{path}: box is [x1, y1, x2, y2] in pixels with x1 < x2 and y1 < y2, not {box!r}.")
     return face_system_class(
         str(settings["detector"]),
         str(settings["recogniser"]),
         settings.get("landmarks", "fixed"),
         str(liveness) if liveness else None,
+        None if box is None else (float(box[0]), float(box[1]), float(box[2]), float(box[3])),
     )
