@@ -118,8 +118,8 @@ class FaceSystem(FaceRecognizer):
         return best if inside[best] >= INSIDE else None
 
     def align(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 3, 250, 250]`` each photo's largest
-        face aligned into the canonical frame (differentiable in the photos)."""
+        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 3, 250, 250]`` the face each photo is
+        judged on, aligned into the canonical frame (differentiable in the photos)."""
         found, landmarks = self.locate(images)
         return found, align_faces(images, landmarks)
 
