@@ -54,7 +54,7 @@ SYSTEM_STAGES = ("no face", "spoof", "no match", "match")
 
 CURVE_KEYS = ["target", "surrogate", "defense", "attack", "threat", "norm", "dataset"]
 MINIMAL_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "size": "REAL", "score": "REAL", "linf": "REAL", "l2": "REAL",
-                   "steps": "INTEGER", "queries": "INTEGER"}  # fmt: skip
+                   "steps": "INTEGER", "queries": "INTEGER", "stage": "TEXT"}  # fmt: skip
 #: A query attack's record per probe: the smallest fooling perturbation known after ``queries`` queries (image
 #: units, inf before the first), at log-spaced checkpoints; ``eps`` is the budget attacked (0 for minimal attacks).
 TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries": "INTEGER", "linf": "REAL",
@@ -62,7 +62,7 @@ TRAJECTORY_COLUMNS = {"cell": "TEXT", "probe": "TEXT", "eps": "REAL", "queries":
 #: Columns added since stores were first written, with their types: added to older stores when opened.
 ADDED_COLUMNS = {
     "results": {"queries": "INTEGER", "stage": "TEXT", "broken_by": "TEXT", "liveness": "REAL"},
-    "minimal": {"queries": "INTEGER"},
+    "minimal": {"queries": "INTEGER", "stage": "TEXT"},
     "ledger": {"hits": "INTEGER"},
 }
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
@@ -81,6 +81,12 @@ LEDGER_COLUMNS = {"cell": "TEXT", "request": "TEXT", "reply": "TEXT", "status": 
 #: Every table besides ``results`` and ``cells``, by name.
 TABLES = {"minimal": MINIMAL_COLUMNS, "trajectory": TRAJECTORY_COLUMNS, "checks": CHECK_COLUMNS,
           "stages": STAGE_COLUMNS, "curves": CURVE_COLUMNS, "ledger": LEDGER_COLUMNS}  # fmt: skip
+
+
+def tally(values: pd.Series, order: tuple[str, ...] | None = None) -> str:
+    """How often each value occurs, as ``"a 3, b 0"``: every one of ``order`` in its order, or those present."""
+    counts = values.value_counts()
+    return ", ".join(f"{value} {int(counts.get(value, 0))}" for value in order or counts.index)
 
 
 class QueryLedger:
@@ -183,8 +189,14 @@ class ResultStore:
         return lines
 
     def stage_summary(self) -> dict[str, str]:
-        """Per cell of a face system, one line: at each budget, how many attacked probes stopped at each stage."""
-        return self._breakdown("stage", SYSTEM_STAGES)
+        """Per cell of a face system, one line: at each budget, how many attacked probes stopped at each stage; for a
+        minimal attack, where each probe's smallest example stopped."""
+        lines = self._breakdown("stage", SYSTEM_STAGES)
+        minimal = self.minimal()
+        if "stage" in minimal:  # a store written before the column was kept, opened read-only, has none
+            for cell, rows in minimal[minimal["stage"].notna()].groupby("cell"):
+                lines[str(cell)] = f"their smallest examples: {tally(rows['stage'], SYSTEM_STAGES)}"
+        return lines
 
     def liveness_summary(self) -> dict[str, str]:
         """Per cell of a face system with a liveness check, one line: at each budget, the attacked probes' mean
@@ -202,11 +214,7 @@ class ResultStore:
         """Per cell with ``column`` set, one line: at each budget, how many attacked probes had each value (all of
         ``values`` in their order, or those present)."""
 
-        def counted(at: pd.DataFrame) -> str:
-            counts = at[column].value_counts()
-            return ", ".join(f"{value} {int(counts.get(value, 0))}" for value in values or counts.index)
-
-        return self._per_budget(column, counted)
+        return self._per_budget(column, lambda at: tally(at[column], values))
 
     def _per_budget(self, column: str, describe: Callable[[pd.DataFrame], str]) -> dict[str, str]:
         """Per cell with ``column`` set, one line: ``describe`` of its attacked probes' rows at each budget."""

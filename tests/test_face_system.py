@@ -139,6 +139,20 @@ def test_an_attack_runs_through_the_system_from_the_command_line(cli, capsys, fa
     assert "Where the face system stopped the attacked probes: at ε 8" in (tmp_path / "report.md").read_text()
 
 
+def test_a_minimal_attack_through_the_system_says_where_its_examples_stopped(cli, capsys, faces_root, tmp_path):
+    command = ("run", "--target", "mtcnn+arcface", "--attack", "cw", "--data", faces_root, "--limit", 2,
+               "--steps", 5, "--no-checks", "--out", tmp_path)  # fmt: skip
+    assert cli(*command) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    with sqlite3.connect(tmp_path / "results.sqlite") as db:
+        rows = pd.read_sql_query("SELECT size, stage FROM minimal", db)
+    assert len(rows) == 2 and set(rows["stage"]) <= set(SYSTEM_STAGES)
+    # Dodging: a probe the attack fooled stopped before a match, one it did not is still matched.
+    assert ((rows["size"] < float("inf")) == (rows["stage"] != "match")).all()
+    counts = ", ".join(f"{stage} {int((rows['stage'] == stage).sum())}" for stage in SYSTEM_STAGES)
+    assert f"where mtcnn+arcface stopped the attacked probes: their smallest examples: {counts}" in said
+
+
 def test_stages_are_where_the_system_stopped_what_it_saw_after_the_intruder(cli, faces_root, tmp_path):
     """A blur of 30 pixels wipes every face out before MTCNN looks: every probe stopped at "no face", in both the
     adaptive and the non-adaptive cell (not "no match", which the photo before the blur would give)."""

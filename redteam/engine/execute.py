@@ -318,6 +318,7 @@ class Executor:
                 delta = result.images - images
                 linf, l2 = perturbation_size(delta, "linf"), perturbation_size(delta, "l2")
                 evidence = self.evidence(batch, result.size.tolist(), result.images, (linf, l2), judged, verdict)
+                stages, _ = self.inspect(result.images, judged.score)
         size = torch.where(judged.success, result.size, torch.full_like(result.size, float("inf")))
         rows = [
             {
@@ -329,6 +330,7 @@ class Executor:
                 "l2": float(l2[k]),
                 "steps": int(steps[k]),
                 "queries": int(oracle.spent[k]) if oracle else None,
+                "stage": stages[k],
             }  # fmt: skip
             for k, p in enumerate(batch)
         ]
