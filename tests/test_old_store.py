@@ -55,7 +55,9 @@ def test_old_store_resumes_with_nothing_to_compute(at_repository, cli, tmp_path)
     for name in ("results", "minimal", "checks"):  # same keys, same rows, nothing added
         pd.testing.assert_frame_equal(after[name][before[name].columns], before[name], obj=name)
         added = sorted(set(after[name].columns) - set(before[name].columns))  # columns newer stores have
-        newer = {"results": ["broken_by", "liveness", "queries", "stage"], "minimal": ["queries"], "checks": []}[name]
+        newer = {
+            "results": ["broken_by", "liveness", "queries", "stage"], "minimal": ["queries", "stage"], "checks": []
+        }[name]  # fmt: skip
         assert added == newer and after[name][added].isna().all().all()
     # The cells are taken over as they are, and their inputs' fingerprints recorded from now on.
     assert after["cells"]["cell"].tolist() == before["cells"]["cell"].tolist()
