@@ -45,7 +45,7 @@ from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
 from redteam.api import Campaign, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
 from redteam.errors import DataError, RedteamError, UnknownNameError
 from redteam.plots import face_grid
-from redteam.results import SYSTEM_STAGES
+from redteam.results import SYSTEM_STAGES, tally
 from redteam.threats import Objective, VerificationObjective
 
 #: Inter-ocular distance of the canonical frame, in its pixels: accessory areas are fractions of that frame.
@@ -476,14 +476,13 @@ class Accessory(Campaign):
         system_lines = []
         if clean_stages is not None and worn_stages is not None:  # a face system: where it stopped each photo
             per_photo["stage"] = worn_stages
-            tally = {}
             for condition, found in (("clean", clean_stages), (noun, worn_stages)):
                 metrics[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
                 metrics[f"{condition}_matched"] = found.count("match") / len(found)
-                tally[condition] = ", ".join(f"{stage} {found.count(stage)}" for stage in SYSTEM_STAGES)
             system_lines.append(
-                f"where {context.target_name} stopped the held-out photos wearing the {noun}: {tally[noun]} "
-                f"(without it: {tally['clean']})"
+                f"where {context.target_name} stopped the held-out photos wearing the {noun}: "
+                f"{tally(pd.Series(worn_stages), SYSTEM_STAGES)} (without it: "
+                f"{tally(pd.Series(clean_stages), SYSTEM_STAGES)})"
             )
         enrolled_as = f"{victim[0]}'s enrolment photo" if victim else "their enrolment photo"
         lines = [

@@ -42,7 +42,7 @@ from redteam.attacks.accessory import (
     wear,
 )
 from redteam.errors import DataError, RedteamError
-from redteam.results import SYSTEM_STAGES
+from redteam.results import SYSTEM_STAGES, tally
 from redteam.runtime import chunks
 from redteam.threats import IdentificationObjective, VerificationObjective
 
@@ -246,13 +246,10 @@ class Mask(Accessory):
             per_photo["stage"] = final.stages[-1]
             for condition, found in zip(CONDITIONS, [clean[2], *final.stages]):
                 metrics[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
-            tally = {
-                condition: ", ".join(f"{stage} {found.count(stage)}" for stage in SYSTEM_STAGES)
-                for condition, found in (("mask", final.stages[-1]), ("clean", clean[2]))
-            }
             system_lines.append(
-                f"where {context.target_name} stopped the held-out wearers with the adversarial mask: {tally['mask']} "
-                f"(without it: {tally['clean']}); a face no longer found is detector evasion, not dodging"
+                f"where {context.target_name} stopped the held-out wearers with the adversarial mask: "
+                f"{tally(pd.Series(final.stages[-1]), SYSTEM_STAGES)} (without it: "
+                f"{tally(pd.Series(clean[2]), SYSTEM_STAGES)}); a face no longer found is detector evasion, not dodging"
             )
         transfer, skipped = self._universal_transfer(context, split.gallery, judged, final)
         measure = "identified (rank-1)" if identification else "verified"
