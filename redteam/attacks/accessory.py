@@ -384,6 +384,14 @@ class Accessory(Campaign):
     def __post_init__(self) -> None:
         if min(self.steps, self.draws, self.train_photos, self.window, self.print_width) < 1:
             raise ValueError("steps, draws, train_photos, window and print_width must be at least 1")
+        self._solved: dict[float, float] = {}  # area -> size parameter (:meth:`solved_size`)
+
+    def solved_size(self, area: float, covered: Callable[[float], float], bounds: tuple[float, float]) -> float:
+        """:func:`solve_area` for ``area``, once per area (solving takes 30 renders): the size parameter (a rim's
+        width, a print's width) within ``bounds`` at which ``covered`` reaches ``area``."""
+        if area not in self._solved:
+            self._solved[area] = solve_area(covered, area, bounds)
+        return self._solved[area]
 
     @abstractmethod
     def surface(self, area: float) -> tuple[Surface, float]:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, Axis
-from redteam.attacks.accessory import OUTLINE_EDGE, Accessory, Surface, SurfacePose, centred_pose, solve_area
+from redteam.attacks.accessory import OUTLINE_EDGE, Accessory, Surface, SurfacePose, centred_pose
 
 #: Height / width of the print: room for the lenses and the widest rims.
 ASPECT = 0.45
@@ -79,24 +79,19 @@ class Glasses(Accessory):
     frame_width: float = 2.2
     drop: float = 0.05
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._rims: dict[float, float] = {}  # area -> rim width (solving takes 30 renders)
-
     def surface(self, area: float) -> tuple[Surface, float]:
-        if area not in self._rims:
-            self._rims[area] = solve_area(
-                lambda rim: self.canonical_coverage(self._frames(rim), self.frame_width), area, RIMS
-            )
-        return self._frames(self._rims[area]), self.frame_width
+        return self._frames(self._rim(area)), self.frame_width
 
     def nominal_pose(self, landmarks: Tensor, width: float, surface: Surface) -> SurfacePose:
         # The lenses are centred on the print.
         return centred_pose(landmarks[:, :2], width, surface, self.drop, self.bend, math.radians(self.pitch))
 
     def sizes(self, area: float) -> dict[str, float]:
-        self.surface(area)
-        return {**super().sizes(area), "rim_mm": self._rims[area] * self.eye_distance_mm}
+        return {**super().sizes(area), "rim_mm": self._rim(area) * self.eye_distance_mm}
+
+    def _rim(self, area: float) -> float:
+        """The rim width whose frames cover ``area`` of a canonical face image."""
+        return self.solved_size(area, lambda rim: self.canonical_coverage(self._frames(rim), self.frame_width), RIMS)
 
     def _frames(self, rim: float) -> Surface:
         return Surface(ASPECT, self.camera_distance, partial(frame_outline, rim=rim, width=self.frame_width))

@@ -38,7 +38,6 @@ from redteam.attacks.accessory import (
     centred_pose,
     coverage_of,
     decided_right,
-    solve_area,
     wear,
 )
 from redteam.errors import DataError, RedteamError
@@ -145,14 +144,9 @@ class Mask(Accessory):
         super().__post_init__()
         if min(self.learn_photos, self.per_step) < 1:
             raise ValueError("learn_photos and per_step must be at least 1")
-        self._widths: dict[float, float] = {}  # area -> print width (solving takes 30 renders)
 
     def surface(self, area: float) -> tuple[Surface, float]:
-        if area not in self._widths:
-            self._widths[area] = solve_area(
-                lambda width: self.canonical_coverage(self._mask(width), width), area, WIDTHS
-            )
-        width = self._widths[area]
+        width = self.solved_size(area, lambda width: self.canonical_coverage(self._mask(width), width), WIDTHS)
         return self._mask(width), width
 
     def nominal_pose(self, landmarks: Tensor, width: float, surface: Surface) -> SurfacePose:
