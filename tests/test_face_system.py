@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from redteam.api import TARGETS
+from redteam.api import TARGETS, CampaignContext
+from redteam.attacks.glasses import Glasses
 from redteam.datasets import ImageFolderDataset
 from redteam.engine import load_target
 from redteam.errors import RedteamError
@@ -58,29 +59,58 @@ def test_a_photo_without_a_face_is_rejected(system, photos):
     assert rejected.item() == pytest.approx(system.threshold - 1.0)
 
 
-def test_a_system_with_a_box_judges_the_face_over_it_not_the_largest(system, photos, tmp_path):
-    """Two people side by side, the one on the left larger: the default system judges the left face; one whose box
-    covers the right half judges the right face; one whose box holds no face finds none."""
+@pytest.fixture(scope="module")
+def scene(photos):
+    """Two people side by side, the one on the left larger (``[1, 3, 250, 500]``), and each alone (``[2, 3, 250,
+    250]``)."""
     raw, _ = photos
     left, right = raw[0:1], raw[2:3]  # different people
     scene = torch.zeros(1, 3, 250, 500)
     scene[..., :250] = left
     scene[..., 40:215, 290:465] = F.interpolate(right, size=(175, 175), mode="bilinear", antialias=True)
+    return scene, torch.cat([left, right])
 
-    def load(box: str) -> torch.nn.Module:
-        spec = tmp_path / f"{len(box)}.yaml"
-        spec.write_text(f"detector: mtcnn\nrecogniser: arcface\nbox: {box}\n")
-        return load_target(f"system:{spec}", torch.device("cpu"))
 
-    boxed, empty = load("[250, 0, 500, 250]"), load("[0, 0, 40, 40]")
+def boxed_system(tmp_path, box: str) -> torch.nn.Module:
+    """``mtcnn+arcface`` judging the face over ``box``."""
+    spec = tmp_path / f"{len(box)}.yaml"
+    spec.write_text(f"detector: mtcnn\nrecogniser: arcface\nbox: {box}\n")
+    return load_target(f"system:{spec}", torch.device("cpu"))
+
+
+def test_a_system_with_a_box_judges_the_face_over_it_not_the_largest(system, scene, tmp_path):
+    """The default system judges the larger face on the left; one whose box covers the right half judges the right
+    face; one whose box holds no face finds none."""
+    scene, each = scene
+    boxed, empty = boxed_system(tmp_path, "[250, 0, 500, 250]"), boxed_system(tmp_path, "[0, 0, 40, 40]")
     with torch.no_grad():
-        alone = system.embed(torch.cat([left, right]))
+        alone = system.embed(each)
         by_default, by_box, by_empty = (model.embed(scene) for model in (system, boxed, empty))
     assert system.similarity(by_default, alone[:1]) > 0.9 > system.similarity(by_default, alone[1:])
     assert system.similarity(by_box, alone[1:]) > 0.9 > system.similarity(by_box, alone[:1])
     assert by_empty[0, 0] == 0 and empty.inspect(scene)[0] == ["no face"]
     assert "the face over the region [250.0, 0.0, 500.0, 250.0]" in boxed.card.architecture
     assert len({type(model).weights_fingerprint() for model in (system, boxed, empty)}) == 3  # runs keep them apart
+
+
+@pytest.mark.parametrize("box", [None, "[250, 0, 500, 250]"])
+def test_an_accessory_is_worn_on_the_face_the_system_judges(scene, tmp_path, box):
+    """Glasses on the two-person photo go where the judging system looks: with a box, on the right face, not on
+    the larger left one that a recogniser of crops (MTCNN's largest face) and the default system wear them on."""
+    scene, _ = scene
+    cpu = torch.device("cpu")
+    targets = [boxed_system(tmp_path, box)] if box else [load_target("arcface", cpu), load_target("mtcnn+arcface", cpu)]
+    for target in targets:
+        context = CampaignContext(
+            target=target,
+            target_name=target.card.name,
+            dataset=None,  # type: ignore[arg-type]  # only photos given here are looked at
+            device=cpu,
+            out=tmp_path,
+            load_target=lambda name: load_target(name, cpu),
+        )
+        eyes = Glasses.landmarks_of(context, scene)[0, :2]
+        assert (eyes[:, 0] > 250).tolist() == [bool(box)] * 2, target.card.name
 
 
 def test_gradients_reach_the_photo_with_landmarks_fixed_or_through_the_detector(system, photos, tmp_path):

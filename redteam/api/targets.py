@@ -262,6 +262,12 @@ class Target(nn.Module, ABC):
         ``None`` without a check). ``None`` for a single model (the default)."""
         return None
 
+    def locate(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Which face a face system judges in each image: ``[B]`` whether it found one and ``[B, 5, 2]`` that face's
+        five landmarks in pixels (eyes, nose, mouth corners; arbitrary where none was found). ``None`` for a model
+        that is given its face (the default)."""
+        return None
+
     def verdicts(self, images: Tensor, scores: Tensor, threshold: float) -> list[str] | None:
         """Where a face system stopped each image (``SYSTEM_STAGES``): a stage before matching, else whether its
         score (``[B]``) reaches ``threshold``; ``None`` for a single model."""
@@ -363,6 +369,15 @@ class Detections:
     boxes: Tensor
     scores: Tensor
     landmarks: Tensor | None = None
+
+    @property
+    def areas(self) -> Tensor:
+        """``[N]`` each box's area in pixels."""
+        return (self.boxes[:, 2:] - self.boxes[:, :2]).clamp_min(0).prod(1)
+
+    def largest(self) -> int | None:
+        """The index of the largest face, ``None`` when none was found."""
+        return int(self.areas.argmax()) if len(self.boxes) else None
 
 
 class ScoringTarget(Target):

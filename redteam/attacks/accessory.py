@@ -310,6 +310,20 @@ def photograph(
     return photo.clamp(0, 1)
 
 
+def largest_faces(detector: FaceDetector, images: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, 3, H, W]`` photos -> ``[B]`` whether ``detector`` found a face with landmarks and ``[B, 5, 2]`` the
+    largest such face's landmarks in pixels (zeros where none)."""
+    found, points = [], []
+    for faces in detector.detect(images):
+        largest = faces.largest()
+        found.append(largest is not None and faces.landmarks is not None)
+        if largest is None or faces.landmarks is None:
+            points.append(images.new_zeros(5, 2))
+        else:
+            points.append(faces.landmarks[largest].to(images))
+    return torch.tensor(found, device=images.device), torch.stack(points)
+
+
 def decided_right(similarity: Tensor, threshold: float, impersonate: bool) -> Tensor:
     """``[N]`` bool: the face system decides correctly (a match with one's own enrolment; no match with a victim)."""
     return similarity < threshold if impersonate else similarity >= threshold
@@ -412,9 +426,7 @@ class Accessory(Campaign):
         enrolled_photo = victim[1] if victim else enrolment
         assert enrolled_photo is not None  # dodging: _split set the enrolment photo aside
         enrolled = context.load([enrolled_photo])
-        detector = context.load_target("mtcnn")
-        assert isinstance(detector, FaceDetector)
-        trained_on, held = (self._photos(context, detector, indices) for indices in (train, held_out))
+        trained_on, held = (self._photos(context, indices) for indices in (train, held_out))
         with torch.no_grad():
             reference = target.embed(enrolled)
         clean = self._similarity(target, held.images, reference)
@@ -571,20 +583,30 @@ class Accessory(Campaign):
             raise UnknownNameError(f"victim in {context.dataset.name}", victim, others)
         return victim, draw.choice(sorted(people[victim]))
 
-    def _photos(self, context: CampaignContext, detector: FaceDetector, indices: list[int]) -> Photos:
-        """Load photos and find their landmarks with MTCNN (the canonical ones where it finds no face)."""
+    def _photos(self, context: CampaignContext, indices: list[int]) -> Photos:
+        """Load photos with the landmarks of the face judged in each (:meth:`landmarks_of`)."""
         images = context.load(indices)
-        canonical = CANONICAL_LANDMARKS * images.shape[-1] / CANONICAL_SIZE
-        landmarks = []
-        for found in (face for batch in images.split(context.batch_size) for face in detector.detect(batch)):
-            largest = int((found.boxes[:, 2:] - found.boxes[:, :2]).prod(1).argmax()) if len(found.boxes) else None
-            if largest is None:
-                landmarks.append(canonical)
-            else:
-                assert found.landmarks is not None  # MTCNN finds five landmarks per face
-                landmarks.append(found.landmarks[largest])
         names = [Path(context.dataset.records[i].source).name for i in indices]
-        return Photos(images, torch.stack(landmarks).to(images), names)
+        return Photos(images, self.landmarks_of(context, images), names)
+
+    @staticmethod
+    def landmarks_of(context: CampaignContext, images: Tensor) -> Tensor:
+        """``[N, 3, H, W]`` photos -> ``[N, 5, 2]`` the landmarks of the face the accessory is worn on: the one a face
+        system judges (its detector's, over its box if it has one), else the largest face MTCNN finds; the
+        canonical ones where there is none."""
+        canonical = CANONICAL_LANDMARKS.to(images) * images.shape[-1] / CANONICAL_SIZE
+        detector = None
+        found, landmarks = [], []
+        for batch in images.split(context.batch_size):
+            with torch.no_grad():
+                located = context.target.locate(batch)
+                if located is None:
+                    detector = context.load_target("mtcnn") if detector is None else detector
+                    assert isinstance(detector, FaceDetector)
+                    located = largest_faces(detector, batch)
+            found.append(located[0])
+            landmarks.append(located[1].to(images))
+        return torch.where(torch.cat(found)[:, None, None], torch.cat(landmarks), canonical)
 
     @staticmethod
     def _verdicts(model: FaceRecognizer, images: Tensor, similarity: Tensor) -> list[str] | None:

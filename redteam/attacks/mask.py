@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from redteam.api import ATTACKS, Axis, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
+from redteam.api import ATTACKS, Axis, CampaignContext, CampaignReport, FaceRecognizer
 from redteam.attacks.accessory import (
     OUTLINE_EDGE,
     Accessory,
@@ -178,10 +178,8 @@ class Mask(Accessory):
         target = context.target
         assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         split = self.split_people(context)
-        detector = context.load_target("mtcnn")
-        assert isinstance(detector, FaceDetector)
         learn, judged = (
-            Wearers(self._photos(context, detector, indices), torch.tensor(rows, device=context.device))
+            Wearers(self._photos(context, indices), torch.tensor(rows, device=context.device))
             for indices, rows in ((split.learn, split.learn_rows), (split.judge, split.judge_rows))
         )
         gallery = self._embed(context, target, split.gallery, "the gallery")

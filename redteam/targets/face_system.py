@@ -40,7 +40,16 @@ import yaml
 from torch import Tensor
 
 from redteam.align import CANONICAL_LANDMARKS, align_faces
-from redteam.api import ACCESS_LEVELS, TARGETS, FaceDetector, FaceRecognizer, LivenessDetector, ModelCard, Preprocessing
+from redteam.api import (
+    ACCESS_LEVELS,
+    TARGETS,
+    Detections,
+    FaceDetector,
+    FaceRecognizer,
+    LivenessDetector,
+    ModelCard,
+    Preprocessing,
+)
 from redteam.errors import RedteamError
 
 LandmarkGradients = Literal["fixed", "detector"]
@@ -95,7 +104,7 @@ class FaceSystem(FaceRecognizer):
                 detections = self.detector.detect(images)
         found, points = [], []
         for faces in detections:
-            chosen = self.choose(faces.boxes)
+            chosen = self.choose(faces)
             found.append(chosen is not None and faces.landmarks is not None)
             if chosen is None or faces.landmarks is None:
                 points.append(CANONICAL_LANDMARKS.to(images))
@@ -103,17 +112,14 @@ class FaceSystem(FaceRecognizer):
                 points.append(faces.landmarks[chosen].to(images))
         return torch.tensor(found, device=images.device), torch.stack(points)
 
-    def choose(self, boxes: Tensor) -> int | None:
-        """Which of the faces found (``boxes [N, 4]``) the system judges: the largest, or with a ``box`` the one most
-        inside it (at least :data:`INSIDE` of it); ``None`` when none qualifies."""
-        if len(boxes) == 0:
-            return None
-        area = (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).prod(1)
-        if self.box is None:
-            return int(area.argmax())
-        region = boxes.new_tensor(self.box)
+    def choose(self, faces: Detections) -> int | None:
+        """Which of the faces found the system judges: the largest, or with a ``box`` the one most inside it (at
+        least :data:`INSIDE` of it); ``None`` when none qualifies."""
+        if self.box is None or len(faces.boxes) == 0:
+            return faces.largest()
+        boxes, region = faces.boxes, faces.boxes.new_tensor(self.box)
         overlap = (torch.minimum(boxes[:, 2:], region[2:]) - torch.maximum(boxes[:, :2], region[:2])).clamp_min(0)
-        inside = overlap.prod(1) / area.clamp_min(1e-9)
+        inside = overlap.prod(1) / faces.areas.clamp_min(1e-9)
         best = int(inside.argmax())
         return best if inside[best] >= INSIDE else None
 
