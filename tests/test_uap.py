@@ -93,6 +93,23 @@ def test_cli_run_beats_noise_on_held_out_people_and_writes_its_files(people, cli
     assert (tmp_path / "uap.png").stat().st_size > 20_000 and (tmp_path / "uap-faces.png").stat().st_size > 50_000
 
 
+def test_through_a_face_system_it_says_where_the_system_stopped_each_probe(people, cli, capsys, tmp_path):
+    """Learned and judged on raw photos through ``mtcnn+arcface``: each held-out probe's stage is stored beside its
+    similarity, and a probe is matched exactly when its similarity reaches the threshold with its face found."""
+    command = ("run", "--target", "mtcnn+arcface", "--attack", "uap", "--data", people, "--eps", "0,16")
+    quick = ("--limit", "6", "--option", "learn_faces=8", "--option", "epochs=1", "--option", "batch=8")
+    assert cli(*command, *quick, "--option", "transfer=", "--out", tmp_path) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "where mtcnn+arcface stopped the held-out probes with the UAP: no face" in printed
+    metrics = json.loads((tmp_path / "run.json").read_text())["metrics"]
+    pairs = pd.read_csv(tmp_path / "held_out.csv")
+    assert set(pairs["stage"]) <= {"no face", "no match", "match"} and len(pairs) == 6
+    assert ((pairs["stage"] == "match") == (pairs["uap"] >= metrics["threshold"])).all()
+    assert metrics["uap_matched"] == pytest.approx((pairs["stage"] == "match").mean())
+    assert metrics["uap_face_found"] == pytest.approx((pairs["stage"] != "no face").mean())
+    assert metrics["clean_face_found"] == 1 and metrics["uap_matched"] == pytest.approx(metrics["accuracy"])
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

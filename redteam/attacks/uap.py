@@ -48,6 +48,7 @@ from redteam.api import (
 from redteam.budgets import image_units
 from redteam.errors import DataError
 from redteam.plots import AXIS_LABELS, face_grid  # also selects matplotlib's headless backend before pyplot draws
+from redteam.results import SYSTEM_STAGES, tally
 from redteam.runtime import chunks
 from redteam.threats import Dodging, Probe
 
@@ -70,11 +71,13 @@ class Split:
 
 @dataclass
 class Judged:
-    """Each probe's similarity to its enrolment, ``[K, N]`` for K perturbations of N pairs, and whether the face
-    system decided wrongly (no match), ``[K, N]`` bool."""
+    """Each probe's similarity to its enrolment, ``[K, N]`` for K perturbations of N pairs, whether the face
+    system decided wrongly (no match), ``[K, N]`` bool, and for a face system where it stopped each probe
+    (``SYSTEM_STAGES``, K lists of N; ``None`` for a single recogniser)."""
 
     similarity: Tensor
     fooled: Tensor
+    stages: list[list[str]] | None = None
 
     def fooling_rate(self, row: int) -> float:
         """Share of the pairs matched without a perturbation (row 0) that perturbation ``row`` unmatches."""
@@ -191,6 +194,8 @@ class UAP(Campaign):
             "learning_identities": len({context.dataset.records[p.image].identity for p in split.learning}),
             "learn_seconds": row["learn_seconds"],
         }
+        stage_metrics, stage_lines = self._stages(context, held, at, at + last)
+        metrics.update(stage_metrics)
         unit = "/255" if norm == "linf" else f" ({norm})"
         lines = [
             f"held-out identities ({metrics['held_out_identities']} people, {len(split.held_out)} genuine pairs, "
@@ -201,6 +206,7 @@ class UAP(Campaign):
             f"learned on {len(split.learning)} faces of {metrics['learning_identities']} other people ({self.epochs} "
             f"epochs of {self.batch}-face steps, {row['learn_seconds']:.0f} s); on their own pairs it unmatches "
             f"{metrics['learning_fooling_rate']:.1%}",
+            *stage_lines,
             *skipped,
         ]
         return CampaignReport(
@@ -296,15 +302,37 @@ class UAP(Campaign):
         clean enrolment photo (``enrolment``, by ``model``: the dodging objective and decision)."""
         advance = context.progress(f"uap: judging {what} ({model.card.name})", len(probes))
         threat, similarity, fooled = Dodging(context.dataset, seed=context.seed), [], []
+        stages: list[list[str]] | None = [[] for _ in perturbations] if model.pipeline else None
         for chunk in self._chunks(probes):
             images = context.load([p.image for p in chunk])
             objective = threat.objective(model, enrolment, chunk)
             with torch.no_grad():
-                verdicts = [objective((images + delta).clamp(0, 1)) for delta in perturbations]
+                shown = [(images + delta).clamp(0, 1) for delta in perturbations]
+                verdicts = [objective(perturbed) for perturbed in shown]
+                for row, perturbed, verdict in zip(stages or [], shown, verdicts):
+                    row += model.verdicts(perturbed, verdict.score, model.threshold) or []
             similarity.append(torch.stack([v.score for v in verdicts]))
             fooled.append(torch.stack([v.success for v in verdicts]))
             advance(len(chunk))
-        return Judged(torch.cat(similarity, dim=1), torch.cat(fooled, dim=1))
+        return Judged(torch.cat(similarity, dim=1), torch.cat(fooled, dim=1), stages)
+
+    @staticmethod
+    def _stages(context: CampaignContext, held: Judged, uap: int, noise: int) -> tuple[dict[str, float], list[str]]:
+        """For a face system, where it stopped the held-out pairs' probes clean, with noise and with the reported
+        UAP: ``*_face_found`` and ``*_matched`` shares, and a line. Nothing for a single model."""
+        if held.stages is None:
+            return {}, []
+        shown = {"clean": held.stages[0], "noise": held.stages[noise], "uap": held.stages[uap]}
+        metrics = {}
+        for condition, stages in shown.items():
+            metrics[f"{condition}_face_found"] = 1 - stages.count("no face") / len(stages)
+            metrics[f"{condition}_matched"] = stages.count("match") / len(stages)
+        tallies = {condition: tally(pd.Series(stages), SYSTEM_STAGES) for condition, stages in shown.items()}
+        line = (
+            f"where {context.target_name} stopped the held-out probes with the UAP: {tallies['uap']} (with noise: "
+            f"{tallies['noise']}; clean: {tallies['clean']}); a face no longer found is detector evasion, not dodging"
+        )
+        return metrics, [line]
 
     def _chunks(self, items: list) -> list[list]:
         return list(chunks(items, self.batch))
@@ -321,6 +349,7 @@ class UAP(Campaign):
                 "noise": held.similarity[noise].tolist(),
                 "uap": held.similarity[uap].tolist(),
                 "fooled": (held.fooled[uap] & ~held.fooled[0]).tolist(),
+                **({"stage": held.stages[uap]} if held.stages else {}),
             }
         )
 
