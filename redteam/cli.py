@@ -115,8 +115,8 @@ def run(
     forward: Annotated[
         str,
         typer.Option(
-            help="What computes the target's passes: torch, or onnxruntime on its export (faster forward passes, no "
-            "gradients: with --access score or decision)."
+            help="What computes the target's passes: torch, or onnxruntime on its export or published ONNX file "
+            "(faster forward passes, no gradients: with --access score or decision)."
         ),
     ] = "torch",
     skip_bad_images: Annotated[

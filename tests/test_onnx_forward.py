@@ -1,6 +1,6 @@
-"""``--forward onnxruntime``: a recogniser's forward passes from onnxruntime on its export agree with the torch
-module on real faces, give no gradients, are refused where they cannot serve, and a query attack runs on them from
-the command line with the same verdicts as on torch."""
+"""``--forward onnxruntime``: a recogniser's forward passes from onnxruntime on its export, and a detector's on the
+ONNX file it was converted from, agree with the torch module on real faces, give no gradients, are refused where
+they cannot serve, and a query attack runs on them from the command line with the same verdicts as on torch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sqlite3
 import pandas as pd
 import pytest
 import torch
+from helpers import shared_path
 
 from redteam.budgets import eight_bit
 from redteam.engine import EvaluationConfig, load_target
@@ -49,6 +50,25 @@ def test_a_face_gets_the_same_bits_alone_or_in_a_batch(name, faces):
     assert torch.equal(batched, alone)
 
 
+@pytest.mark.parametrize("weights", [None, "scrfd_500m.onnx", "scrfd_2.5g.onnx"])
+def test_a_detector_finds_the_same_faces_on_its_published_file(weights, faces):
+    """RetinaFace's file takes any batch; InsightFace's SCRFD files take one image at a time, and answer a batch of
+    four with the torch module's scores, boxes and landmarks."""
+    name, path = ("retinaface", None) if weights is None else ("scrfd", shared_path("weights", weights))
+    images = faces.load(range(0, 40, 10))
+    torch_target, onnx_target = (
+        load_target(name, torch.device("cpu"), weights=path, access="scores", forward=forward)
+        for forward in ("torch", "onnxruntime")
+    )
+    with torch.no_grad():
+        ours, theirs = torch_target.face_score(images), onnx_target.face_score(images)
+        found, found_there = torch_target.detect(images), onnx_target.detect(images)
+    assert (ours - theirs).abs().max() < 1e-5 and (ours > torch_target.threshold).all()
+    for here, there in zip(found, found_there):
+        assert len(here.boxes) == len(there.boxes) >= 1
+        assert (here.boxes - there.boxes).abs().max() < 1e-3 and (here.landmarks - there.landmarks).abs().max() < 1e-3
+
+
 def test_it_has_no_gradients(faces):
     target = load_target("arcface", torch.device("cpu"), access="decisions", forward="onnxruntime")
     with pytest.raises(RedteamError, match="no gradients"):
@@ -59,7 +79,7 @@ def test_it_has_no_gradients(faces):
     ("settings", "message"),
     [
         ({"target": "arcface", "attack": "pgd"}, "use it with --access score or decision"),
-        ({"target": "retinaface", "attack": "square", "access": "scores"}, "retinaface runs on torch; on onnxruntime:"),
+        ({"target": "mtcnn", "attack": "square", "access": "scores"}, "mtcnn runs on torch; on onnxruntime:"),
     ],
 )
 def test_refused_before_any_work_in_one_line(settings, message):
@@ -68,12 +88,13 @@ def test_refused_before_any_work_in_one_line(settings, message):
     assert "\n" not in str(refused.value)
 
 
-def test_a_score_attack_runs_on_it_with_torchs_verdicts(cli, faces_root, tmp_path):
+@pytest.mark.parametrize("target", [("arcface",), ("retinaface", "--threat", "evasion")])
+def test_a_score_attack_runs_on_it_with_torchs_verdicts(target, cli, faces_root, tmp_path):
     """The same square attack, seed and probes on both runtimes: the same walk (the scores it ends at agree to
     float32 rounding), the same verdicts, the same queries spent."""
     rows = []
     for forward in ("torch", "onnxruntime"):
-        command = ("run", "--target", "arcface", "--attack", "square", "--access", "score", "--queries", 40,
+        command = ("run", "--target", *target, "--attack", "square", "--access", "score", "--queries", 40,
                    "--forward", forward, "--data", faces_root, "--limit", 3, "--eps", "0,16", "--no-checks",
                    "--out", tmp_path / forward)  # fmt: skip
         assert cli(*command) == 0

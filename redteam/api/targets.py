@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE, TEMPLATES, similarity_transform
 from redteam.assets import RegistryFile
-from redteam.convert.onnx_forward import OnnxRuntimeForward
+from redteam.convert.onnx_forward import OnnxRuntimeForward, export_onnx
 from redteam.errors import RedteamError
 from redteam.registry import Registry
 from redteam.results import QueryLedger
@@ -219,7 +219,8 @@ class Target(nn.Module, ABC):
     #: What it shows an attacker: zoo targets are white-box graphs.
     offers: ClassVar[Access] = "gradients"
     #: What can compute its passes: torch, and onnxruntime for a recogniser whose whole network is ``self.net``,
-    #: taking the card's preprocessed ``[B, 3, H, W]`` input (:meth:`FaceRecognizer.forward_on_onnxruntime`).
+    #: taking the card's preprocessed ``[B, 3, H, W]`` input, or a detector converted from an ONNX file
+    #: (:meth:`forward_on_onnxruntime`).
     runtimes: ClassVar[tuple[str, ...]] = ("torch",)
     #: A deployed system whose every request costs: the engine gives it its cell's :class:`QueryLedger` as
     #: ``ledger``, which it answers repeated requests from (and an interrupted run resumes from).
@@ -243,6 +244,11 @@ class Target(nn.Module, ABC):
     def limit_to(self, access: Access) -> None:
         """Told that attackers get only ``access`` (below what it ``offers``); a target may then answer from another
         path, e.g. a model file from its own runtime. Nothing changes by default."""
+
+    def forward_on_onnxruntime(self) -> None:
+        """From now on its passes answer from onnxruntime (no gradients): for targets whose ``runtimes`` include it,
+        attacked with scores or decisions only."""
+        raise RedteamError(f"{self.card.name} runs on torch only.")
 
     def decide_at(self, threshold: float) -> None:
         """Decide at ``threshold`` as users write it (:meth:`on_score_scale`) instead of the card's."""
@@ -340,13 +346,12 @@ class FaceRecognizer(Target):
         return self.embed(images)
 
     def forward_on_onnxruntime(self) -> None:
-        """From now on ``self.net`` answers from onnxruntime on its export (no gradients): for targets whose
-        ``runtimes`` include it, attacked with scores or decisions only."""
+        """From now on ``self.net`` answers from onnxruntime on its export."""
         net, preprocessing = getattr(self, "net", None), self.card.preprocessing  # a face system has none
         if not isinstance(net, nn.Module) or preprocessing is None or preprocessing.size is None:
             raise RedteamError(f"{self.card.name} has no whole network to export: it runs on torch only.")
         height, width = preprocessing.size
-        self.net = OnnxRuntimeForward(net, torch.zeros(1, 3, height, width, device=self.device))
+        self.net = OnnxRuntimeForward(export_onnx(net, torch.zeros(1, 3, height, width, device=self.device)), net)
 
     def similarity(self, a: Tensor, b: Tensor) -> Tensor:
         """Row-wise similarity of ``[B, D]`` embeddings -> ``[B]``; larger means more alike."""
@@ -403,6 +408,17 @@ class FaceDetector(ScoringTarget):
     score_name = "face probability"
     #: Whether :meth:`faces` gives landmarks with a gradient (a face system may align through them).
     differentiable_landmarks: ClassVar[bool] = False
+    #: The network, where one module computes the detector's raw outputs.
+    net: nn.Module
+    #: The published ONNX file ``net`` was converted from (its bytes or path), for ``--forward onnxruntime``.
+    onnx_source: bytes | str | None = None
+
+    def forward_on_onnxruntime(self) -> None:
+        """From now on ``self.net`` answers from onnxruntime on the ONNX file it was converted from."""
+        if self.onnx_source is None:
+            super().forward_on_onnxruntime()
+        else:
+            self.net = OnnxRuntimeForward(self.onnx_source, self.net)
 
     def detected(self, images: Tensor, scores: Tensor | None = None) -> Tensor:
         """``[B]`` bool: is a face found above the threshold? By default the face score decides (single-stage

@@ -1,10 +1,11 @@
-"""A converted network's forward pass on onnxruntime: the same graph, exported once, for passes that need no gradient.
+"""A converted network's forward pass on onnxruntime, for passes that need no gradient.
 
 Query attacks and their judge only run forward passes. On a CPU onnxruntime runs our own export of most zoo
 recognisers 1.4-2.5x faster than eager PyTorch (its convolutions fuse their activations and use blocked layouts;
-arcface is the exception: bench/targets.py), so a score or decision oracle may answer from it (``redteam run
---forward onnxruntime``). The export is PyTorch's own
-(TorchScript-based) exporter; parity with the torch module is tested on real faces (tests/test_onnx_forward.py).
+arcface is the exception: bench/targets.py), and the published ONNX detectors (retinaface, scrfd) 1.5-1.9x faster
+than their conversion, so a score or decision oracle may answer from it (``redteam run --forward onnxruntime``).
+Recognisers run their export by PyTorch's own (TorchScript-based) exporter; detectors run the file they were
+converted from. Parity with the torch module is tested on real faces (tests/test_onnx_forward.py).
 """
 
 from __future__ import annotations
@@ -45,18 +46,28 @@ def onnx_session(model: bytes | str):
 
 
 class OnnxRuntimeForward(nn.Module):
-    """``net``'s forward pass answered by onnxruntime from its export (traced on ``example``, the network input's
-    shape). Outputs come back as float32 tensors on the input's device; there is no gradient to ask for."""
+    """``net``'s forward pass answered by onnxruntime from ``model`` (its export, or the ONNX file it was converted
+    from: bytes or a path). Outputs come back as float32 tensors on the input's device; there is no gradient to ask
+    for.
 
-    def __init__(self, net: nn.Module, example: Tensor):
+    A model whose batch axis is fixed at 1 (InsightFace's SCRFD exports) answers a batch one image at a time; its
+    outputs gain a leading batch axis where they have none, so every output is batch-first."""
+
+    def __init__(self, model: bytes | str, net: nn.Module):
         super().__init__()
-        self.session = onnx_session(export_onnx(net, example))
+        self.session = onnx_session(model)
         self.exported = net  # kept: its parameters still say where the target lives
-        self.input_name = self.session.get_inputs()[0].name
+        given = self.session.get_inputs()[0]
+        self.input_name, self.one_at_a_time = given.name, given.shape[0] == 1
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RedteamError("the onnxruntime forward pass has no gradients: it serves score and decision queries.")
         array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        outputs = tuple(torch.from_numpy(o).to(x.device) for o in self.session.run(None, {self.input_name: array}))
+        if self.one_at_a_time:
+            answers = [self.session.run(None, {self.input_name: image[None]}) for image in array]
+            batched = [np.concatenate(parts) if parts[0].shape[0] == 1 else np.stack(parts) for parts in zip(*answers)]
+        else:
+            batched = self.session.run(None, {self.input_name: array})
+        outputs = tuple(torch.from_numpy(o).to(x.device) for o in batched)
         return outputs[0] if len(outputs) == 1 else outputs

@@ -63,8 +63,8 @@ def load_target(
     """A registered target in eval mode with frozen parameters. ``weights``: a user's file, for targets that take
     one; its threshold (or that of a target that is a user's file, ``file:model.onnx``) is the one ``redteam
     calibrate`` stored for that file's content, if any. ``threshold`` decides at another operating point; ``access``
-    is what attackers get of it; ``forward`` what computes its passes (``onnxruntime``: a recogniser's network on
-    onnxruntime, for score and decision access)."""
+    is what attackers get of it; ``forward`` what computes its passes (``onnxruntime``: its network on onnxruntime,
+    for score and decision access)."""
     target_class = TARGETS.get(name)
     check_weights(name, weights)
     check_runtime(name, forward)
@@ -83,7 +83,6 @@ def load_target(
         target.limit_to(access)  # type: ignore[arg-type]
     target = frozen(target, device)
     if forward == "onnxruntime":
-        assert isinstance(target, FaceRecognizer)  # only recognisers declare it (check_runtime)
         target.forward_on_onnxruntime()
     if threshold is not None:
         target.decide_at(threshold)

@@ -103,10 +103,12 @@ class RetinaFace(FaceDetector):
     )
 
     weights = (WEIGHTS_PY,)
+    runtimes = ("torch", "onnxruntime")  # the published ONNX file itself
 
     def __init__(self, score_threshold: float = 0.9, iou_threshold: float = 0.4) -> None:
         super().__init__()
-        self.net = load_onnx(onnx_bytes(WEIGHTS_PY.path()))
+        self.onnx_source = onnx_bytes(WEIGHTS_PY.path())
+        self.net = load_onnx(self.onnx_source)
         self.score_threshold, self.iou_threshold = score_threshold, iou_threshold
 
     def raw(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -57,6 +57,7 @@ class SCRFD(FaceDetector):
     )
 
     accepts_weights = True
+    runtimes = ("torch", "onnxruntime")  # the user's ONNX file itself
 
     def __init__(
         self,
@@ -69,8 +70,9 @@ class SCRFD(FaceDetector):
         super().__init__()
         if weights is None:
             raise MissingWeightsError(WHERE_TO_GET)
-        self.net = load_onnx(weights)
-        count = len(self.net.output_names)
+        self.onnx_source = str(weights)
+        net = load_onnx(weights)
+        self.net, count = net, len(net.output_names)
         if count not in (6, 9, 10, 15):
             raise MissingWeightsError(f"{weights} has {count} outputs; an SCRFD detector has 6, 9, 10 or 15.")
         # Outputs: scores of every stride, then box distances, then keypoints (when the model has them).
