@@ -117,9 +117,13 @@ def test_an_attack_that_does_nothing_is_flagged_by_beats_noise(cli, capsys, face
 
 
 def test_an_attack_stopped_too_soon_is_flagged_by_the_convergence_check(cli, faces_root, tmp_path):
-    # APGD with one step only looks at its random start: twice that effort takes a real step and fools more.
-    command = ("run", "--target", "arcface", "--attack", "apgd", "--data", faces_root, "--limit", 4, "--eps", "0,2",
+    """APGD with one step only looks at its random start: twice that effort takes a real step and fools more. The
+    check re-attacks survivors drawn from all 10 probes, not only from the other checks' sample of 8."""
+    command = ("run", "--target", "arcface", "--attack", "apgd", "--data", faces_root, "--limit", 10, "--eps", "0,2",
                "--steps", 1, "--out", tmp_path)  # fmt: skip
     assert cli(*command) == 0
-    converged = ResultStore(tmp_path / "results.sqlite").checks().set_index("name").loc["converged"]
+    store = ResultStore(tmp_path / "results.sqlite")
+    converged = store.checks().set_index("name").loc["converged"]
+    standing = int(store.frame().query("eps > 0")["correct"].sum())
     assert not converged["passed"] and "with steps 2, restarts 2" in converged["detail"]
+    assert f": {standing} of 10 probes stand; {min(standing, 8)} of them attacked again" in converged["detail"]

@@ -93,7 +93,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
                 ]
                 checks += surrogate_checks(executor.crafting, images[:2])
             checks.append(_beats_noise(cell, own, verdict, images, sample))
-            checks += _converged(cell, own, crafting, verdict, images, sample, executor.generator("converged"))
+            checks += _converged(cell, own, executor, executor.generator("converged"))
             checks += _fixed_randomness(cell, own, executor, crafting, verdict, images, sample)
             if cell.queries and cell.budgets[-1] > 0:
                 checks.append(_beats_random_search(cell, own, verdict, images, sample))
@@ -257,38 +257,41 @@ def _beats_noise(cell: Cell, own: pd.DataFrame, verdict: Objective, images: torc
     return Check("beats noise", passed, detail)
 
 
-#: The share of the checks' probes that twice the effort may still fool before the attack counts as unconverged.
+#: The share of the re-attacked survivors that twice the effort may still fool before the attack counts as
+#: unconverged (at least one probe may fall).
 CONVERGED_SLACK = 1 / 8
 
 
-def _converged(
-    cell: Cell, own: pd.DataFrame, crafting: Objective, verdict: Objective, images: torch.Tensor, sample, generator
-) -> list[Check]:
-    """Twice the effort (the attack's declared ``effort`` settings doubled; EOT only where it draws already) on the
-    probes that still stand, at the budget where the checks' probes are nearest half fooled: if more than
-    :data:`CONVERGED_SLACK` of them fall (one probe of eight), the attack had not converged and its curve overstates
-    robustness."""
+def _converged(cell: Cell, own: pd.DataFrame, executor: Executor, generator: torch.Generator) -> list[Check]:
+    """Twice the effort (the attack's declared ``effort`` settings doubled; EOT only where it draws already) on up to
+    :data:`SAMPLE` of the probes that still stand, at the budget where the cell's probes are nearest half fooled: if
+    more than :data:`CONVERGED_SLACK` of them fall (and more than one), the attack had not converged and its curve
+    overstates robustness. The survivors are drawn from every probe of the cell, not from the other checks' sample:
+    where those all fell, others may still stand."""
     attack = cell.attack
     if not isinstance(attack, Attack) or not attack.effort:
         return []
     stored = own.set_index(["eps", "probe"])["correct"].astype(bool)
-    standing = {eps: [k for k, p in enumerate(sample) if stored.get((eps, p.key), False)] for eps in cell.budgets}
-    budgets = [eps for eps in cell.budgets if eps > 0 and standing[eps]]
+    attacked = [p for p in cell.probes if (0.0, p.key) in stored.index]
+    standing = {eps: [p for p in attacked if stored.get((eps, p.key), False)] for eps in cell.budgets if eps > 0}
+    budgets = [eps for eps, probes in standing.items() if probes]
     if not budgets:
-        return [Check("converged", True, "nothing stands at any budget above 0")]
-    eps = min(budgets, key=lambda e: abs(len(standing[e]) / len(sample) - 0.5))
+        return [Check("converged", True, f"nothing stands at any budget above 0 (of {len(attacked)} probes)")]
+    eps = min(budgets, key=lambda e: abs(len(standing[e]) / len(attacked) - 0.5))
+    survivors = standing[eps][:SAMPLE]
     doubled = {s: 2 * getattr(attack, s) for s in attack.effort if s != "eot" or getattr(attack, s) > 1}
-    stronger = replace(attack, **doubled)
-    index = torch.tensor(standing[eps], device=images.device)
+    crafting, verdict = executor.objectives(survivors)
+    images = cell.dataset.load([p.image for p in survivors]).to(executor.device)
     norm = cast(Norm, cell.config.norm)
-    result = stronger(crafting.select(index), images[index], Budget(norm, eps), generator)
+    result = replace(attack, **doubled)(crafting, images, Budget(norm, eps), generator)
     with torch.no_grad():
-        fallen = int(verdict.select(index)(result.images).success.sum())
-    before = len(standing[eps]) / len(sample)
-    after = (len(standing[eps]) - fallen) / len(sample)
+        fallen = int(verdict(result.images).success.sum())
     effort = ", ".join(f"{s} {v}" for s, v in doubled.items())
-    detail = f"at ε {display_eps(eps, norm):g}: {before:.0%} of the checks' probes stand; with {effort}: {after:.0%}"
-    passed = fallen <= CONVERGED_SLACK * len(sample)
+    detail = (
+        f"at ε {display_eps(eps, norm):g}: {len(standing[eps])} of {len(attacked)} probes stand; {len(survivors)} of "
+        f"them attacked again with {effort}: {fallen} fell"
+    )
+    passed = fallen <= max(1.0, CONVERGED_SLACK * len(survivors))
     if not passed:
         detail += "; the attack had not converged: raise its steps (the curve overstates robustness)"
     return [Check("converged", passed, detail)]
