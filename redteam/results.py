@@ -89,6 +89,16 @@ def tally(values: pd.Series, order: tuple[str, ...] | None = None) -> str:
     return ", ".join(f"{value} {int(counts.get(value, 0))}" for value in order or counts.index)
 
 
+def stage_shares(stages: dict[str, list[str]]) -> dict[str, float]:
+    """Per condition's stages (``SYSTEM_STAGES``, one per image): the shares of images in which the face system found
+    a face (``{condition}_face_found``) and that it matched (``{condition}_matched``)."""
+    shares = {}
+    for condition, found in stages.items():
+        shares[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
+        shares[f"{condition}_matched"] = found.count("match") / len(found)
+    return shares
+
+
 class QueryLedger:
     """The requests one cell sent a deployed target, kept in its store as they are answered: an identical request
     is answered from here instead of being sent again (within a run, and when an interrupted run resumes)."""

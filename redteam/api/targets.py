@@ -15,6 +15,7 @@ registered in :data:`TARGETS`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -433,6 +434,30 @@ class FaceDetector(ScoringTarget):
     def faces(self, images: Tensor) -> list[Detections]:
         """As :meth:`detect`, with landmarks that keep their gradient where ``differentiable_landmarks``."""
         return self.detect(images)
+
+    def chosen_landmarks(
+        self,
+        images: Tensor,
+        choose: Callable[[Detections], int | None] = Detections.largest,
+        keep_gradient: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was chosen (``choose``: by default the largest) and
+        ``[B, 5, 2]`` its landmarks in pixels (the canonical ones where none was); with ``keep_gradient`` they come
+        from :meth:`faces`."""
+        if keep_gradient:
+            detections = self.faces(images)
+        else:
+            with torch.no_grad():
+                detections = self.detect(images)
+        found, points = [], []
+        for faces in detections:
+            chosen = choose(faces)
+            found.append(chosen is not None and faces.landmarks is not None)
+            if chosen is None or faces.landmarks is None:
+                points.append(CANONICAL_LANDMARKS.to(images))
+            else:
+                points.append(faces.landmarks[chosen].to(images))
+        return torch.tensor(found, device=images.device), torch.stack(points)
 
     @abstractmethod
     def face_score(self, images: Tensor) -> Tensor:

@@ -45,7 +45,7 @@ from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
 from redteam.api import Campaign, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
 from redteam.errors import DataError, RedteamError, UnknownNameError
 from redteam.plots import face_grid
-from redteam.results import SYSTEM_STAGES, tally
+from redteam.results import SYSTEM_STAGES, stage_shares, tally
 from redteam.threats import Objective, VerificationObjective
 
 #: Inter-ocular distance of the canonical frame, in its pixels: accessory areas are fractions of that frame.
@@ -310,20 +310,6 @@ def photograph(
     return photo.clamp(0, 1)
 
 
-def largest_faces(detector: FaceDetector, images: Tensor) -> tuple[Tensor, Tensor]:
-    """``[B, 3, H, W]`` photos -> ``[B]`` whether ``detector`` found a face with landmarks and ``[B, 5, 2]`` the
-    largest such face's landmarks in pixels (zeros where none)."""
-    found, points = [], []
-    for faces in detector.detect(images):
-        largest = faces.largest()
-        found.append(largest is not None and faces.landmarks is not None)
-        if largest is None or faces.landmarks is None:
-            points.append(images.new_zeros(5, 2))
-        else:
-            points.append(faces.landmarks[largest].to(images))
-    return torch.tensor(found, device=images.device), torch.stack(points)
-
-
 def decided_right(similarity: Tensor, threshold: float, impersonate: bool) -> Tensor:
     """``[N]`` bool: the face system decides correctly (a match with one's own enrolment; no match with a victim)."""
     return similarity < threshold if impersonate else similarity >= threshold
@@ -496,9 +482,7 @@ class Accessory(Campaign):
         system_lines = []
         if clean_stages is not None and worn_stages is not None:  # a face system: where it stopped each photo
             per_photo["stage"] = worn_stages
-            for condition, found in (("clean", clean_stages), (noun, worn_stages)):
-                metrics[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
-                metrics[f"{condition}_matched"] = found.count("match") / len(found)
+            metrics |= stage_shares({"clean": clean_stages, noun: worn_stages})
             system_lines.append(
                 f"where {context.target_name} stopped the held-out photos wearing the {noun}: "
                 f"{tally(pd.Series(worn_stages), SYSTEM_STAGES)} (without it: "
@@ -603,7 +587,7 @@ class Accessory(Campaign):
                 if located is None:
                     detector = context.load_target("mtcnn") if detector is None else detector
                     assert isinstance(detector, FaceDetector)
-                    located = largest_faces(detector, batch)
+                    located = detector.chosen_landmarks(batch)
             found.append(located[0])
             landmarks.append(located[1].to(images))
         return torch.where(torch.cat(found)[:, None, None], torch.cat(landmarks), canonical)

@@ -48,7 +48,7 @@ from redteam.api import (
 from redteam.budgets import image_units
 from redteam.errors import DataError
 from redteam.plots import AXIS_LABELS, face_grid  # also selects matplotlib's headless backend before pyplot draws
-from redteam.results import SYSTEM_STAGES, tally
+from redteam.results import SYSTEM_STAGES, stage_shares, tally
 from redteam.runtime import chunks
 from redteam.threats import Dodging, Probe
 
@@ -147,7 +147,7 @@ class UAP(Campaign):
         clean = torch.zeros_like(uaps[headline])
         shown = [clean, *uaps.values(), *noises.values()]
         held_out = self.enrolled(context, target, split.held_out)
-        held = self.judge(context, target, held_out, split.held_out, torch.cat(shown), "held-out pairs")
+        held = self.judge(context, target, held_out, split.held_out, torch.cat(shown), "held-out pairs", True)
         learned = self.judge(
             context, target, learning, split.learning, torch.cat([clean, uaps[headline]]), "learning pairs"
         )
@@ -297,12 +297,14 @@ class UAP(Campaign):
         probes: list[Probe],
         perturbations: Tensor,
         what: str,
+        where_stopped: bool = False,
     ) -> Judged:
         """Every perturbation ``[K, 3, S, S]`` added to every probe photo, judged by ``model`` against the probe's
-        clean enrolment photo (``enrolment``, by ``model``: the dodging objective and decision)."""
+        clean enrolment photo (``enrolment``, by ``model``: the dodging objective and decision); with
+        ``where_stopped``, a face system also says where it stopped each (one more detection pass)."""
         advance = context.progress(f"uap: judging {what} ({model.card.name})", len(probes))
         threat, similarity, fooled = Dodging(context.dataset, seed=context.seed), [], []
-        stages: list[list[str]] | None = [[] for _ in perturbations] if model.pipeline else None
+        stages: list[list[str]] | None = [[] for _ in perturbations] if where_stopped and model.pipeline else None
         for chunk in self._chunks(probes):
             images = context.load([p.image for p in chunk])
             objective = threat.objective(model, enrolment, chunk)
@@ -323,16 +325,12 @@ class UAP(Campaign):
         if held.stages is None:
             return {}, []
         shown = {"clean": held.stages[0], "noise": held.stages[noise], "uap": held.stages[uap]}
-        metrics = {}
-        for condition, stages in shown.items():
-            metrics[f"{condition}_face_found"] = 1 - stages.count("no face") / len(stages)
-            metrics[f"{condition}_matched"] = stages.count("match") / len(stages)
         tallies = {condition: tally(pd.Series(stages), SYSTEM_STAGES) for condition, stages in shown.items()}
         line = (
             f"where {context.target_name} stopped the held-out probes with the UAP: {tallies['uap']} (with noise: "
             f"{tallies['noise']}; clean: {tallies['clean']}); a face no longer found is detector evasion, not dodging"
         )
-        return metrics, [line]
+        return stage_shares(shown), [line]
 
     def _chunks(self, items: list) -> list[list]:
         return list(chunks(items, self.batch))

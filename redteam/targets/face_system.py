@@ -39,7 +39,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from redteam.align import CANONICAL_LANDMARKS, align_faces
+from redteam.align import align_faces
 from redteam.api import (
     ACCESS_LEVELS,
     TARGETS,
@@ -97,20 +97,7 @@ class FaceSystem(FaceRecognizer):
     def locate(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``[B, 3, H, W]`` photos -> ``[B]`` whether a face was found and ``[B, 5, 2]`` the landmarks of the face
         each photo is judged on (:meth:`choose`; the canonical ones where none was found)."""
-        if self.landmarks == "detector":
-            detections = self.detector.faces(images)
-        else:
-            with torch.no_grad():
-                detections = self.detector.detect(images)
-        found, points = [], []
-        for faces in detections:
-            chosen = self.choose(faces)
-            found.append(chosen is not None and faces.landmarks is not None)
-            if chosen is None or faces.landmarks is None:
-                points.append(CANONICAL_LANDMARKS.to(images))
-            else:
-                points.append(faces.landmarks[chosen].to(images))
-        return torch.tensor(found, device=images.device), torch.stack(points)
+        return self.detector.chosen_landmarks(images, self.choose, keep_gradient=self.landmarks == "detector")
 
     def choose(self, faces: Detections) -> int | None:
         """Which of the faces found the system judges: the largest, or with a ``box`` the one most inside it (at
