@@ -151,7 +151,8 @@ def run(
         str | None,
         typer.Option(
             help="With --defense: calibration faces (identity folders, not the evaluated ones) on which the defended "
-            "system's threshold is moved to accept impostors as often as the undefended one."
+            "system's threshold is moved to accept impostors as often as the undefended one. Default for a defense "
+            "that changes what scores mean (lqvae): the faces it was trained on; none: keep the undefended threshold."
         ),
     ] = None,
     intruder: Annotated[
@@ -253,6 +254,7 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
         f"[bold]{escape(config.target)}[/] ({executor.device}) · {escape(config.attack)} · {config.threat}"
         f"{escape(crafted)} · {len(cell.probes)} probes from {escape(cell.dataset.description)} · threshold "
         f"{executor.target.threshold_text()}"
+        + (f" (recalibrated on {escape(str(cell.config.recalibration_faces))})" if executor.recalibration else "")
     )
     for note in [*skipped(cell.dataset), *evaluation.planner.notes]:
         console.print(f"[yellow]⚠[/] {escape(note)}", highlight=False)
@@ -266,7 +268,7 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
         outcome = checks_of(evaluation) if config.checks else []
     curve = evaluation.curve()
     summary = {
-        "config": config.to_dict(),
+        "config": cell.config.to_dict(),  # as resolved: with the faces a defended threshold was recalibrated on
         "cell": cell.key,
         "comparable": config.comparability_key(cell.fingerprint),  # equal in two runs: their numbers compare
         "threshold": executor.target.threshold,

@@ -54,6 +54,7 @@ class Pair:
 
 class FaceDataset(ABC):
     name: str
+    spec: str  # what :func:`open_dataset` opens it again from, in any working directory
     description: str
     records: list[FaceRecord]
     pairs: list[Pair] | None = None
@@ -134,6 +135,7 @@ class ImageFolderDataset(FaceDataset):
     ):
         self.root = Path(root)
         self.name = self.root.name
+        self.spec = str(self.root.expanduser().resolve())
         self.image_size, self.align = image_size, align
         if not self.root.exists():
             raise DataError(f"dataset folder {self.root} does not exist.")
@@ -283,7 +285,7 @@ class DemoDataset(FaceDataset):
     data for that).
     """
 
-    name = "default"
+    name = spec = "default"
     version = 2  # of how faces are cut from the photos (part of the cache's name and of the fingerprint)
     min_face = 80  # pixels in the 1920-wide photos: skips the few small false positives
     min_score = 0.95

@@ -69,7 +69,13 @@ def lqvae(
         crops = face_crops(dataset, config, count, advance=lambda n: tracker.advance(task, n))
         task = tracker.add_task("training", total=epochs * count)
         checkpoint = train_lqvae(
-            config, crops, path, resolve_device(device), restart, lambda n: tracker.advance(task, n)
+            config,
+            crops,
+            path,
+            resolve_device(device),
+            restart,
+            lambda n: tracker.advance(task, n),
+            trained_on=dataset.spec,
         )
     for epoch, losses in enumerate(checkpoint["history"], start=1):
         console.print(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()), highlight=False)

@@ -4,10 +4,14 @@ accept rate."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 from helpers import shared_path
 
+from redteam.assets import save_atomic
 from redteam.metrics import threshold_at_far
 from redteam.results import ResultStore
 
@@ -47,3 +51,29 @@ def test_a_defense_that_accepts_everyone_is_flagged_and_recalibration_moves_its_
     moved = _operating_check(tmp_path / "recalibrated")
     assert moved["passed"] and f"recalibrated on {calibration_faces}" in moved["detail"]
     assert "at cosine 0.3646" not in moved["detail"].split(";")[0].split("accepts")[0]  # a new threshold
+
+
+def test_lqvae_is_recalibrated_by_default_on_the_faces_it_was_trained_on(
+    cli, faces_root, calibration_faces, tmp_path, monkeypatch, capsys
+):
+    from redteam.defenses.lqvae import default_path
+
+    monkeypatch.setenv("REDTEAM_CACHE", str(tmp_path / "cache"))
+    tiny = ("--epochs", 1, "--limit", 8, "--image-size", 32, "--channels", 8, "--latent-channels", 4)
+    assert cli("train", "lqvae", "--data", calibration_faces, *tiny) == 0
+    command = ("run", "--target", "arcface", "--attack", "pgd", "--defense", "lqvae", "--adaptivity", "adaptive",
+               "--data", faces_root, "--limit", 2, "--eps", "0", "--no-checks")  # fmt: skip
+    assert cli(*command, "--out", tmp_path / "default") == 0
+    run = json.loads((tmp_path / "default" / "run.json").read_text())
+    assert run["config"]["recalibrate"] == str(calibration_faces.resolve())
+    assert f"(recalibrated on {calibration_faces.resolve()})" in capsys.readouterr().out
+    assert cli(*command, "--recalibrate", "none", "--out", tmp_path / "as-deployed") == 0
+    header = capsys.readouterr().out.replace("\n", " ")
+    assert "threshold cosine 0.3646" in header and "(recalibrated on" not in header  # arcface's own
+    # A purifier whose training faces are unknown (trained before they were recorded): one line, before any work.
+    checkpoint = torch.load(default_path(), weights_only=True)
+    save_atomic({**checkpoint, "data": None}, default_path())
+    assert cli(*command, "--out", tmp_path / "unknown") == 2
+    error = capsys.readouterr().err
+    assert "--recalibrate FACES" in error and "--recalibrate none" in error
+    assert not (tmp_path / "unknown" / "results.sqlite").exists()

@@ -49,6 +49,11 @@ class InputTransform(nn.Module, ABC):
     randomised: ClassVar[bool] = False
     #: What :meth:`surrogate` is, in reports ("identity" unless a transform overrides it).
     surrogate_name: ClassVar[str] = "identity"
+    #: It changes what a recogniser's scores mean (a purifier redraws the face), so the undefended threshold says
+    #: nothing of the defended system: runs recalibrate it (``--recalibrate``, by default on :attr:`trained_on`).
+    moves_threshold: ClassVar[bool] = False
+    #: The identity folders a trained transform learnt from (recorded by its training), if known.
+    trained_on: str | None = None
 
     @abstractmethod
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:

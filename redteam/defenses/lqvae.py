@@ -175,6 +175,7 @@ class LQVAE(InputTransform):
     differentiable = False  # the binary quantiser has zero gradient: attacks use the surrogate (BPDA)
     surrogate_name = "expected decoder"
     randomised = True  # the latent is sampled on every call: attacks average over draws (EOT)
+    moves_threshold = True  # its redrawn faces score alike: the undefended threshold accepts impostors
 
     def __init__(self, path: Path | str | None = None):
         super().__init__()
@@ -186,6 +187,7 @@ class LQVAE(InputTransform):
         self.net.load_state_dict(checkpoint["state"])
         self.net.eval().requires_grad_(False)
         self.epochs_trained: int = checkpoint["epoch"]
+        self.trained_on = checkpoint.get("data")  # absent from checkpoints written before it was recorded
 
     def _through(self, images: Tensor, filter_crops: Callable[[Tensor], Tensor]) -> Tensor:
         """Apply ``filter_crops`` to the VAE-sized face crop and paste the result back at full resolution."""
@@ -238,14 +240,16 @@ def train_lqvae(
     device: torch.device,
     restart: bool = False,
     advance: Callable[[int], None] = lambda n: None,
+    trained_on: str | None = None,
 ) -> dict:
     """Train (or resume) the LQ-VAE on ``crops [N, 3, S, S]`` uint8, checkpointing to ``path`` after every epoch.
     Batches and noise are drawn from generators seeded by (seed, epoch), so a resumed run redraws the same.
+    ``trained_on``: the folder the crops come from, recorded (runs recalibrate the defended threshold there).
     Returns the checkpoint."""
     torch.manual_seed(config.seed)
     net = LQVAENet(config).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-    checkpoint: dict[str, Any] = {"config": asdict(config), "epoch": 0, "history": []}
+    checkpoint: dict[str, Any] = {"config": asdict(config), "epoch": 0, "history": [], "data": trained_on}
     if path.is_file() and not restart:
         previous = torch.load(path, map_location="cpu", weights_only=True)
         if LQVAEConfig(**previous["config"]).architecture() != config.architecture():

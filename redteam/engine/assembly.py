@@ -37,7 +37,7 @@ from redteam.api import (
     grants,
 )
 from redteam.calibrations import file_fingerprint, stored_calibration
-from redteam.engine.config import EvaluationConfig, check_runtime, check_weights, instantiate
+from redteam.engine.config import AS_DEPLOYED, EvaluationConfig, check_runtime, check_weights, instantiate
 from redteam.errors import RedteamError
 from redteam.runtime import frozen
 from redteam.threats import THREATS
@@ -358,6 +358,23 @@ def implied_settings(config: EvaluationConfig, chain: DefenseChain) -> dict[str,
     if crafted_elsewhere and attack_class.supports_early_stop:
         implied["early_stop"] = False
     return implied
+
+
+def with_recalibration(config: EvaluationConfig, chain: DefenseChain) -> EvaluationConfig:
+    """``config`` with the faces its defended recogniser is recalibrated on: ``--recalibrate`` as given, else,
+    when a transform of the chain moves the threshold (:attr:`InputTransform.moves_threshold`), the faces it was
+    trained on. Fails in one line when it moves it and nobody knows those faces."""
+    movers = [t for t in chain.transforms if t.moves_threshold]
+    if config.recalibrate or not movers or TARGETS.get(config.target).card.task != "recognition":
+        return config
+    faces = next((t.trained_on for t in movers if t.trained_on and Path(t.trained_on).exists()), None)
+    if faces is None:
+        raise RedteamError(
+            f"{movers[0].name} changes what {config.target}'s scores mean and its training faces are unknown: give "
+            f"--recalibrate FACES (identity folders, not the evaluated ones), or --recalibrate {AS_DEPLOYED} to judge "
+            f"it at {config.target}'s own threshold."
+        )
+    return replace(config, recalibrate=faces)
 
 
 def check_capabilities(config: EvaluationConfig, chain: DefenseChain) -> None:

@@ -34,6 +34,8 @@ KEY_DEFAULTS: dict[str, Any] = {
     "precision": "fp32", "skip_bad_images": False, "access": "gradients", "queries": None, "recalibrate": None,
     "far": None, "forward": "torch",
 }  # fmt: skip
+#: ``--recalibrate none``: judge a defended recogniser at the undefended threshold, even where the defense moves it.
+AS_DEPLOYED = "none"
 #: The false accept rate of a card's strict threshold (``threshold_far``), as ``redteam calibrate`` measures it.
 CARD_FAR = 1e-3
 
@@ -99,6 +101,11 @@ class EvaluationConfig:
         """One line naming the cell (progress bars, the gate's tables, sweep summaries)."""
         target = f"{self.surrogate}→{self.target}" if self.surrogate else self.target
         return f"{target} / {self.defense_label} / {self.attack} / {self.threat} / {self.norm}"
+
+    @property
+    def recalibration_faces(self) -> str | None:
+        """The faces the defended threshold is recalibrated on, if it is (``--recalibrate``, not ``none``)."""
+        return None if self.recalibrate == AS_DEPLOYED else self.recalibrate
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "eps": list(self.eps)}

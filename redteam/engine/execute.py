@@ -77,8 +77,9 @@ class Executor:
         self.crafting = crafting
         self.batch_size = self._batch_size()
         self.recalibration: tuple[float, float] | None = None  # (threshold, false accept rate) when recalibrated
-        if config.recalibrate:
-            self._recalibrate(open_dataset(config.recalibrate, align=config.align, skip_bad=config.skip_bad_images))
+        if config.recalibration_faces:
+            faces = open_dataset(config.recalibration_faces, align=config.align, skip_bad=config.skip_bad_images)
+            self._recalibrate(faces)
         self.enrolment = self._enrol(self.target)
         self.crafting_enrolment = self.enrolment if crafting is self.target else self._enrol(crafting)
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from redteam.api import TARGETS, AttackBase
 from redteam.assets import sha256_of
 from redteam.datasets import FaceDataset, open_dataset
-from redteam.engine.assembly import DefenseChain, build_attack, build_defense
+from redteam.engine.assembly import DefenseChain, build_attack, build_defense, with_recalibration
 from redteam.engine.config import RESULTS_VERSION, EvaluationConfig
 from redteam.evidence import EvidenceLog
 from redteam.results import ResultStore, accuracy_curve
@@ -66,6 +66,7 @@ def prepare(config: EvaluationConfig) -> Cell:
     if resolved.campaign:
         raise ValueError(f"{resolved.attack} is a campaign: run it with redteam.engine.run_campaign")
     defense = build_defense(resolved.defense)
+    resolved = with_recalibration(resolved, defense)
     attack = build_attack(resolved, defense)
     dataset = open_dataset(resolved.data, align=resolved.align, skip_bad=resolved.skip_bad_images)
     threat = THREATS.get(resolved.threat)(dataset, seed=resolved.seed)
