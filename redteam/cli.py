@@ -256,6 +256,8 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
         f"{executor.target.threshold_text()}"
         + (f" (recalibrated on {escape(str(cell.config.recalibration_faces))})" if executor.recalibration else "")
     )
+    if executor.eot is not None:
+        console.print(escape(f"EOT: {executor.eot.describe()}"), highlight=False)
     for note in [*skipped(cell.dataset), *evaluation.planner.notes]:
         console.print(f"[yellow]⚠[/] {escape(note)}", highlight=False)
     with progress() as tracker:

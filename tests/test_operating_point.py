@@ -49,7 +49,10 @@ def test_a_defense_that_accepts_everyone_is_flagged_and_recalibration_moves_its_
     assert not flagged["passed"] and "accepts impostors it should not" in flagged["detail"]
     assert cli(*command, "--recalibrate", calibration_faces, "--out", tmp_path / "recalibrated") == 0
     moved = _operating_check(tmp_path / "recalibrated")
-    assert moved["passed"] and f"recalibrated on {calibration_faces}" in moved["detail"]
+    assert f"recalibrated on {calibration_faces}" in moved["detail"]
+    # At its own threshold it accepts impostors no more often, and it no longer recognises anyone: flagged too.
+    assert "accepts impostors it should not" not in moved["detail"] and not moved["passed"]
+    assert "rejects genuine pairs it should accept" in moved["detail"]
     assert "at cosine 0.3646" not in moved["detail"].split(";")[0].split("accepts")[0]  # a new threshold
 
 

@@ -38,12 +38,11 @@ from redteam.api import (
 )
 from redteam.calibrations import file_fingerprint, stored_calibration
 from redteam.engine.config import AS_DEPLOYED, EvaluationConfig, check_runtime, check_weights, instantiate
+from redteam.engine.eot import CHOICES as EOT_CHOICES
 from redteam.errors import RedteamError
 from redteam.runtime import frozen
 from redteam.threats import THREATS
 
-#: Gradient samples per step when an adaptive attack meets a randomised defense and ``--option eot`` is not given.
-EOT_SAMPLES = 8
 #: What crafts a query attack's starting point on ``--surrogate`` (zero queries): momentum, input diversity and
 #: translation invariance, the transfer attack of Dong et al. 2019 / Xie et al. 2019.
 TRANSFER_ATTACK = "ti-dim"
@@ -353,7 +352,7 @@ def implied_settings(config: EvaluationConfig, chain: DefenseChain) -> dict[str,
     attack_class = config.attack_class
     implied: dict[str, Any] = {}
     if not chain.empty and config.adaptive and chain.randomised and attack_class.supports_eot:
-        implied["eot"] = EOT_SAMPLES
+        implied["eot"] = EOT_CHOICES[0]  # until the executor measures how many it needs (redteam.engine.eot)
     crafted_elsewhere = config.surrogate or (not chain.empty and not config.adaptive)
     if crafted_elsewhere and attack_class.supports_early_stop:
         implied["early_stop"] = False

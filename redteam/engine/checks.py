@@ -78,6 +78,8 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
     checks = [_monotone(accuracy_curve(own[own["eps"].isin(cell.budgets)]))]
     checks += _operating_point(cell, own, executor.target)
     checks += _defended_operating_point(cell, executor)
+    if executor.eot is not None:
+        checks.append(Check("EOT draws", executor.eot.enough, executor.eot.describe()))
     if sample:
         images = cell.dataset.load([p.image for p in sample]).to(executor.device)
         crafting, verdict = executor.objectives(sample)
@@ -124,6 +126,8 @@ def _operating_point(cell: Cell, own: pd.DataFrame, target: Target) -> list[Chec
 
 #: How much more often than the undefended system a defended one may accept impostors before it is flagged.
 FALSE_ACCEPT_MARGIN = 0.1
+#: How much less often than the undefended system a defended one may accept genuine pairs before it is flagged.
+FALSE_REJECT_MARGIN = 0.1
 #: Operating points measured in this process, by the deployed system's settings and the content of its inputs.
 _MEASURED_OPERATING_POINTS: dict[tuple, tuple[AcceptRates, AcceptRates]] = {}
 
@@ -131,7 +135,7 @@ _MEASURED_OPERATING_POINTS: dict[tuple, tuple[AcceptRates, AcceptRates]] = {}
 def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
     """A defended recogniser's genuine and false accept rates on the cell's faces, next to the undefended one's: a
     defense that makes it accept impostors buys dodging robustness with them (flagged; ``--recalibrate`` fixes its
-    threshold)."""
+    threshold), and one that makes it reject genuine pairs buys impersonation robustness (flagged)."""
     config = cell.config
     if config.defense == "none" or config.threat not in ("dodging", "impersonation"):
         return []
@@ -147,7 +151,9 @@ def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
         ]
         _MEASURED_OPERATING_POINTS[key] = measured[0], measured[1]
     defended, plain = _MEASURED_OPERATING_POINTS[key]
-    passed = defended.impostor <= plain.impostor + FALSE_ACCEPT_MARGIN
+    accepts_impostors = defended.impostor > plain.impostor + FALSE_ACCEPT_MARGIN
+    rejects_genuine = defended.genuine < plain.genuine - FALSE_REJECT_MARGIN
+    passed = not (accepts_impostors or rejects_genuine)
     moved = ""
     if executor.recalibration is not None:
         moved = f", recalibrated on {config.recalibrate} to false accepts {executor.recalibration[1]:.1%} there"
@@ -156,8 +162,10 @@ def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
         f"{executor.target.threshold_text()}{moved} accepts {defended.genuine:.0%} genuine, {defended.impostor:.0%} "
         f"impostors; undefended at {executor.undefended.threshold_text()}: {plain.genuine:.0%}, {plain.impostor:.0%}"
     )
-    if not passed:
+    if accepts_impostors:
         detail += "; it accepts impostors it should not, so its dodging robustness is not robustness: --recalibrate"
+    if rejects_genuine:
+        detail += "; it rejects genuine pairs it should accept, so its impersonation robustness is not robustness"
     return [Check("defended operating point", passed, detail)]
 
 

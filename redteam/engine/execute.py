@@ -11,7 +11,7 @@ defense, the judge is the defended target as deployed and the attack differentia
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ from redteam.engine.assembly import (
     wrap_model,
 )
 from redteam.engine.config import instantiate
+from redteam.engine.eot import PROBES as EOT_PROBES
+from redteam.engine.eot import EotChoice, choose_eot
 from redteam.engine.operating import recalibrated_threshold
 from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
@@ -82,6 +84,7 @@ class Executor:
             self._recalibrate(faces)
         self.enrolment = self._enrol(self.target)
         self.crafting_enrolment = self.enrolment if crafting is self.target else self._enrol(crafting)
+        self.eot = self._choose_eot()
 
     def _recalibrate(self, faces: FaceDataset) -> None:
         """Move the defended system's threshold (the judge's, and the attacker's view of it) to where it accepts
@@ -94,6 +97,21 @@ class Executor:
         for model in {id(m): m for m in (self.target, self.crafting) if m is not self.undefended}.values():
             model.threshold_override = threshold
         self.recalibration = threshold, far
+
+    def _choose_eot(self) -> EotChoice | None:
+        """Attacking a randomised defense adaptively, unless ``--option eot`` says: the draws per gradient, measured
+        on the cell's first probes (:mod:`redteam.engine.eot`) and set on the cell's attack."""
+        cell = self.cell
+        attack, config = cell.attack, cell.config
+        if not (config.adaptive and cell.defense.randomised and attack.supports_eot) or "eot" in config.attack_options:
+            return None
+        batch = cell.probes[:EOT_PROBES]
+        crafting, _ = self.objectives(batch)
+        images = cell.dataset.load([p.image for p in batch]).to(self.device)
+        with drawing_from(self.generator("eot"), self.crafting):
+            choice = choose_eot(crafting, images)
+        cell.attack = replace(attack, eot=choice.draws)
+        return choice
 
     def _batch_size(self) -> int:
         requested = self.cell.config.batch_size
