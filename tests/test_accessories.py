@@ -19,6 +19,7 @@ from redteam.attacks.accessory import coverage_of, photograph, wear
 from redteam.attacks.glasses import Glasses
 from redteam.attacks.mask import STANDARD_AREA, Mask
 from redteam.datasets import ImageFolderDataset
+from redteam.results import SYSTEM_STAGES
 
 WEARER = "Bill_Gates"  # 10 photos: 1 enrolment, 2 optimised on, 7 held out
 QUICK = ("--steps", "16", "--option", "draws=2", "--option", "train_photos=2")
@@ -163,3 +164,15 @@ def test_bad_mask_input_is_one_clear_line(people, cli, tmp_path, capsys, extra, 
     assert cli("run", "--target", "arcface", "--attack", "mask", "--data", people, *extra, "--out", tmp_path) == 2
     error = capsys.readouterr().err
     assert message in " ".join(error.split()) and "Traceback" not in error
+
+
+def test_a_universal_mask_through_a_face_system_says_where_it_stopped_each_wearer(people, cli, tmp_path):
+    command = ("run", "--target", "mtcnn+arcface", "--attack", "mask", "--data", people, "--limit", "10")
+    options = ("--steps", "2", "--option", "learn_photos=6", "--option", "per_step=3", "--option", "draws=1")
+    assert cli(*command, *options, "--out", tmp_path) == 0
+    metrics = json.loads((tmp_path / "run.json").read_text())["metrics"]
+    held_out = pd.read_csv(tmp_path / "held_out.csv")
+    assert set(held_out["stage"]) <= set(SYSTEM_STAGES)
+    assert metrics["mask_matched"] == pytest.approx((held_out["stage"] == "match").mean())
+    assert metrics["mask_face_found"] == pytest.approx((held_out["stage"] != "no face").mean())
+    assert 0 <= metrics["clean_matched"] <= metrics["clean_face_found"] <= 1

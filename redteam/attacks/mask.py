@@ -41,7 +41,7 @@ from redteam.attacks.accessory import (
     wear,
 )
 from redteam.errors import DataError, RedteamError
-from redteam.results import SYSTEM_STAGES, tally
+from redteam.results import SYSTEM_STAGES, stage_shares, tally
 from redteam.runtime import chunks
 from redteam.threats import IdentificationObjective, VerificationObjective
 
@@ -236,8 +236,7 @@ class Mask(Accessory):
         system_lines = []
         if clean[2]:  # a face system: where it stopped each photo
             per_photo["stage"] = final.stages[-1]
-            for condition, found in zip(CONDITIONS, [clean[2], *final.stages]):
-                metrics[f"{condition}_face_found"] = 1 - found.count("no face") / len(found)
+            metrics |= stage_shares(dict(zip(CONDITIONS, [clean[2], *final.stages])))
             system_lines.append(
                 f"where {context.target_name} stopped the held-out wearers with the adversarial mask: "
                 f"{tally(pd.Series(final.stages[-1]), SYSTEM_STAGES)} (without it: "
