@@ -266,8 +266,8 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
             evaluation.run(lambda n: tracker.advance(task, n))
         except KeyboardInterrupt:
             raise Interrupted() from None
-    with console.status("sanity checks"):
-        outcome = checks_of(evaluation) if config.checks else []
+    with console.status("sanity checks") as status:
+        outcome = checks_of(evaluation, lambda what: status.update(f"sanity checks: {what}")) if config.checks else []
     curve = evaluation.curve()
     summary = {
         "config": cell.config.to_dict(),  # as resolved: with the faces a defended threshold was recalibrated on

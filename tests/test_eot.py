@@ -1,5 +1,6 @@
 """EOT draws are chosen by measurement: as many as it takes for two independent estimates of the expected gradient
-to agree, on a noise of known size and on a real randomised defense in front of a real model."""
+to agree, on a noise of known size and on a real randomised defense in front of a real model; and the checks that
+follow an evaluation say which of them runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import pytest
 import torch
 
+from redteam.engine import Evaluation, checks_of
+from redteam.engine.config import EvaluationConfig
 from redteam.engine.eot import AGREEMENT, CHOICES, choose_eot
 from redteam.results import ResultStore
 from redteam.threats import Verdict
@@ -51,3 +54,14 @@ def test_a_run_through_a_randomised_defense_measures_its_draws(cli, faces_root, 
     assert cli(*command, "--option", "eot=2", "--out", tmp_path / "given") == 0
     assert json.loads((tmp_path / "given" / "run.json").read_text())["attack_settings"]["eot"] == 2
     assert "EOT:" not in capsys.readouterr().out
+
+
+def test_the_checks_say_which_of_them_runs(faces_root, tmp_path):
+    config = EvaluationConfig(target="arcface", attack="pgd", data=str(faces_root), defense="jitter", limit=2,
+                              eps=(0, 2), attack_options={"steps": 1, "eot": 1})  # fmt: skip
+    evaluation = Evaluation(config.resolve(), ResultStore(tmp_path / "results.sqlite"))
+    evaluation.run()
+    heard: list[str] = []
+    names = {check.name for check in checks_of(evaluation, heard.append)}
+    assert {"converged", "defended operating point"} <= names
+    assert heard[0] == "the defended operating point" and any(what.startswith("convergence") for what in heard)

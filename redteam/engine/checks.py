@@ -7,6 +7,7 @@ a broken attack, a mislabelled run) and it travels with the results into reports
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import cast
 
@@ -57,26 +58,34 @@ def check_rows(key: str, checks: list[Check]) -> list[dict]:
     return [{"cell": c.cell or key, "name": c.name, "passed": c.passed, "detail": c.detail} for c in checks]
 
 
-def checks_of(evaluation: Evaluation) -> list[Check]:
+def checks_of(evaluation: Evaluation, announce: Callable[[str], None] = lambda what: None) -> list[Check]:
     """The checks of a finished local evaluation: run and stored, or, when this process computed nothing new and
-    they are stored already, the stored outcome."""
+    they are stored already, the stored outcome. ``announce`` hears which check runs (some take minutes)."""
     key, store = evaluation.cell.key, evaluation.store
     stored = store.checks(key)
     if evaluation.computed == 0 and not stored.empty:
         return [Check(row.name, bool(row.passed), row.detail) for row in stored.itertuples()]
-    checks = run_checks(evaluation.cell, evaluation.executor, store.frame(), store.cells(current=True))
+    checks = run_checks(evaluation.cell, evaluation.executor, store.frame(), store.cells(current=True), announce)
     store.record_checks(check_rows(key, checks))
     return checks
 
 
-def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dict[str, dict]) -> list[Check]:
+def run_checks(
+    cell: Cell,
+    executor: Executor,
+    results: pd.DataFrame,
+    cells: dict[str, dict],
+    announce: Callable[[str], None] = lambda what: None,
+) -> list[Check]:
     """Run every check of ``cell`` on up to ``SAMPLE`` of its clean-correct probes, given every current row of its
-    store and its cells' configurations (other cells feed the transfer and adaptive checks)."""
+    store and its cells' configurations (other cells feed the transfer and adaptive checks); ``announce`` hears
+    which check runs."""
     own = results[(results["cell"] == cell.key) & results["probe"].isin({p.key for p in cell.probes})]
     clean = own[own["eps"] == 0.0].set_index("probe")
     sample = [p for p in cell.probes if p.key in clean.index and clean.loc[p.key, "correct"]][:SAMPLE]
     checks = [_monotone(accuracy_curve(own[own["eps"].isin(cell.budgets)]))]
     checks += _operating_point(cell, own, executor.target)
+    announce("the defended operating point")
     checks += _defended_operating_point(cell, executor)
     if executor.eot is not None:
         checks.append(Check("EOT draws", executor.eot.enough, executor.eot.describe()))
@@ -87,6 +96,7 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
         white_box = grants(executor.crafting.offers, "gradients")  # gradient checks need what the attack can see
         with drawing_from(executor.generator("checks"), executor.crafting, executor.target):
             if white_box:
+                announce("gradients, an unbounded attack, the BPDA stand-ins")
                 generator = seeded_generator(executor.device, "unbounded")
                 norm = cast(Norm, cell.config.norm)  # resolved: one of the per-probe attack's norms
                 checks += [
@@ -94,10 +104,14 @@ def run_checks(cell: Cell, executor: Executor, results: pd.DataFrame, cells: dic
                     unbounded_check(crafting, images, norm, generator, eot),
                 ]
                 checks += surrogate_checks(executor.crafting, images[:2])
+            announce("beating noise")
             checks.append(_beats_noise(cell, own, verdict, images, sample))
+            announce("convergence: twice the effort on probes still standing")
             checks += _converged(cell, own, executor, executor.generator("converged"))
+            announce("the defense's randomness fixed")
             checks += _fixed_randomness(cell, own, executor, crafting, verdict, images, sample)
             if cell.queries and cell.budgets[-1] > 0:
+                announce("random search with the same queries, and the white-box attack")
                 checks.append(_beats_random_search(cell, own, verdict, images, sample))
                 if white_box:  # the target's own gradients, not the surrogates' a transfer start was crafted on
                     own_model = verdict if cell.config.surrogate else crafting
