@@ -43,7 +43,7 @@ def test_a_defense_that_accepts_everyone_is_flagged_and_recalibration_moves_its_
 ):
     # Shrinking every face to 10 px makes all faces alike: the recogniser then matches anyone with anyone.
     command = ("run", "--target", "arcface", "--attack", "pgd", "--defense", "resize:0.04", "--adaptivity",
-               "adaptive", "--data", faces_root, "--limit", 2, "--eps", "0,2", "--steps", 1)  # fmt: skip
+               "adaptive", "--data", faces_root, "--limit", 4, "--eps", "0,2", "--steps", 1)  # fmt: skip
     assert cli(*command, "--out", tmp_path / "as-is") == 0
     flagged = _operating_check(tmp_path / "as-is")
     assert not flagged["passed"] and "accepts impostors it should not" in flagged["detail"]
@@ -53,6 +53,8 @@ def test_a_defense_that_accepts_everyone_is_flagged_and_recalibration_moves_its_
     # At its own threshold it accepts impostors no more often, and it no longer recognises anyone: flagged too.
     assert "accepts impostors it should not" not in moved["detail"] and not moved["passed"]
     assert "rejects genuine pairs it should accept" in moved["detail"]
+    clean = ResultStore(tmp_path / "recalibrated" / "results.sqlite").checks().set_index("name").loc["operating point"]
+    assert not clean["passed"] and "see its defended operating point" in clean["detail"]  # not the threshold's unit
     assert "at cosine 0.3646" not in moved["detail"].split(";")[0].split("accepts")[0]  # a new threshold
 
 

@@ -133,7 +133,9 @@ def _operating_point(cell: Cell, own: pd.DataFrame, target: Target) -> list[Chec
     accuracy = float(clean.mean())
     passed = accuracy >= card_accuracy - 0.3
     detail = f"clean accuracy {accuracy:.0%} at {target.threshold_text()} (the card's: {card_accuracy:.1%})"
-    if not passed:
+    if not passed and cell.config.defense != "none":
+        detail += "; the defended system decides this badly on clean faces: see its defended operating point"
+    elif not passed:
         detail += "; is the threshold right? A cosine threshold is in [-1, 1], an L2 one a distance such as 0.6"
     return [Check("operating point", passed, detail)]
 
