@@ -104,3 +104,15 @@ def test_same_seed_gives_identical_results(cli, faces_root, tmp_path):
     first, second = _results(tmp_path / "first"), _results(tmp_path / "second")
     assert (first["eps"] > 0).any() and (first["steps"] > 0).any()  # something was attacked (random start included)
     pd.testing.assert_frame_equal(first, second, check_exact=True)
+
+
+def test_a_run_stopped_before_its_checks_runs_them_when_resumed(cli, faces_root, tmp_path):
+    run = ("run", "--target", "arcface", "--defense", "blur:1", "--attack", "pgd", "--data", faces_root,
+           "--limit", 2, "--eps", "0,2", "--steps", 1, "--out", tmp_path)  # fmt: skip
+    assert cli(*run, "--adaptivity", "adaptive", "--no-checks") == 0  # as if stopped after the attack
+    assert cli(*run, "--adaptivity", "non-adaptive") == 0  # records "adaptive beats non-adaptive" on the other
+    store = ResultStore(tmp_path / "results.sqlite")
+    adaptive = next(key for key, config in store.cells().items() if config["adaptive"])
+    assert set(store.checks(adaptive)["name"]) == {"adaptive beats non-adaptive"}
+    assert cli(*run, "--adaptivity", "adaptive") == 0  # nothing left to attack: its own checks now run
+    assert {"monotone", "gradients", "unbounded", "adaptive beats non-adaptive"} <= set(store.checks(adaptive)["name"])

@@ -38,6 +38,8 @@ from redteam.engine.plan import Cell
 from redteam.results import accuracy_curve
 from redteam.runtime import seeded_generator
 
+#: The check every evaluation runs first.
+MONOTONE = "monotone"
 SAMPLE = 8  # clean-correct probes the checks attack (they cost a few seconds per model on a CPU)
 UNBOUNDED = {"linf": 64 / 255, "l2": 32.0}  # far beyond any meaningful face perturbation
 
@@ -63,7 +65,9 @@ def checks_of(evaluation: Evaluation, announce: Callable[[str], None] = lambda w
     they are stored already, the stored outcome. ``announce`` hears which check runs (some take minutes)."""
     key, store = evaluation.cell.key, evaluation.store
     stored = store.checks(key)
-    if evaluation.computed == 0 and not stored.empty:
+    # Only the cell's own checks, which always include MONOTONE, count as done: a run stopped before its checks
+    # holds just what another cell recorded on it (adaptive beats non-adaptive).
+    if evaluation.computed == 0 and (stored["name"] == MONOTONE).any():
         return [Check(row.name, bool(row.passed), row.detail) for row in stored.itertuples()]
     checks = run_checks(evaluation.cell, evaluation.executor, store.frame(), store.cells(current=True), announce)
     store.record_checks(check_rows(key, checks))
@@ -187,7 +191,7 @@ def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
 
 def _monotone(curve: pd.DataFrame) -> Check:
     rises = (curve["accuracy"].diff() > 1e-12).sum()
-    return Check("monotone", rises == 0, "accuracy never rises with ε" if rises == 0 else f"{rises} rises with ε")
+    return Check(MONOTONE, rises == 0, "accuracy never rises with ε" if rises == 0 else f"{rises} rises with ε")
 
 
 def gradient_check(objective: Objective, images: torch.Tensor) -> Check:
