@@ -335,6 +335,11 @@ class DemoDataset(FaceDataset):
         return hashlib.sha256(f"{source}:{self.version}:{self._images.shape}".encode()).hexdigest()
 
 
+def dataset_available(spec: str) -> bool:
+    """Whether :func:`open_dataset` can find ``spec`` here: a named dataset, or a folder that exists."""
+    return spec in ("default", "lfw") or Path(spec).expanduser().exists()
+
+
 def open_dataset(
     spec: str, image_size: int = CANONICAL_SIZE, align: bool = False, pairs: Path | None = None, skip_bad: bool = False
 ) -> FaceDataset:

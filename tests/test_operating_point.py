@@ -5,6 +5,7 @@ accept rate."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -82,3 +83,15 @@ def test_lqvae_is_recalibrated_by_default_on_the_faces_it_was_trained_on(
     error = capsys.readouterr().err
     assert "--recalibrate FACES" in error and "--recalibrate none" in error
     assert not (tmp_path / "unknown" / "results.sqlite").exists()
+    save_atomic({**checkpoint, "data": str(tmp_path / "elsewhere")}, default_path())  # trained on another machine
+    assert cli(*command, "--out", tmp_path / "moved") == 2
+    assert f"the faces it was trained on ({tmp_path / 'elsewhere'}) are not here" in capsys.readouterr().err
+
+
+def test_recalibrate_none_on_a_defense_that_keeps_the_threshold_is_the_same_cell_as_no_setting():
+    from redteam.engine.assembly import build_defense, with_recalibration
+    from redteam.engine.config import EvaluationConfig
+
+    config = EvaluationConfig(target="facenet", attack="pgd", defense="halftone", recalibrate="none").resolve()
+    plain = replace(config, recalibrate=None)
+    assert with_recalibration(config, build_defense("halftone")).settings_key() == plain.settings_key()

@@ -37,6 +37,7 @@ from redteam.api import (
     grants,
 )
 from redteam.calibrations import file_fingerprint, stored_calibration
+from redteam.datasets import dataset_available
 from redteam.engine.config import AS_DEPLOYED, EvaluationConfig, check_runtime, check_weights, instantiate
 from redteam.engine.eot import CHOICES as EOT_CHOICES
 from redteam.errors import RedteamError
@@ -364,14 +365,17 @@ def with_recalibration(config: EvaluationConfig, chain: DefenseChain) -> Evaluat
     when a transform of the chain moves the threshold (:attr:`InputTransform.moves_threshold`), the faces it was
     trained on. Fails in one line when it moves it and nobody knows those faces."""
     movers = [t for t in chain.transforms if t.moves_threshold]
+    if config.recalibrate == AS_DEPLOYED and not movers:
+        return replace(config, recalibrate=None)  # what it means anyway: one cell, not two
     if config.recalibrate or not movers or TARGETS.get(config.target).card.task != "recognition":
         return config
-    faces = next((t.trained_on for t in movers if t.trained_on and Path(t.trained_on).exists()), None)
-    if faces is None:
+    faces = next((t.trained_on for t in movers if t.trained_on), None)
+    if faces is None or not dataset_available(faces):
+        unknown = f"the faces it was trained on ({faces}) are not here" if faces else "its training faces are unknown"
         raise RedteamError(
-            f"{movers[0].name} changes what {config.target}'s scores mean and its training faces are unknown: give "
-            f"--recalibrate FACES (identity folders, not the evaluated ones), or --recalibrate {AS_DEPLOYED} to judge "
-            f"it at {config.target}'s own threshold."
+            f"{movers[0].name} changes what {config.target}'s scores mean and {unknown}: give --recalibrate FACES "
+            f"(identity folders, not the evaluated ones), or --recalibrate {AS_DEPLOYED} to judge it at "
+            f"{config.target}'s own threshold."
         )
     return replace(config, recalibrate=faces)
 
