@@ -162,8 +162,7 @@ def _defended_operating_point(cell: Cell, executor: Executor) -> list[Check]:
     if not isinstance(executor.undefended, FaceRecognizer):
         return []
     # Both cells of a defense (adaptive and not) judge the same deployed system: it is measured once per process.
-    system = (config.target, config.weights, config.threshold, config.defense, config.recalibrate, config.seed)
-    key = (*system, cell.fingerprint["images"], cell.fingerprint["defense weights"])
+    key = executor.deployed_system()
     if key not in _MEASURED_OPERATING_POINTS:
         measured = [
             accept_rates(model, cell.dataset, config.seed, executor.generator("operating"), executor.batch_size)

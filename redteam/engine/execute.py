@@ -32,7 +32,7 @@ from redteam.api import (
     perturbation_size,
 )
 from redteam.budgets import display_eps, eight_bit
-from redteam.datasets import FaceDataset, open_dataset
+from redteam.datasets import open_dataset
 from redteam.engine.assembly import (
     DECISION_START_EPS,
     TRANSFER_ATTACK,
@@ -55,6 +55,8 @@ from redteam.threats import Enrolment, Objective, Probe, Verdict
 
 #: Draws a randomised defense is judged over (an odd number: a majority always exists).
 JUDGE_DRAWS = 5
+#: Recalibrated thresholds (and false accept rates) found in this process, by :meth:`Executor.deployed_system`.
+_RECALIBRATED: dict[tuple, tuple[float, float]] = {}
 
 
 class Executor:
@@ -80,20 +82,31 @@ class Executor:
         self.batch_size = self._batch_size()
         self.recalibration: tuple[float, float] | None = None  # (threshold, false accept rate) when recalibrated
         if config.recalibration_faces:
-            faces = open_dataset(config.recalibration_faces, align=config.align, skip_bad=config.skip_bad_images)
-            self._recalibrate(faces)
+            self._recalibrate(config.recalibration_faces)
         self.enrolment = self._enrol(self.target)
         self.crafting_enrolment = self.enrolment if crafting is self.target else self._enrol(crafting)
         self.eot = self._choose_eot()
 
-    def _recalibrate(self, faces: FaceDataset) -> None:
+    def deployed_system(self) -> tuple:
+        """What identifies the system this cell's verdicts come from: the same for a defense's adaptive and
+        non-adaptive cells, so what is measured on it once in a process holds for both."""
+        config, fingerprint = self.cell.config, self.cell.fingerprint
+        return (config.target, config.weights, config.threshold, config.defense, config.recalibrate, config.seed,
+                config.align, fingerprint["images"], fingerprint["defense weights"])  # fmt: skip
+
+    def _recalibrate(self, faces: str) -> None:
         """Move the defended system's threshold (the judge's, and the attacker's view of it) to where it accepts
-        ``faces``' impostors as often as the undefended one does at its own."""
-        if self.cell.config.defense == "none" or not isinstance(self.undefended, FaceRecognizer):
+        the impostors of ``faces`` (a dataset) as often as the undefended one does at its own."""
+        config = self.cell.config
+        if config.defense == "none" or not isinstance(self.undefended, FaceRecognizer):
             raise RedteamError("--recalibrate moves a defended recogniser's threshold: give it a --defense.")
-        threshold, far = recalibrated_threshold(
-            self.target, self.undefended, faces, self.generator("recalibrate"), self.batch_size
-        )
+        system = self.deployed_system()
+        if system not in _RECALIBRATED:
+            dataset = open_dataset(faces, align=config.align, skip_bad=config.skip_bad_images)
+            _RECALIBRATED[system] = recalibrated_threshold(
+                self.target, self.undefended, dataset, self.generator("recalibrate"), self.batch_size
+            )
+        threshold, far = _RECALIBRATED[system]
         for model in {id(m): m for m in (self.target, self.crafting) if m is not self.undefended}.values():
             model.threshold_override = threshold
         self.recalibration = threshold, far
