@@ -120,8 +120,7 @@ def prepare_torch() -> None:
 
 
 #: glibc's mallopt parameters (malloc.h) and the values redteam sets.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_LARGEST_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _KEPT_FREE = 1 << 30
 
 
@@ -130,14 +129,16 @@ def keep_freed_memory() -> bool:
 
     By default every activation over a few MiB is mapped fresh and unmapped when freed, so each pass pays page faults
     on all of it again (a third of facenet's forward at batch 16 on a 2-core CPU, measured with and without this
-    setting; bench/targets.py shows it helps onnxruntime in the same process too). Blocks up to 32 MiB now
-    come from the heap, and up to 1 GiB of freed heap stays mapped. Elsewhere (macOS, musl, Windows) nothing
-    changes. Returns whether the C library took the settings."""
+    setting; bench/targets.py shows it helps onnxruntime in the same process too). Every block now comes from the
+    heap, and up to 1 GiB of freed heap stays mapped. Raising the mmap threshold is not enough: glibc caps it at 32
+    MiB, and a fresh 65 MB gradient map (antispoof's first max-pool at batch 16) took 24 ms to fault in against 2 ms
+    to zero once kept. Elsewhere (macOS, musl, Windows) nothing changes. Returns whether the C library took the
+    settings."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE))
 
 
 @dataclass
