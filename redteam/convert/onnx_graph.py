@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from redteam.convert.cache import convert_once
 from redteam.convert.graph import CompiledOp, GraphModule, UnsupportedModelError, same_padding
+from redteam.convert.image_conv import conv2d
 from redteam.errors import RedteamError
 from redteam.registry import RuleTable
 
@@ -646,7 +647,7 @@ def _conv(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
             x = _auto_pad(x, node, kernel, stride, dilation)
         elif not symmetric:
             x = F.pad(x, pads)
-        return F.conv2d(x, w, b, stride, (top, left) if symmetric else 0, dilation, groups)
+        return conv2d(x, w, b, stride, (top, left) if symmetric else 0, dilation, groups)
 
     return _simple(builder, node, conv)
 

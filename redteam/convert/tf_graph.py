@@ -25,6 +25,7 @@ from redteam.assets import RegistryFile
 from redteam.convert import graph
 from redteam.convert.cache import convert_once
 from redteam.convert.graph import GraphModule, UnsupportedModelError, same_padding
+from redteam.convert.image_conv import conv2d
 from redteam.convert.prelu import prelu
 from redteam.convert.tf_nodes import GraphNode, clean_input, const_value, data_inputs
 from redteam.convert.tf_rewrites import simplify
@@ -208,7 +209,7 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
         elif padding == "EXPLICIT":
             x = F.pad(x, (explicit[4], explicit[5], explicit[2], explicit[3]))
         bias = weights[bias_key] if bias_key else None
-        return activation(F.conv2d(x, weights[key], bias, stride, pad, dilation, groups))
+        return activation(conv2d(x, weights[key], bias, stride, pad, dilation, groups))
 
     return CompiledOp(conv, [source], Layout.NCHW)
 

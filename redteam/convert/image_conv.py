@@ -1,0 +1,91 @@
+"""A convolution over an image (a few input channels) whose input gradient is computed as a forward convolution.
+
+oneDNN's backward-data kernel writes one output channel per input channel of the layer: for a network's first
+convolution that is 3 (RGB), a shape it runs at a fraction of its forward's speed (antispoof at batch 16: 28 ms for the
+first layer's input gradient against 6 ms for its forward, a fifth of the whole forward+backward). The same gradient
+is ``kernel taps x channels`` maps, each the output gradient times one tap's weights (a 1x1 convolution, which oneDNN
+runs at full speed), added into the input at that tap's offset. Values agree with PyTorch's to float32 rounding
+(summed in another order; ``tests/test_image_conv.py``); the forward is ``F.conv2d`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Convolutions with at most this many input channels (grey, RGB, RGBA) take this path ...
+IMAGE_CHANNELS = 4
+#: ... on at least this many pixels (batch x height x width): on fewer, its dozen small ops cost more than they
+#: save (liveness's 32 px crops; antispoof gained nothing at batch 1, and 2.84 -> 2.71x its forward at batch 16).
+LARGE_MAP = 1 << 16
+
+Pair = tuple[int, int]
+
+
+class _ImageConv(torch.autograd.Function):
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        x, weight, _, ctx.stride, ctx.padding, ctx.dilation = inputs
+        ctx.save_for_backward(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        wants_x, wants_weight, wants_bias = ctx.needs_input_grad[:3]
+        grad_x = _input_gradient(grad, weight, x.shape, ctx.stride, ctx.padding, ctx.dilation) if wants_x else None
+        grad_weight = grad_bias = None
+        if wants_weight or wants_bias:  # training a first layer: PyTorch's own kernels
+            _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]], ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1,
+                [False, wants_weight, wants_bias],
+            )  # fmt: skip
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _input_gradient(
+    grad: Tensor, weight: Tensor, shape: torch.Size, stride: Pair, padding: Pair, dilation: Pair
+) -> Tensor:
+    """The gradient w.r.t. the input ``[B, C, H, W]`` of a convolution with ``weight [O, C, kh, kw]``, from the
+    gradient of its output ``grad [B, O, Ho, Wo]``."""
+    batch, channels, height, width = shape
+    out_channels, _, kh, kw = weight.shape
+    rows, cols = grad.shape[-2:]
+    # One output map per (tap, channel), channels last: taps[b, y, x, i, j, c] = sum_o grad[b, o, y, x] w[o, c, i, j]
+    per_tap = weight.permute(2, 3, 1, 0).reshape(kh * kw * channels, out_channels, 1, 1)
+    taps = F.conv2d(grad.contiguous(memory_format=torch.channels_last), per_tap.contiguous())
+    taps = taps.permute(0, 2, 3, 1).reshape(batch, rows, cols, kh, kw, channels)
+    padded = grad.new_zeros(batch, height + 2 * padding[0], width + 2 * padding[1], channels)
+    span = (stride[0] * (rows - 1) + 1, stride[1] * (cols - 1) + 1)  # the input rows and columns one tap reads
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dilation[0], j * dilation[1]
+            padded[:, top : top + span[0] : stride[0], left : left + span[1] : stride[1]] += taps[:, :, :, i, j]
+    inside = padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width]
+    return inside.permute(0, 3, 1, 2)
+
+
+def image_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+    """``F.conv2d`` (no groups; ``padding`` as rows and columns on each side) with a fast input gradient for a
+    convolution over a few channels. ``x [B, C, H, W]``, ``weight [O, C, kh, kw]`` -> ``[B, O, Ho, Wo]``."""
+    return _ImageConv.apply(x, weight, bias, stride, padding, dilation)
+
+
+def conv2d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: int | Pair, dilation: Pair, groups: int
+) -> Tensor:
+    """``F.conv2d``, through :func:`image_conv2d` when the layer reads an image (at most :data:`IMAGE_CHANNELS`
+    channels, no groups, stride 1, a :data:`LARGE_MAP`) and something wants its input's gradient. (With a stride, the
+    input gradient's strided adds cost more than PyTorch's kernel: scrfd's and retinaface's first layers keep it.)"""
+    pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+    image = groups == 1 and weight.shape[1] <= IMAGE_CHANNELS and tuple(stride) == (1, 1) and pixels >= LARGE_MAP
+    if image and x.requires_grad:
+        pair = (padding, padding) if isinstance(padding, int) else padding
+        return image_conv2d(x, weight, bias, stride, pair, dilation)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

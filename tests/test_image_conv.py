@@ -1,0 +1,68 @@
+"""A convolution over an image computes its input gradient as a forward convolution: the same values as PyTorch's
+kernel to float32 rounding, a float64 gradcheck, and a converted target's first layer takes the path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from redteam.convert import image_conv
+from redteam.convert.image_conv import image_conv2d
+from redteam.engine import load_target
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation"), [((1, 1), (0, 0), (1, 1)), ((2, 2), (1, 1), (1, 1)), ((2, 1), (2, 0), (2, 1))]
+)
+def test_gradients_pass_a_float64_gradcheck(stride, padding, dilation):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 11, 12, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: image_conv2d(*a, stride, padding, dilation), (x, weight, bias))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_values_and_input_gradient_are_pytorchs_to_float32_rounding(channels_last):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 3, 40, 36, generator=generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(16, 3, 3, 3, generator=generator), torch.randn(16, generator=generator)
+    results = []
+    for conv in (F.conv2d, image_conv2d):
+        leaf = x.clone().requires_grad_(True)
+        y = conv(leaf, weight, bias, (1, 1), (1, 1), (1, 1))
+        results.append((y, *torch.autograd.grad(y.square().sum(), leaf)))
+    (y, gradient), (ours, our_gradient) = results
+    assert torch.equal(y, ours)  # the forward is F.conv2d itself
+    assert not torch.equal(gradient, our_gradient)  # summed in another order: this is the other path ...
+    assert (our_gradient - gradient).abs().max() <= 1e-5 * gradient.abs().max()  # ... with PyTorch's values
+
+
+def _takes_the_path(output: torch.Tensor) -> bool:
+    seen, frontier = set(), [output.grad_fn]
+    while frontier:
+        node = frontier.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "_ImageConvBackward":
+            return True
+        frontier.extend(parent for parent, _ in node.next_functions)
+    return False
+
+
+def test_a_converted_targets_first_layer_takes_the_path_with_pytorchs_gradient(faces, monkeypatch):
+    check = load_target("antispoof", torch.device("cpu"))
+    x = check.preprocess(faces.load(range(4)))
+    gradients = []
+    for channels in (image_conv.IMAGE_CHANNELS, 0):  # ours, then PyTorch's kernel for every layer
+        monkeypatch.setattr(image_conv, "IMAGE_CHANNELS", channels)
+        leaf = x.clone().requires_grad_(True)
+        score = check.net(leaf)
+        assert _takes_the_path(score) == (channels > 0)
+        gradients.append(torch.autograd.grad(score.sum(), leaf)[0])
+    ours, theirs = gradients
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
