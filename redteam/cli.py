@@ -272,7 +272,7 @@ def _evaluate(config, out: Path) -> dict[str, Any]:
     summary = {
         "config": cell.config.to_dict(),  # as resolved: with the faces a defended threshold was recalibrated on
         "cell": cell.key,
-        "comparable": config.comparability_key(cell.fingerprint),  # equal in two runs: their numbers compare
+        "comparable": cell.config.comparability_key(cell.fingerprint),  # equal in two runs: their numbers compare
         "threshold": executor.target.threshold,
         "attack_settings": asdict(cell.attack),  # with the defaults a defense or a surrogate implies
         "curve": curve.drop(columns="cell").to_dict(orient="records"),

@@ -73,6 +73,11 @@ def test_lqvae_is_recalibrated_by_default_on_the_faces_it_was_trained_on(
     run = json.loads((tmp_path / "default" / "run.json").read_text())
     assert run["config"]["recalibrate"] == str(calibration_faces.resolve())
     assert f"(recalibrated on {calibration_faces.resolve()})" in " ".join(capsys.readouterr().out.split())
+    # The same system as giving those faces: the two runs' numbers compare.
+    assert cli(*command, "--recalibrate", calibration_faces, "--out", tmp_path / "explicit") == 0
+    explicit = json.loads((tmp_path / "explicit" / "run.json").read_text())
+    assert explicit["cell"] == run["cell"] and explicit["comparable"] == run["comparable"]
+    capsys.readouterr()
     assert cli(*command, "--recalibrate", "none", "--out", tmp_path / "as-deployed") == 0
     header = " ".join(capsys.readouterr().out.split())  # as one line, whatever the terminal's width
     assert "threshold cosine 0.3646" in header and "(recalibrated on" not in header  # arcface's own
