@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -335,19 +335,24 @@ class DemoDataset(FaceDataset):
         return hashlib.sha256(f"{source}:{self.version}:{self._images.shape}".encode()).hexdigest()
 
 
+#: Datasets known by name, no folder needed (the embedded demo faces; LFW, downloaded once): image size -> dataset.
+NAMED_DATASETS: dict[str, Callable[[int], FaceDataset]] = {
+    "default": DemoDataset,
+    "lfw": lambda image_size: lfw_dataset(image_size=image_size),
+}
+
+
 def dataset_available(spec: str) -> bool:
     """Whether :func:`open_dataset` can find ``spec`` here: a named dataset, or a folder that exists."""
-    return spec in ("default", "lfw") or Path(spec).expanduser().exists()
+    return spec in NAMED_DATASETS or Path(spec).expanduser().exists()
 
 
 def open_dataset(
     spec: str, image_size: int = CANONICAL_SIZE, align: bool = False, pairs: Path | None = None, skip_bad: bool = False
 ) -> FaceDataset:
     """``default``, ``lfw``, or a path to identity folders (``skip_bad``: leave out images that cannot be used)."""
-    if spec == "default":
-        return DemoDataset(image_size)
-    if spec == "lfw":
-        return lfw_dataset(image_size=image_size)
+    if spec in NAMED_DATASETS:
+        return NAMED_DATASETS[spec](image_size)
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"no dataset {spec!r}: give a folder of identity folders, 'lfw' or 'default'.")
