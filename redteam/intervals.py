@@ -8,6 +8,7 @@ runs (the regression gate, ``redteam diff``) is judged with Newcombe's interval 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -71,6 +72,13 @@ def beyond_chance(difference: float, errors: tuple[float, float], level: float) 
     estimates have no spread)."""
     spread = float(np.hypot(*errors))
     return difference > 0 if spread == 0 else difference / spread > NormalDist().inv_cdf(1 - level)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """The one-sided p-value of ``wins`` against ``losses`` (paired outcomes that disagree) if either side were as
+    likely as the other: the exact binomial tail, P(at least ``wins`` of ``wins + losses`` fair coin flips)."""
+    flips = wins + losses
+    return sum(math.comb(flips, k) for k in range(wins, flips + 1)) / 2**flips
 
 
 def smallest_detectable_fall(before: float, n_before: int, n_after: int, level: float) -> float | None:

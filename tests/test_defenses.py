@@ -161,3 +161,35 @@ def test_a_randomised_defense_gets_the_fixed_randomness_diagnostic(cli, faces_ro
     checks = {c["name"]: c for c in json.loads((tmp_path / "x" / "run.json").read_text())["checks"]}
     detail = checks["fixed randomness"]["detail"]
     assert "at ε 2: with the defense's randomness fixed to one draw, pgd leaves" in detail and "fresh draws" in detail
+
+
+@pytest.mark.parametrize(
+    ("defense", "standing", "passed"),
+    [
+        ("halftone", 1, False),  # deterministic: one probe the adaptive attack left standing is its failure
+        ("jitter", 1, True),  # randomised: one probe can flip with the draws alone
+        ("jitter", 6, False),  # six of six disagreeing probes are not the draws (p 1/64)
+    ],
+)
+def test_adaptive_short_of_non_adaptive_is_judged_against_the_defenses_draws(defense, standing, passed):
+    from dataclasses import replace
+
+    from redteam.engine.checks import _adaptive_consistency
+    from redteam.engine.config import EvaluationConfig
+    from redteam.engine.plan import prepare
+
+    config = EvaluationConfig(target="facenet", attack="pgd", defense=defense, adaptive=True, limit=8, eps=(0.0, 8.0))
+    cell = prepare(config)
+    other = {"non-adaptive": {"settings_key": replace(cell.config, adaptive=False).settings_key()}}
+    rows = []
+    for index, probe in enumerate(cell.probes):  # at ε 8 the non-adaptive attack broke every probe
+        for key in (cell.key, "non-adaptive"):
+            left = key == cell.key and index < standing
+            rows += [
+                {"cell": key, "probe": probe.key, "eps": eps, "correct": eps == 0 or left} for eps in config.budgets()
+            ]
+    (check,) = _adaptive_consistency(cell, pd.DataFrame(rows), other)
+    assert check.passed == passed and check.cell == cell.key
+    if defense == "jitter" and passed:
+        explained = "within what the defense's draws explain at ε 8.0 (1 against 0 probes, p 0.50)"
+        assert check.detail == f"adaptive above non-adaptive only {explained}"

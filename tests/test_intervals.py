@@ -11,6 +11,7 @@ from redteam.intervals import (
     fell_significantly,
     identity_bootstrap,
     probes_needed,
+    sign_test,
     smallest_detectable_fall,
     weighted_mean,
     weighted_median,
@@ -25,6 +26,12 @@ def test_wilson_and_newcombe_match_the_published_examples():
     assert wilson_interval(81 / 263, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
     assert difference_interval(56 / 70, 70, 48 / 80, 80, 0.95) == pytest.approx((0.0524, 0.3339), abs=1e-4)
     assert wilson_interval(1.0, 0) == (0.0, 1.0)
+
+
+def test_the_sign_test_is_the_exact_binomial_tail():
+    assert sign_test(1, 0) == 0.5 and sign_test(5, 0) == 1 / 32  # one flip; five of five
+    assert sign_test(3, 1) == pytest.approx((4 + 1) / 16)  # 3 or 4 of 4
+    assert sign_test(0, 0) == 1.0 and sign_test(0, 3) == 1.0
 
 
 def test_a_fall_counts_once_the_probes_can_show_it():

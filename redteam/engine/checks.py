@@ -35,6 +35,7 @@ from redteam.engine.evaluation import Evaluation
 from redteam.engine.execute import Executor
 from redteam.engine.operating import AcceptRates, accept_rates
 from redteam.engine.plan import Cell
+from redteam.intervals import sign_test
 from redteam.results import accuracy_curve
 from redteam.runtime import seeded_generator
 
@@ -42,6 +43,9 @@ from redteam.runtime import seeded_generator
 MONOTONE = "monotone"
 SAMPLE = 8  # clean-correct probes the checks attack (they cost a few seconds per model on a CPU)
 UNBOUNDED = {"linf": 64 / 255, "l2": 32.0}  # far beyond any meaningful face perturbation
+#: Against a randomised defense, the one-sided significance at which the adaptive attack leaving more probes standing
+#: than the non-adaptive one is more than the defense's draws.
+DRAWS_LEVEL = 0.05
 
 
 @dataclass(frozen=True)
@@ -431,7 +435,10 @@ def _transfer_consistency(cell: Cell, results: pd.DataFrame) -> list[Check]:
 
 def _adaptive_consistency(cell: Cell, results: pd.DataFrame, cells: dict[str, dict]) -> list[Check]:
     """Against a defense, the adaptive attack must do at least as well as the non-adaptive one (when both are
-    stored); if it does not, its BPDA surrogate or EOT is too weak and the adaptive curve overstates robustness."""
+    stored); if it does not, its BPDA surrogate or EOT is too weak and the adaptive curve overstates robustness.
+    Against a randomised defense a probe can flip with the defense's draws alone: there the adaptive attack falls
+    short only where the probes it left standing and the non-adaptive one broke outnumber the opposite beyond
+    chance (a sign test at :data:`DRAWS_LEVEL`)."""
     config = cell.config
     if config.defense == "none":
         return []
@@ -440,12 +447,28 @@ def _adaptive_consistency(cell: Cell, results: pd.DataFrame, cells: dict[str, di
     modes[config.adaptive] = cell.key
     if len(modes) < 2:
         return []
-    results = results[results["probe"].isin({p.key for p in cell.probes})]
-    curves = {adaptive: results[results["cell"] == c].groupby("eps")["correct"].mean() for adaptive, c in modes.items()}
-    shared = [eps for eps in curves[True].index.intersection(curves[False].index) if eps > 0]
-    if not shared:
+    results = results[results["probe"].isin({p.key for p in cell.probes}) & results["cell"].isin(modes.values())]
+    standing = results.pivot_table(index=["eps", "probe"], columns="cell", values="correct", aggfunc="first").dropna()
+    standing = standing.rename(columns={key: adaptive for adaptive, key in modes.items()}).astype(bool)
+    attacked = standing[standing.index.get_level_values("eps") > 0]
+    if attacked.empty:
         return []
-    worse = [display_eps(eps, config.norm) for eps in shared if curves[True][eps] > curves[False][eps] + 1e-9]
-    detail = f"adaptive above non-adaptive at ε {worse}" if worse else "adaptive ≤ non-adaptive at every shared budget"
+    worse, within_draws = [], []
+    for eps, probes in attacked.groupby(level="eps"):
+        wins, losses = int((probes[True] & ~probes[False]).sum()), int((probes[False] & ~probes[True]).sum())
+        if wins <= losses:
+            continue
+        shown = display_eps(eps, config.norm)
+        if cell.defense.randomised and (p := sign_test(wins, losses)) >= DRAWS_LEVEL:
+            within_draws.append(f"{shown} ({wins} against {losses} probes, p {p:.2f})")
+        else:
+            worse.append(shown)
+    draws = f"within what the defense's draws explain at ε {', '.join(within_draws)}"
+    if worse:
+        detail = f"adaptive above non-adaptive at ε {worse}" + (f"; {draws}" if within_draws else "")
+    elif within_draws:
+        detail = f"adaptive above non-adaptive only {draws}"
+    else:
+        detail = "adaptive ≤ non-adaptive at every shared budget"
     # Judged once both are stored, whichever finished second; it is the adaptive cell's result.
     return [Check("adaptive beats non-adaptive", not worse, detail, cell=modes[True])]
