@@ -11,6 +11,9 @@ accuracy-perturbation curves through the engine: six budgets against one.
 
 from __future__ import annotations
 
+import redteam  # noqa: F401  (first, as in the CLI: its OpenMP wait policy only holds if set before torch loads)
+
+# isort: split
 import argparse
 import statistics
 import tempfile

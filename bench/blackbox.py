@@ -16,6 +16,9 @@ and ``ours square from transfer`` joins the score attacks.
 
 from __future__ import annotations
 
+import redteam  # noqa: F401  (first, as in the CLI: its OpenMP wait policy only holds if set before torch loads)
+
+# isort: split
 import argparse
 import statistics
 import time

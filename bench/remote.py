@@ -12,6 +12,9 @@ ratio to in-process, measured in this one run.
 
 from __future__ import annotations
 
+import redteam  # noqa: F401  (first, as in the CLI: its OpenMP wait policy only holds if set before torch loads)
+
+# isort: split
 import argparse
 import os
 import socket

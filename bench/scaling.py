@@ -17,6 +17,9 @@ in a step or two, which would measure the early stop instead of the work), dodgi
 
 from __future__ import annotations
 
+import redteam  # noqa: F401  (first, as in the CLI: its OpenMP wait policy only holds if set before torch loads)
+
+# isort: split
 import argparse
 import tempfile
 import time

@@ -23,6 +23,9 @@ column.
 
 from __future__ import annotations
 
+import redteam  # noqa: F401  (first, as in the CLI: its OpenMP wait policy only holds if set before torch loads)
+
+# isort: split
 import argparse
 import json
 import statistics

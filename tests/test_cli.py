@@ -205,6 +205,33 @@ def test_openmp_waits_passively_unless_the_user_says_otherwise(given, expected):
     assert shown.stdout.split()[0] == expected
 
 
+SPY_ON_TORCH = """
+import builtins, os, runpy, sys
+load, seen = builtins.__import__, []
+def spy(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        seen.append(os.environ.get("OMP_WAIT_POLICY"))
+    return load(name, *args, **kwargs)
+builtins.__import__ = spy
+sys.argv = [sys.argv[1], "--help"]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(seen[0] if seen else "torch not loaded")  # bench/threads.py loads it in children it gives their own settings
+"""
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (Path(__file__).parents[1] / "bench").glob("*.py")))
+def test_benchmarks_time_passes_with_redteams_openmp_policy(script):
+    """A benchmark that imported torch before redteam timed torch's active waiting, not what users run."""
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    path = Path(__file__).parents[1] / "bench" / script
+    shown = subprocess.run([sys.executable, "-c", SPY_ON_TORCH, str(path)], env=environment, capture_output=True,
+                           text=True, check=True, cwd=path.parent)  # fmt: skip
+    assert shown.stdout.strip().splitlines()[-1] in ("PASSIVE", "torch not loaded")
+
+
 def test_threads_option_sets_torchs_thread_count(cli, faces_root, tmp_path):
     import torch
 
