@@ -1,6 +1,6 @@
 """How much do OpenMP's wait policy and the thread count cost on a busy machine? Torch's default (active waiting, a
-thread per core) against redteam's (passive waiting, one thread for a single image: ``runtime.threads_for``), and
-fixed counts.
+thread per core) against redteam's (passive waiting, one thread for a single image: ``runtime.threads_for``), fixed
+counts, and a short spin before sleeping (libgomp's ``GOMP_SPINCOUNT``, a candidate middle ground).
 
     python bench/threads.py [--targets facenet:16,arcface:1] [--rounds 3] [--passes 5]
 
@@ -28,12 +28,14 @@ SHARED_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "faces"
 #: Set in a measured process's environment: apply redteam's thread policy for the batch.
 POLICY = "BENCH_THREAD_POLICY"
 #: What each measured process is started with: torch's default (active waiting, one thread per core), redteam's
-#: (passive waiting, and the thread count its policy gives the batch: runtime.threads_for), and fixed counts.
+#: (passive waiting, and the thread count its policy gives the batch: runtime.threads_for), fixed counts, and
+#: redteam's with about 0.1 ms of spinning before a waiting thread sleeps.
 SETTINGS = {
     "active (torch's default)": {"OMP_WAIT_POLICY": "ACTIVE"},
     "redteam's": {"OMP_WAIT_POLICY": "PASSIVE", POLICY: "1"},
     "passive, 1 thread": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
     "passive, 2 threads": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2"},
+    "spin 10k, then sleep": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000", POLICY: "1"},
 }
 
 
