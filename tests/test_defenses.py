@@ -188,8 +188,10 @@ def test_adaptive_short_of_non_adaptive_is_judged_against_the_defenses_draws(def
             rows += [
                 {"cell": key, "probe": probe.key, "eps": eps, "correct": eps == 0 or left} for eps in config.budgets()
             ]
-    (check,) = _adaptive_consistency(cell, pd.DataFrame(rows), other)
+    results = pd.DataFrame(rows)
+    (check,) = _adaptive_consistency(cell, results, other)
     assert check.passed == passed and check.cell == cell.key
+    assert _adaptive_consistency(cell, results[results["cell"] == cell.key], other) == []  # nothing to compare yet
     if defense == "jitter" and passed:
         explained = "within what the defense's draws explain at ε 8.0 (1 against 0 probes, p 0.50)"
         assert check.detail == f"adaptive above non-adaptive only {explained}"

@@ -43,8 +43,8 @@ from redteam.runtime import seeded_generator
 MONOTONE = "monotone"
 SAMPLE = 8  # clean-correct probes the checks attack (they cost a few seconds per model on a CPU)
 UNBOUNDED = {"linf": 64 / 255, "l2": 32.0}  # far beyond any meaningful face perturbation
-#: Against a randomised defense, the one-sided significance at which the adaptive attack leaving more probes standing
-#: than the non-adaptive one is more than the defense's draws.
+#: Against a randomised defense, an adaptive attack that left more probes standing than the non-adaptive one fails
+#: the check only at this one-sided significance (a sign test); above it, the defense's draws explain the difference.
 DRAWS_LEVEL = 0.05
 
 
@@ -451,7 +451,7 @@ def _adaptive_consistency(cell: Cell, results: pd.DataFrame, cells: dict[str, di
     standing = results.pivot_table(index=["eps", "probe"], columns="cell", values="correct", aggfunc="first").dropna()
     standing = standing.rename(columns={key: adaptive for adaptive, key in modes.items()}).astype(bool)
     attacked = standing[standing.index.get_level_values("eps") > 0]
-    if attacked.empty:
+    if attacked.empty or set(attacked.columns) != {True, False}:  # no probe both cells attacked
         return []
     worse, within_draws = [], []
     for eps, probes in attacked.groupby(level="eps"):
