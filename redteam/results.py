@@ -66,7 +66,8 @@ ADDED_COLUMNS = {
     "ledger": {"hits": "INTEGER"},
 }
 CHECK_COLUMNS = {"cell": "TEXT", "name": "TEXT", "passed": "INTEGER", "detail": "TEXT"}
-#: A campaign's finished stages (an area, a budget, a poison rate), serialised, so an interrupted campaign resumes.
+#: A campaign's finished stages (an area, a budget, a poison rate), serialised, so an interrupted campaign resumes;
+#: also what an evaluation measured once for its cell (its EOT draws).
 STAGE_COLUMNS = {"cell": "TEXT", "stage": "TEXT", "payload": "BLOB"}
 #: Curves that campaigns (advhat, uap, ...) compute themselves, in ``accuracy_curve``'s columns (eps as displayed).
 CURVE_COLUMNS = {"cell": "TEXT", **{key: "TEXT" for key in CURVE_KEYS}, "eps": "REAL", "accuracy": "REAL",

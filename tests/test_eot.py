@@ -42,7 +42,7 @@ def test_the_fewest_draws_whose_estimates_agree(variance, draws, enough):
     assert (choice.agreement >= AGREEMENT) == enough
 
 
-def test_a_run_through_a_randomised_defense_measures_its_draws(cli, faces_root, tmp_path, capsys):
+def test_a_run_through_a_randomised_defense_measures_its_draws(cli, faces_root, tmp_path, capsys, monkeypatch):
     command = ("run", "--target", "arcface", "--attack", "pgd", "--intruder", "jitter", "--adaptivity", "adaptive",
                "--data", faces_root, "--limit", 2, "--eps", "0,2", "--steps", 1)  # fmt: skip
     assert cli(*command, "--out", tmp_path / "measured") == 0
@@ -50,6 +50,16 @@ def test_a_run_through_a_randomised_defense_measures_its_draws(cli, faces_root, 
     assert draws in CHOICES and f"EOT: {draws} draws per gradient" in capsys.readouterr().out
     checks = ResultStore(tmp_path / "measured" / "results.sqlite").checks().set_index("name")
     assert checks.loc["EOT draws", "detail"].startswith(f"{draws} draws per gradient")
+
+    # Run again (or resumed): the count is read from the store, not measured again.
+    def measured_again(*args):
+        raise AssertionError("the EOT draws were measured again")
+
+    monkeypatch.setattr("redteam.engine.execute.choose_eot", measured_again)
+    assert cli(*command, "--eps", "0,2,4", "--out", tmp_path / "measured") == 0
+    again = json.loads((tmp_path / "measured" / "run.json").read_text())["attack_settings"]["eot"]
+    assert again == draws and f"EOT: {draws} draws per gradient" in capsys.readouterr().out
+    monkeypatch.undo()
     # Given by the user, the count is theirs: nothing is measured.
     assert cli(*command, "--option", "eot=2", "--out", tmp_path / "given") == 0
     assert json.loads((tmp_path / "given" / "run.json").read_text())["attack_settings"]["eot"] == 2

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
 from redteam.engine.config import EvaluationConfig
+from redteam.engine.eot import EotChoice
 from redteam.engine.execute import Executor
 from redteam.engine.plan import Cell, Planner, prepare
 from redteam.results import ResultStore
 from redteam.runtime import prepare_torch
+
+#: The store's stage holding a cell's measured EOT draws (:class:`redteam.engine.eot.EotChoice`, as JSON).
+EOT_STAGE = "eot draws"
 
 
 class Evaluation:
@@ -23,10 +29,19 @@ class Evaluation:
     def __init__(self, config: EvaluationConfig, store: ResultStore | Path):
         prepare_torch()
         self.cell: Cell = prepare(config)
-        self.executor = Executor(self.cell)
+        self.executor = Executor(self.cell, choose_eot=False)  # once the cell's key says what the store knows
         store = store if isinstance(store, ResultStore) else ResultStore(Path(store))
         self.planner = Planner(self.cell, store, self.executor.batch_size)
         self.executor.keep_ledger(store.ledger(self.cell.key))
+        self._settle_eot(store)
+
+    def _settle_eot(self, store: ResultStore) -> None:
+        """The EOT draws this cell was measured to need, measured once: a resumed or repeated run reads them."""
+        stored = store.stage(self.cell.key, EOT_STAGE)
+        known = EotChoice(**json.loads(stored)) if stored is not None else None
+        choice = self.executor.settle_eot(known)
+        if choice is not None and known is None:
+            store.record_stage(self.cell.key, EOT_STAGE, json.dumps(asdict(choice)).encode())
 
     @property
     def config(self) -> EvaluationConfig:

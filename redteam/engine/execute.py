@@ -64,7 +64,7 @@ class Executor:
     ``crafting`` is what the attack differentiates (the target, a transfer surrogate, or the BPDA view of the
     defense). Both enrol the probes' enrolment images once."""
 
-    def __init__(self, cell: Cell, device: torch.device | None = None):
+    def __init__(self, cell: Cell, device: torch.device | None = None, choose_eot: bool = True):
         self.cell = cell
         config = cell.config
         self.device = device or resolve_device(config.device)
@@ -85,7 +85,9 @@ class Executor:
             self._recalibrate(config.recalibration_faces)
         self.enrolment = self._enrol(self.target)
         self.crafting_enrolment = self.enrolment if crafting is self.target else self._enrol(crafting)
-        self.eot = self._choose_eot()
+        self.eot: EotChoice | None = None
+        if choose_eot:
+            self.settle_eot()
 
     def deployed_system(self) -> tuple:
         """What identifies the system this cell's verdicts come from: the same for a defense's adaptive and
@@ -111,20 +113,23 @@ class Executor:
             model.threshold_override = threshold
         self.recalibration = threshold, far
 
-    def _choose_eot(self) -> EotChoice | None:
-        """Attacking a randomised defense adaptively, unless ``--option eot`` says: the draws per gradient, measured
-        on the cell's first probes (:mod:`redteam.engine.eot`) and set on the cell's attack."""
+    def settle_eot(self, known: EotChoice | None = None) -> EotChoice | None:
+        """Attacking a randomised defense adaptively, unless ``--option eot`` says: the draws per gradient, ``known``
+        (measured for this cell before) or measured now on the cell's first probes (:mod:`redteam.engine.eot`), and
+        set on the cell's attack. ``None`` where no count is chosen."""
         cell = self.cell
         attack, config = cell.attack, cell.config
         if not (config.adaptive and cell.defense.randomised and attack.supports_eot) or "eot" in config.attack_options:
             return None
-        batch = cell.probes[:EOT_PROBES]
-        crafting, _ = self.objectives(batch)
-        images = cell.dataset.load([p.image for p in batch]).to(self.device)
-        with drawing_from(self.generator("eot"), self.crafting):
-            choice = choose_eot(crafting, images)
-        cell.attack = replace(attack, eot=choice.draws)
-        return choice
+        if known is None:
+            batch = cell.probes[:EOT_PROBES]
+            crafting, _ = self.objectives(batch)
+            images = cell.dataset.load([p.image for p in batch]).to(self.device)
+            with drawing_from(self.generator("eot"), self.crafting):
+                known = choose_eot(crafting, images)
+        cell.attack = replace(attack, eot=known.draws)
+        self.eot = known
+        return known
 
     def _batch_size(self) -> int:
         requested = self.cell.config.batch_size
