@@ -112,7 +112,8 @@ class Worker:
     def _executor(self, config: EvaluationConfig) -> Executor:
         key = json.dumps(asdict(config), sort_keys=True, default=str)
         if key not in self.executors:
-            self.executors[key] = Executor(prepare(config))
+            self.executors[key] = executor = Executor(prepare(config))
+            executor.settle_eot()  # a worker holds no store: it measures (the same count as any process)
             while len(self.executors) > CACHED_CELLS:
                 self.executors.popitem(last=False)
         self.executors.move_to_end(key)

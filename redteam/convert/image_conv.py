@@ -83,9 +83,8 @@ def conv2d(
     """``F.conv2d``, through :func:`image_conv2d` when the layer reads an image (at most :data:`IMAGE_CHANNELS`
     channels, no groups, stride 1, a :data:`LARGE_MAP`) and something wants its input's gradient. (With a stride, the
     input gradient's strided adds cost more than PyTorch's kernel: scrfd's and retinaface's first layers keep it.)"""
-    pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-    image = groups == 1 and weight.shape[1] <= IMAGE_CHANNELS and tuple(stride) == (1, 1) and pixels >= LARGE_MAP
-    if image and x.requires_grad:
+    image = groups == 1 and weight.shape[1] <= IMAGE_CHANNELS and tuple(stride) == (1, 1)
+    if x.requires_grad and image and x.shape[0] * x.shape[-2] * x.shape[-1] >= LARGE_MAP:
         pair = (padding, padding) if isinstance(padding, int) else padding
         return image_conv2d(x, weight, bias, stride, pair, dilation)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

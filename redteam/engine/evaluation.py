@@ -29,7 +29,7 @@ class Evaluation:
     def __init__(self, config: EvaluationConfig, store: ResultStore | Path):
         prepare_torch()
         self.cell: Cell = prepare(config)
-        self.executor = Executor(self.cell, choose_eot=False)  # once the cell's key says what the store knows
+        self.executor = Executor(self.cell)
         store = store if isinstance(store, ResultStore) else ResultStore(Path(store))
         self.planner = Planner(self.cell, store, self.executor.batch_size)
         self.executor.keep_ledger(store.ledger(self.cell.key))

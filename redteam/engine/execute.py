@@ -64,7 +64,7 @@ class Executor:
     ``crafting`` is what the attack differentiates (the target, a transfer surrogate, or the BPDA view of the
     defense). Both enrol the probes' enrolment images once."""
 
-    def __init__(self, cell: Cell, device: torch.device | None = None, choose_eot: bool = True):
+    def __init__(self, cell: Cell, device: torch.device | None = None):
         self.cell = cell
         config = cell.config
         self.device = device or resolve_device(config.device)
@@ -85,9 +85,7 @@ class Executor:
             self._recalibrate(config.recalibration_faces)
         self.enrolment = self._enrol(self.target)
         self.crafting_enrolment = self.enrolment if crafting is self.target else self._enrol(crafting)
-        self.eot: EotChoice | None = None
-        if choose_eot:
-            self.settle_eot()
+        self.eot: EotChoice | None = None  # set by settle_eot, once it is known what the store holds
 
     def deployed_system(self) -> tuple:
         """What identifies the system this cell's verdicts come from: the same for a defense's adaptive and
