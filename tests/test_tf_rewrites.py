@@ -13,7 +13,7 @@ from torch import Tensor
 
 from redteam.convert.tf_graph import TFGraphModule
 from redteam.convert.tf_nodes import GraphNode
-from redteam.convert.tf_rewrites import fold_residual_scales, fuse_bias_activation, fuse_prelu, simplify
+from redteam.convert.tf_rewrites import fold_pads, fold_residual_scales, fuse_bias_activation, fuse_prelu, simplify
 
 Rewrite = Callable[[list[GraphNode]], list[GraphNode]]
 
@@ -125,3 +125,37 @@ def test_facenet_residual_scales_fold_into_the_convolutions(facenet_nodes, faces
     assert (y - y_folded).abs().max() < 1e-6
     assert (gradient - gradient_folded).norm() < 1e-3 * gradient.norm()
     assert len(TFGraphModule(simplify(facenet_nodes), ["input"], ["embeddings"], rewrite=False)._plan) == after
+
+
+def test_mobilefaces_zero_pads_fold_into_the_convolutions_that_read_them(faces):
+    """mobileface's TF.js graph pads with zeros before 13 VALID convolutions: each Pad step goes, the convolution pads
+    as it reads; every other rewrite applied first, as the module applies them."""
+    from redteam.convert.tfjs import nodes_from_model_json
+    from redteam.targets.arcface import MOBILEFACE
+
+    nodes = nodes_from_model_json(*MOBILEFACE.read())
+    fused = fuse_bias_activation(fuse_prelu(nodes))
+    before, after, y, gradient, y_folded, gradient_folded = compare(
+        fused, fold_pads, ["data"], "batchnorm0/add_1", faces_at(faces, 112) * 255
+    )
+    assert before - after == 13
+    assert len(TFGraphModule(simplify(nodes), ["data"], ["batchnorm0/add_1"], rewrite=False)._plan) == after
+    assert torch.equal(y, y_folded)
+    assert torch.equal(gradient, gradient_folded)
+
+
+def test_a_pad_other_than_around_the_image_or_read_by_more_than_a_convolution_stays():
+    """Only a Pad of rows and columns whose one reader is a VALID convolution folds: not one that pads channels (a
+    residual's widening), and not one that a second node also reads."""
+    kernel = {"value": np.ones((3, 3, 2, 2), np.float32)}
+    nodes = [
+        GraphNode("x", "Placeholder", [], {"shape": [1, 8, 8, 2]}),
+        GraphNode("paddings", "Const", [], {"value": np.array([[0, 0], [1, 1], [1, 1], [0, 0]], np.int32)}),
+        GraphNode("padded", "Pad", ["x", "paddings"]),
+        GraphNode("kernel", "Const", [], kernel),
+        GraphNode("y", "Conv2D", ["padded", "kernel"], {"padding": "VALID", "strides": [1, 1, 1, 1]}),
+    ]
+    assert [n.attrs.get("explicit_paddings") for n in fold_pads(nodes)][-1] == [0, 0, 1, 1, 1, 1, 0, 0]
+    channels = {"value": np.array([[0, 0], [0, 0], [0, 0], [0, 2]], np.int32)}
+    assert fold_pads([*nodes[:1], GraphNode("paddings", "Const", [], channels), *nodes[2:]])[-1] == nodes[-1]
+    assert fold_pads([*nodes, GraphNode("z", "Relu", ["padded"])]) == [*nodes, GraphNode("z", "Relu", ["padded"])]

@@ -188,7 +188,6 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
     key = builder.param(node, "weight", torch_weight)
     stride, dilation = _spatial(node.attrs.get("strides")), _spatial(node.attrs.get("dilations"))
     padding = node.attrs.get("padding", "VALID")
-    symmetric_same = padding == "SAME" and stride == (1, 1) and kh % 2 == 1 and kw % 2 == 1
     explicit = node.attrs.get("explicit_paddings") or []
     bias_key = None
     fused = node.attrs.get("fused_ops") or []
@@ -201,15 +200,17 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
 
     def conv(x: Tensor) -> Tensor:
         x = to_nchw(x, in_layout)
-        pad: int | tuple[int, int] = 0
-        if symmetric_same:
-            pad = ((kh - 1) * dilation[0] // 2, (kw - 1) * dilation[1] // 2)
-        elif padding == "SAME":
-            x = _pad_same(x, (kh, kw), stride, dilation)
+        top = bottom = left = right = 0
+        if padding == "SAME":
+            top, bottom = same_padding(x.shape[2], kh, stride[0], dilation[0])
+            left, right = same_padding(x.shape[3], kw, stride[1], dilation[1])
         elif padding == "EXPLICIT":
-            x = F.pad(x, (explicit[4], explicit[5], explicit[2], explicit[3]))
+            top, bottom, left, right = explicit[2:6]
+        symmetric = (top, left) == (bottom, right)  # the convolution pads as it reads; else a padded copy
+        if not symmetric:
+            x = F.pad(x, (left, right, top, bottom))
         bias = weights[bias_key] if bias_key else None
-        return activation(conv2d(x, weights[key], bias, stride, pad, dilation, groups))
+        return activation(conv2d(x, weights[key], bias, stride, (top, left) if symmetric else 0, dilation, groups))
 
     return CompiledOp(conv, [source], Layout.NCHW)
 
