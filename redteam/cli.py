@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -229,10 +230,14 @@ def run(
         elapsed = time.perf_counter() - started
         summary = summaries[0] if len(summaries) == 1 else {"evaluations": summaries, "seconds": round(elapsed, 1)}
         write_summary(summary, out)
-    files = "(curve.csv, curve.png, results.sqlite, run.json" + (
-        ", evidence.jsonl)" if (out / "evidence.jsonl").is_file() else ")"
-    )
-    console.print(escape(f"results in {out}/ {files} · {elapsed:.0f} s"), highlight=False)
+    _results_line(out, elapsed)
+
+
+def _results_line(out: Path, elapsed: float, files: Sequence[str] = ()) -> None:
+    """A run's last line: the folder and the files its results are in (``files``: a campaign's own)."""
+    evidence = ["evidence.jsonl"] if (out / "evidence.jsonl").is_file() else []
+    names = ["curve.csv", "curve.png", "results.sqlite", "run.json", *evidence, *files]
+    console.print(escape(f"results in {out}/ ({', '.join(names)}) · {elapsed:.0f} s"), highlight=False)
 
 
 def _evaluate(config, out: Path) -> dict[str, Any]:
@@ -376,11 +381,7 @@ def _run_campaign(config, out: Path) -> None:
         "seconds": round(elapsed, 1),
     }
     write_summary(summary, out)
-    files = ", ".join(sorted({p.name for p in report.images} | {p.name for p in tables}))
-    console.print(
-        f"results in {escape(str(out))}/ (curve.csv, curve.png, run.json{', ' + files if files else ''}) · "
-        f"{elapsed:.0f} s"
-    )
+    _results_line(out, elapsed, sorted({p.name for p in report.images} | {p.name for p in tables}))
 
 
 def skipped(dataset: FaceDataset, shown: int = 5) -> list[str]:

@@ -25,6 +25,11 @@ LOG = "evidence.jsonl"
 FOLDER = "evidence"
 
 
+def as_saved(images: Tensor) -> Tensor:
+    """``images`` in [0, 1] as an 8-bit file holds them: each value rounded to the nearest grey level."""
+    return images.mul(255).round().div(255)
+
+
 def png_bytes(image: Tensor) -> bytes:
     """``image [3, H, W]`` in [0, 1] as 8-bit PNG bytes (rounded to the nearest grey level)."""
     array = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()

@@ -4,6 +4,8 @@ the same shape; a universal mask is learned on one half of the people and judged
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 
@@ -19,6 +21,7 @@ from redteam.attacks.accessory import coverage_of, photograph, wear
 from redteam.attacks.glasses import Glasses
 from redteam.attacks.mask import STANDARD_AREA, Mask
 from redteam.datasets import ImageFolderDataset
+from redteam.engine import load_target
 from redteam.results import SYSTEM_STAGES
 
 WEARER = "Bill_Gates"  # 10 photos: 1 enrolment, 2 optimised on, 7 held out
@@ -144,12 +147,51 @@ def test_a_universal_mask_is_learned_on_one_half_and_judged_on_the_other(people,
     assert math.isclose(pd.read_csv(tmp_path / "curve.csv")["accuracy"].iloc[-1], metrics["mask_verified"])
 
 
-def test_a_mask_for_one_wearer_runs_like_the_other_accessories(people, cli, tmp_path):
-    command = ("run", "--target", "arcface", "--attack", "mask", "--data", people, "--identity", WEARER)
-    assert cli(*command, "--steps", "2", "--option", "train_photos=1", "--out", tmp_path) == 0
+def test_a_universal_mask_under_identification_logs_each_wearer_it_got_misidentified(people, cli, tmp_path):
+    command = ("run", "--target", "arcface", "--attack", "mask", "--data", people, "--limit", "10", "--steps", "12")
+    options = ("--option", "learn_photos=12", "--option", "per_step=6", "--option", "draws=1")
+    assert cli(*command, *options, "--threat", "identification", "--out", tmp_path) == 0
     metrics = json.loads((tmp_path / "run.json").read_text())["metrics"]
-    assert metrics["held_out_photos"] == 8 and "mask_accuracy" in metrics
+    assert metrics["mask_identified"] < metrics["clean_identified"]
+    held_out = pd.read_csv(tmp_path / "held_out.csv").set_index("photo")
+    fooled = held_out.index[held_out["clean_identified"] & ~held_out["mask_identified"]].tolist()
+    entries = [json.loads(line) for line in (tmp_path / "evidence.jsonl").read_text().splitlines()]
+    assert [e["probe"] for e in entries] == fooled != []
+    for entry in entries:
+        assert (entry["attack"], entry["threat"], entry["eps"]) == ("mask", "identification", metrics["area"])
+        assert entry["identity"] == held_out.loc[entry["probe"], "person"]
+        assert entry["score"] == pytest.approx(held_out.loc[entry["probe"], "mask"])
+        assert abs(entry["saved_score"] - entry["score"]) < 0.02
+        assert hashlib.sha256((tmp_path / entry["image"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_a_mask_for_one_wearer_runs_like_the_other_accessories_and_logs_what_it_fooled(people, cli, tmp_path):
+    command = ("run", "--target", "arcface", "--attack", "mask", "--data", people, "--identity", WEARER)
+    assert cli(*command, *QUICK, "--out", tmp_path) == 0
+    metrics = json.loads((tmp_path / "run.json").read_text())["metrics"]
+    assert metrics["held_out_photos"] == 7 and "mask_accuracy" in metrics
     assert (tmp_path / "mask-faces.png").is_file()
+
+    # Every photo the mask fooled arcface with is in the evidence log, worn, as a file that fools it as saved.
+    photos = pd.read_csv(tmp_path / "held_out.csv").set_index("photo")
+    entries = [json.loads(line) for line in (tmp_path / "evidence.jsonl").read_text().splitlines()]
+    assert [e["probe"] for e in entries] == photos.index[photos["fooled"]].tolist() != []
+    dataset, arcface = ImageFolderDataset(people), load_target("arcface", torch.device("cpu"))
+    context = CampaignContext(target=arcface, target_name="arcface", dataset=dataset, device=torch.device("cpu"),
+                              out=tmp_path, identity=WEARER)  # fmt: skip
+    enrolment, _, _ = Mask()._split(context)
+    with torch.no_grad():
+        reference = arcface.embed(dataset.load([enrolment]))
+    for entry in entries:
+        assert (entry["attack"], entry["identity"], entry["eps"]) == ("mask", WEARER, metrics["area"])
+        assert entry["score"] == pytest.approx(photos.loc[entry["probe"], "mask"])
+        data = (tmp_path / entry["image"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        saved = torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            similarity = arcface.similarity(arcface.embed(saved), reference).item()
+        assert similarity == pytest.approx(entry["saved_score"], abs=1e-4)
+        assert entry["saved_fooled"] == (similarity < entry["threshold"])
 
 
 @pytest.mark.parametrize(

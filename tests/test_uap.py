@@ -6,6 +6,7 @@ perturbation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pandas as pd
@@ -91,6 +92,16 @@ def test_cli_run_beats_noise_on_held_out_people_and_writes_its_files(people, cli
     assert transfer.index.tolist() == ["facenet", "arcface"]
     assert transfer.loc["facenet", "fooling_rate"] == pytest.approx(metrics["fooling_rate"])
     assert (tmp_path / "uap.png").stat().st_size > 20_000 and (tmp_path / "uap-faces.png").stat().st_size > 50_000
+
+    # The pairs the UAP unmatched are in the evidence log: probe plus UAP, as files that are what they say.
+    entries = [json.loads(line) for line in (tmp_path / "evidence.jsonl").read_text().splitlines()]
+    assert [e["score"] for e in entries] == pytest.approx(pairs.loc[pairs["fooled"], "uap"].tolist()) != []
+    for entry in entries:
+        assert (entry["attack"], entry["eps"], entry["threshold"]) == ("uap", 16, metrics["threshold"])
+        assert entry["identity"] == entry["reference"] and entry["linf"] == pytest.approx(16 / 255, abs=1e-6)
+        assert abs(entry["saved_score"] - entry["score"]) < 0.02
+        assert entry["saved_fooled"] == (entry["saved_score"] < entry["threshold"])
+        assert hashlib.sha256((tmp_path / entry["image"]).read_bytes()).hexdigest() == entry["sha256"]
 
 
 def test_through_a_face_system_it_says_where_the_system_stopped_each_probe(people, cli, capsys, tmp_path):

@@ -110,6 +110,13 @@ class CampaignContext:
     #: Where finished stages are kept (:meth:`stage`): the run folder's store, set by the engine.
     stored_stage: Callable[[str], bytes | None] = field(repr=False, default=lambda name: None)
     record_stage: Callable[[str, bytes], None] = field(repr=False, default=lambda name, payload: None)
+    #: The run folder's evidence log (:mod:`redteam.evidence`), set by the engine: a campaign hands it each image
+    #: that fooled the system and an entry naming ``probe`` and ``eps`` (its axis value), the ``score`` and
+    #: ``threshold``, and ``saved_score`` / ``saved_fooled``, the verdict on the image as an 8-bit file holds it
+    #: (:func:`redteam.evidence.as_saved`); the engine adds the cell and the run's settings.
+    record_evidence: Callable[[list[dict[str, Any]], list[Tensor]], None] = field(
+        repr=False, default=lambda entries, images: None
+    )
 
     def stage(self, name: str, compute: Callable[[], T]) -> T:
         """``compute()``'s result, stored as soon as it is computed, and on a later run of the same cell read back

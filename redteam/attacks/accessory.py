@@ -44,6 +44,7 @@ from torch import Tensor
 from redteam.align import CANONICAL_LANDMARKS, CANONICAL_SIZE
 from redteam.api import Campaign, CampaignContext, CampaignReport, FaceDetector, FaceRecognizer
 from redteam.errors import DataError, RedteamError, UnknownNameError
+from redteam.evidence import as_saved
 from redteam.plots import face_grid
 from redteam.results import SYSTEM_STAGES, stage_shares, tally
 from redteam.threats import Objective, VerificationObjective
@@ -460,6 +461,7 @@ class Accessory(Campaign):
                 "fooled": (~right(final.similarity)).tolist(),
             }
         )
+        self._record_evidence(context, held, final, reference, victim[0] if victim else context.identity)
         transfer, skipped = self._transfer(context, enrolled, held, final)
         clean_stages = self._verdicts(target, held.images, clean)
         worn_stages = self._verdicts(target, final.worn, final.similarity)
@@ -715,6 +717,26 @@ class Accessory(Campaign):
             )
         assert isinstance(context.target, FaceRecognizer)  # the engine checked the threat's task against the target
         return self._similarity(context.target, photos, reference).mean().item()
+
+    def _record_evidence(
+        self, context: CampaignContext, held: Photos, final: Outcome, reference: Tensor, enrolled_as: str | None
+    ) -> None:
+        """The held-out photos the final print fooled the target with, worn, into the run's evidence log, each with
+        the verdict on it as an 8-bit file holds it."""
+        target, impersonate = context.target, context.threat == "impersonation"
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
+        fooled = torch.nonzero(~decided_right(final.similarity, target.threshold, impersonate)).squeeze(1).tolist()
+        if not fooled:
+            return
+        saved = self._similarity(target, as_saved(final.worn[fooled]), reference)
+        saved_fooled = ~decided_right(saved, target.threshold, impersonate)
+        entries = [
+            {"probe": held.names[k], "eps": final.area, "identity": context.identity, "reference": enrolled_as,
+             "score": float(final.similarity[k]), "threshold": float(target.threshold), "covered": final.covered,
+             "saved_fooled": bool(saved_fooled[i]), "saved_score": float(saved[i])}
+            for i, k in enumerate(fooled)
+        ]  # fmt: skip
+        context.record_evidence(entries, list(final.worn[fooled]))
 
     def _transfer(
         self, context: CampaignContext, enrolled: Tensor, held: Photos, final: Outcome

@@ -41,6 +41,7 @@ from redteam.attacks.accessory import (
     wear,
 )
 from redteam.errors import DataError, RedteamError
+from redteam.evidence import as_saved
 from redteam.results import SYSTEM_STAGES, stage_shares, tally
 from redteam.runtime import chunks
 from redteam.threats import IdentificationObjective, VerificationObjective
@@ -242,6 +243,7 @@ class Mask(Accessory):
                 f"{tally(pd.Series(final.stages[-1]), SYSTEM_STAGES)} (without it: "
                 f"{tally(pd.Series(clean[2]), SYSTEM_STAGES)}); a face no longer found is detector evasion, not dodging"
             )
+        self._record_universal_evidence(context, gallery, judged, people, final, clean)
         transfer, skipped = self._universal_transfer(context, split.gallery, judged, final)
         measure = "identified (rank-1)" if identification else "verified"
         share = "identified" if identification else "verified"
@@ -370,6 +372,40 @@ class Mask(Accessory):
                 identified.append(model.similarity_matrix(embedding, gallery).argmax(1) == label)
                 stages += model.verdicts(images, similarity[-1], model.threshold) or []
         return torch.cat(similarity), torch.cat(identified), stages
+
+    def _record_universal_evidence(
+        self,
+        context: CampaignContext,
+        gallery: Tensor,
+        judged: Wearers,
+        people: list[str],
+        final: Universal,
+        clean: tuple[Tensor, Tensor, list[str]],
+    ) -> None:
+        """The held-out wearers the final mask fooled the target with (decided right without it: verified, or
+        under identification identified), wearing it, into the run's evidence log, each with the verdict on it as
+        an 8-bit file holds it."""
+        target, identification = context.target, context.threat == "identification"
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
+
+        def right(similarity: Tensor, identified: Tensor) -> Tensor:
+            return identified if identification else decided_right(similarity, target.threshold, impersonate=False)
+
+        fooled = torch.nonzero(right(*clean[:2]) & ~right(final.similarity[-1], final.identified[-1])).squeeze(1)
+        if len(fooled) == 0:
+            return
+        photos = Photos(judged.photos.images[fooled], judged.photos.landmarks[fooled], [])
+        worn = self._worn(photos, final.texture, final.area)
+        saved = Wearers(Photos(as_saved(worn), photos.landmarks, []), judged.label[fooled])
+        saved_similarity, saved_identified, _ = self._judge(context, target, gallery, saved, None)
+        saved_right = right(saved_similarity, saved_identified)
+        entries = [
+            {"probe": judged.photos.names[k], "eps": final.area, "identity": people[k], "reference": people[k],
+             "score": float(final.similarity[-1, k]), "threshold": float(target.threshold), "covered": final.covered,
+             "saved_fooled": not bool(saved_right[i]), "saved_score": float(saved_similarity[i])}
+            for i, k in enumerate(fooled.tolist())
+        ]  # fmt: skip
+        context.record_evidence(entries, list(worn))
 
     def _universal_transfer(
         self, context: CampaignContext, gallery_photos: list[int], judged: Wearers, final: Universal

@@ -47,6 +47,7 @@ from redteam.api import (
 )
 from redteam.budgets import image_units
 from redteam.errors import DataError
+from redteam.evidence import as_saved
 from redteam.plots import AXIS_LABELS, face_grid  # also selects matplotlib's headless backend before pyplot draws
 from redteam.results import SYSTEM_STAGES, stage_shares, tally
 from redteam.runtime import chunks
@@ -172,6 +173,7 @@ class UAP(Campaign):
         at = budgets.index(headline)
         row = table.iloc[at]
         per_pair = self._per_pair(context, split.held_out, held, at, at + last)
+        self._record_evidence(context, held_out, split.held_out, held, at, uaps[headline], headline)
         transfer, skipped = self._transfer(context, split.held_out, uaps[headline], noises[headline])
         torch.save({"norm": norm, "eps": headline, "uap": uaps[headline].cpu()}, context.out / "uap.pt")
         metrics = {
@@ -350,6 +352,33 @@ class UAP(Campaign):
                 **({"stage": held.stages[uap]} if held.stages else {}),
             }
         )
+
+    def _record_evidence(
+        self, context: CampaignContext, enrolment: Enrolment, probes: list[Probe], held: Judged, row: int, uap: Tensor,
+        eps: float,
+    ) -> None:  # fmt: skip
+        """The held-out probes that ``uap`` (row ``row`` of ``held``, at ``eps``) unmatched and that matched clean, with
+        the UAP added, into the run's evidence log, each with the verdict on it as an 8-bit file holds it."""
+        target, records = context.target, context.dataset.records
+        assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
+        fooled = torch.nonzero(held.fooled[row] & ~held.fooled[0]).squeeze(1).tolist()
+        threat, size = (
+            Dodging(context.dataset, seed=context.seed),
+            {"linf": uap.abs().max().item(), "l2": uap.norm().item()},
+        )
+        for chunk in self._chunks(fooled):
+            pairs = [probes[k] for k in chunk]
+            images = (context.load([p.image for p in pairs]) + uap).clamp(0, 1)
+            with torch.no_grad():
+                saved = threat.objective(target, enrolment, pairs)(as_saved(images))
+            entries = [
+                {"probe": pair.key, "eps": eps, "identity": records[pair.image].identity,
+                 "reference": records[pair.reference].identity, "score": float(held.similarity[row, k]),
+                 "threshold": float(target.threshold), **size, "saved_fooled": bool(saved.success[i]),
+                 "saved_score": float(saved.score[i])}
+                for i, (k, pair) in enumerate(zip(chunk, pairs))
+            ]  # fmt: skip
+            context.record_evidence(entries, list(images))
 
     def _transfer(
         self, context: CampaignContext, probes: list[Probe], uap: Tensor, noise: Tensor

@@ -13,6 +13,7 @@ from redteam.engine.assembly import behind_transforms, build_attack, build_defen
 from redteam.engine.config import EvaluationConfig
 from redteam.engine.plan import claim_cell, content_fingerprint
 from redteam.errors import DataError, UnknownNameError
+from redteam.evidence import EvidenceLog
 from redteam.results import CURVE_KEYS, ResultStore
 from redteam.runtime import CPU_BATCH_SIZE, prepare_torch, resolve_device
 
@@ -57,6 +58,7 @@ def prepare_campaign(
     model = wrap_model(load_target(config.target, device, config.threshold, weights), config, chain)
     store = ResultStore(out / "results.sqlite")
     cell, changed = claim_cell(store, config, content_fingerprint(config, dataset, chain))
+    evidence, about = EvidenceLog(out), {"cell": cell, **_run_keys(config, dataset)}
     context = CampaignContext(
         target=behind_transforms(model, config, chain, adaptive=True),  # a campaign judges on what it attacks
         target_name=config.target,
@@ -74,6 +76,7 @@ def prepare_campaign(
         progress=progress,
         stored_stage=lambda name: store.stage(cell, name),
         record_stage=lambda name, payload: store.record_stage(cell, name, payload),
+        record_evidence=lambda entries, images: evidence.record([{**about, **e} for e in entries], images),
     )
     return CampaignRun(config, cell, campaign, context, notes + changed)
 
@@ -83,19 +86,23 @@ def finish_campaign(run: CampaignRun) -> CampaignRun:
     config, context = run.config, run.context
     run.report = report = run.campaign.run(context)
     if report.curve is not None:
-        keys = {
-            "target": config.target,
-            "surrogate": config.target,
-            "defense": config.defense_label,
-            "attack": config.attack,
-            "threat": config.threat,
-            "norm": config.norm,
-            "dataset": context.dataset.name,
-        }
+        keys = {"surrogate": config.target, **_run_keys(config, context.dataset)}
         rows = [{"cell": run.cell, **keys, **row} for row in report.curve.to_dict(orient="records")]
         store = ResultStore(context.out / "results.sqlite")
         store.record_curve([{k: row[k] for k in ("cell", *CURVE_KEYS, "eps", "accuracy", "n")} for row in rows])
     return run
+
+
+def _run_keys(config: EvaluationConfig, dataset: FaceDataset) -> dict[str, str]:
+    """What a campaign's stored rows say it ran: target, defense, attack, threat, norm and dataset."""
+    return {
+        "target": config.target,
+        "defense": config.defense_label,
+        "attack": config.attack,
+        "threat": config.threat,
+        "norm": config.norm,
+        "dataset": dataset.name,
+    }
 
 
 def run_campaign(

@@ -49,6 +49,7 @@ from redteam.engine.eot import EotChoice, choose_eot
 from redteam.engine.operating import recalibrated_threshold
 from redteam.engine.plan import Cell, Computed, Shard, result_row
 from redteam.errors import RedteamError
+from redteam.evidence import as_saved
 from redteam.results import QueryLedger
 from redteam.runtime import autocast, chunks, fit_batch_size, resolve_device, seeded_generator
 from redteam.threats import Enrolment, Objective, Probe, Verdict
@@ -289,7 +290,7 @@ class Executor:
         fooled = [k for k in range(len(batch)) if judged.success[k]]
         if not fooled:
             return []
-        saved = images[fooled].mul(255).round().div(255)
+        saved = as_saved(images[fooled])
         again = self.judge(verdict.select(torch.tensor(fooled, device=images.device)), saved)
         config, records = self.cell.config, self.cell.dataset.records
         linf, l2 = perturbation
