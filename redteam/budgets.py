@@ -7,6 +7,7 @@ Images are float ``[B, 3, H, W]`` in ``[0, 1]`` ("image units"). Users write ℓ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -33,8 +34,7 @@ def display_eps(eps: float, norm: str) -> float:
 
 def perturbation_size(delta: Tensor, norm: Norm) -> Tensor:
     """Per-sample size of ``delta [B, ...]`` -> ``[B]``."""
-    flat = delta.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
+    return torch.linalg.vector_norm(delta.flatten(1), math.inf if norm == "linf" else 2, dim=1)
 
 
 def eight_bit(images: Tensor, origins: Tensor) -> Tensor:
@@ -43,12 +43,13 @@ def eight_bit(images: Tensor, origins: Tensor) -> Tensor:
     against ``images``) than it already was; there it moves to the level next to the origin's side. So a
     perturbation never grows in any norm (for origins on the levels, as decoded photos are), and an image already on
     the levels is returned as it is (levels are ``k / 255``, computed as a decoder computes them)."""
-    origin = torch.round(origins * 255)
-    change = images * 255 - origin
-    nearest = torch.round(change)
-    # 1e-3 of a level: an image on the levels, read back as floats, is a hair off them.
-    level = torch.where(nearest.abs() <= change.abs() + 1e-3, nearest, torch.trunc(change))
-    return (origin + level).clamp_(0, 255) / 255
+    origin = origins.mul(255).round_()
+    change = images.mul(255).sub_(origin)
+    # The nearest level unless it lies further from the origin, then the one next to the origin's side: truncation
+    # towards the origin after a nudge of 1e-3 of a level away from it (an image on the levels, read back as floats,
+    # is a hair off them). One pass each, in place: every query an attack sends goes through here.
+    level = change.add_(torch.sign(change), alpha=1e-3).trunc_()
+    return level.add_(origin).clamp_(0, 255).div_(255)
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> float | Tensor:
