@@ -41,17 +41,50 @@ def test_values_and_input_gradient_are_pytorchs_to_float32_rounding(channels_las
     assert (our_gradient - gradient).abs().max() <= 1e-5 * gradient.abs().max()  # ... with PyTorch's values
 
 
-def _takes_the_path(output: torch.Tensor) -> bool:
+def _has_step(output: torch.Tensor, name: str) -> bool:
+    """Whether the autograd graph behind ``output`` holds a step of type ``name``."""
     seen, frontier = set(), [output.grad_fn]
     while frontier:
         node = frontier.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "_ImageConvBackward":
+        if type(node).__name__ == name:
             return True
         frontier.extend(parent for parent, _ in node.next_functions)
     return False
+
+
+def _takes_the_path(output: torch.Tensor) -> bool:
+    return _has_step(output, "_ImageConvBackward")
+
+
+@pytest.mark.parametrize(("groups", "copies"), [(6, False), (1, True)])
+@pytest.mark.parametrize("padding", [(0, 1, 0, 1), (1, 0, 2, 0), (0, 2, 1, 1)])
+@pytest.mark.parametrize("stride", [(2, 2), (1, 2)])
+def test_uneven_padding_is_a_grown_kernel_for_a_depthwise_convolution_and_a_padded_copy_otherwise(
+    groups, copies, padding, stride
+):
+    """TF's SAME at stride 2 pads one more row and column after: a depthwise convolution reads them through zero taps
+    added to its kernel (no padded copy of its input), any other through a padded copy; both compute what the
+    convolution of the padded input computes (float64: exactly, but for the order of a sum)."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 13, 14, dtype=torch.float64, generator=generator)
+    weight = torch.randn(6, 6 // groups, 3, 3, dtype=torch.float64, generator=generator)
+    top, bottom, left, right = padding
+    results = []
+    for ours in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        if ours:
+            y = image_conv.conv2d(leaf, weight, None, stride, padding, (1, 1), groups)
+            assert _has_step(y, "ConstantPadNdBackward0") == copies
+        else:
+            y = F.conv2d(F.pad(leaf, (left, right, top, bottom)), weight, None, stride, 0, 1, groups)
+        results.append((y, *torch.autograd.grad((y * y.detach().sin()).sum(), leaf)))
+    (y, gradient), (ours, our_gradient) = results
+    assert y.shape == ours.shape
+    assert torch.allclose(y, ours, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gradient, our_gradient, rtol=1e-12, atol=1e-12)
 
 
 def test_a_converted_targets_first_layer_takes_the_path_with_pytorchs_gradient(faces, monkeypatch):

@@ -613,13 +613,20 @@ def _spatial_padding(node: OnnxNode) -> list[int]:
     return [pads[1], pads[3], pads[0], pads[2]]
 
 
-def _auto_pad(x: Tensor, node: OnnxNode, kernel, stride, dilation, value: float = 0.0) -> Tensor:
-    """Apply ``auto_pad`` SAME_UPPER (extra pixel after, as TF's SAME) or SAME_LOWER (extra pixel before)."""
+def _auto_pads(x: Tensor, node: OnnxNode, kernel, stride, dilation) -> tuple[int, int, int, int]:
+    """``auto_pad`` SAME_UPPER (extra pixel after, as TF's SAME) or SAME_LOWER (extra pixel before) on ``x``: the
+    padding ``(top, bottom, left, right)``."""
     pads = []
     for size, k, s, d in zip(x.shape[2:], kernel, stride, dilation):
         before, after = same_padding(size, k, s, d)
-        pads.append((after, before) if node.attrs["auto_pad"] == "SAME_LOWER" else (before, after))
-    (top, bottom), (left, right) = pads
+        pads += [after, before] if node.attrs["auto_pad"] == "SAME_LOWER" else [before, after]
+    top, bottom, left, right = pads
+    return top, bottom, left, right
+
+
+def _auto_pad(x: Tensor, node: OnnxNode, kernel, stride, dilation, value: float = 0.0) -> Tensor:
+    """``x`` padded as ``auto_pad`` asks (:func:`_auto_pads`) with ``value``."""
+    top, bottom, left, right = _auto_pads(x, node, kernel, stride, dilation)
     return F.pad(x, (left, right, top, bottom), value=value)
 
 
@@ -640,14 +647,10 @@ def _conv(builder: GraphBuilder, node: OnnxNode) -> CompiledOp:
     stride, dilation, pads, same = _window(node, kernel)
     groups = node.attrs.get("group", 1)
     left, right, top, bottom = pads
-    symmetric = left == right and top == bottom
 
     def conv(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-        if same:
-            x = _auto_pad(x, node, kernel, stride, dilation)
-        elif not symmetric:
-            x = F.pad(x, pads)
-        return conv2d(x, w, b, stride, (top, left) if symmetric else 0, dilation, groups)
+        padding = _auto_pads(x, node, kernel, stride, dilation) if same else (top, bottom, left, right)
+        return conv2d(x, w, b, stride, padding, dilation, groups)
 
     return _simple(builder, node, conv)
 

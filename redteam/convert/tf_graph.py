@@ -206,11 +206,8 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
             left, right = same_padding(x.shape[3], kw, stride[1], dilation[1])
         elif padding == "EXPLICIT":
             top, bottom, left, right = explicit[2:6]
-        symmetric = (top, left) == (bottom, right)  # the convolution pads as it reads; else a padded copy
-        if not symmetric:
-            x = F.pad(x, (left, right, top, bottom))
         bias = weights[bias_key] if bias_key else None
-        return activation(conv2d(x, weights[key], bias, stride, (top, left) if symmetric else 0, dilation, groups))
+        return activation(conv2d(x, weights[key], bias, stride, (top, bottom, left, right), dilation, groups))
 
     return CompiledOp(conv, [source], Layout.NCHW)
 
