@@ -75,6 +75,21 @@ def test_the_oracle_answers_what_an_upload_can_carry(dodging):
     assert torch.allclose(size, (best - images).flatten(1).norm(dim=1))
 
 
+def test_an_upload_takes_the_nearest_level_unless_it_lies_further_from_the_photo():
+    """Each change of a pixel from its photo's level, swept densely over three levels each way (and the floats next
+    to each half level and each level's 1e-3 margin), lands on the nearest level where that is no further from the
+    photo (within 1e-3 of a level: float error), else on the level next to the photo's side, as written plainly."""
+    levels = torch.arange(-3, 4).float()
+    edges = torch.cat([levels + 0.5, levels + 1 - 1e-3, levels - 1 + 1e-3])
+    steps = torch.cat([torch.linspace(-3, 3, 600_001), edges, edges.nextafter(edges + 1), edges.nextafter(edges - 1)])
+    for photo in (0.0, 1.0, 128.0, 254.0, 255.0):
+        images, origin = (photo + steps) / 255, torch.full((len(steps),), photo / 255)
+        change = images * 255 - photo
+        nearest = change.round()
+        plainly = torch.where(nearest.abs() <= change.abs() + 1e-3, nearest, change.trunc())
+        assert torch.equal(eight_bit(images, origin), (photo + plainly).clamp(0, 255) / 255)
+
+
 def test_decision_attacks_start_from_another_face_and_shrink(dodging):
     """Dodging starts from another person's photo (counted); a boundary search and evolutionary steps make the
     perturbation smaller, and the oracle's record is what the attack returns."""
