@@ -45,4 +45,6 @@ class _PReLU(torch.autograd.Function):
 def prelu(x: Tensor, slope: Tensor) -> Tensor:
     """``x`` where ``x > 0``, else ``slope * x``, the slope per channel (dim 1) or one for all: ``F.prelu``'s
     values and gradients, with a cheaper backward for the input alone."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or slope.requires_grad)):
+        return F.prelu(x, slope)  # a forward only (queries, enrolment): no autograd function to set up
     return _PReLU.apply(x, slope)
