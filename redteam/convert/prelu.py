@@ -18,13 +18,12 @@ from torch import Tensor
 
 
 class _PReLU(torch.autograd.Function):
+    # ``forward`` takes ``ctx`` itself: with a separate ``setup_context``, every ``apply`` binds its arguments through
+    # ``inspect.signature``, 5% of arcface's forward+backward at batch 1 (33 calls a pass).
     @staticmethod
-    def forward(x: Tensor, slope: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, slope: Tensor) -> Tensor:
+        ctx.save_for_backward(x, slope)
         return F.prelu(x, slope)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
