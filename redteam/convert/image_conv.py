@@ -6,6 +6,9 @@ first layer's input gradient against 6 ms for its forward, a fifth of the whole 
 is ``kernel taps x channels`` maps, each the output gradient times one tap's weights (a 1x1 convolution, which oneDNN
 runs at full speed), added into the input at that tap's offset. Values agree with PyTorch's to float32 rounding
 (summed in another order; ``tests/test_image_conv.py``); the forward is ``F.conv2d`` itself.
+
+:func:`conv2d` is the converters' one convolution: it takes padding as a graph gives it and picks this path, a grown
+kernel for uneven padding, or ``F.conv2d``.
 """
 
 from __future__ import annotations
