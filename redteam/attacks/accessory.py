@@ -728,7 +728,8 @@ class Accessory(Campaign):
         fooled = torch.nonzero(~decided_right(final.similarity, target.threshold, impersonate)).squeeze(1).tolist()
         if not fooled:
             return
-        saved = self._similarity(target, as_saved(final.worn[fooled]), reference)
+        worn = final.worn[fooled]
+        saved = self._similarity(target, as_saved(worn), reference)
         saved_fooled = ~decided_right(saved, target.threshold, impersonate)
         entries = [
             {"probe": held.names[k], "eps": final.area, "identity": context.identity, "reference": enrolled_as,
@@ -736,7 +737,7 @@ class Accessory(Campaign):
              "saved_fooled": bool(saved_fooled[i]), "saved_score": float(saved[i])}
             for i, k in enumerate(fooled)
         ]  # fmt: skip
-        context.record_evidence(entries, list(final.worn[fooled]))
+        context.record_evidence(entries, list(worn))
 
     def _transfer(
         self, context: CampaignContext, enrolled: Tensor, held: Photos, final: Outcome

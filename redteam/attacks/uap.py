@@ -45,7 +45,7 @@ from redteam.api import (
     FaceRecognizer,
     objective_gradient,
 )
-from redteam.budgets import image_units
+from redteam.budgets import image_units, perturbation_size
 from redteam.errors import DataError
 from redteam.evidence import as_saved
 from redteam.plots import AXIS_LABELS, face_grid  # also selects matplotlib's headless backend before pyplot draws
@@ -362,10 +362,8 @@ class UAP(Campaign):
         target, records = context.target, context.dataset.records
         assert isinstance(target, FaceRecognizer)  # the engine checked the threat's task against the target
         fooled = torch.nonzero(held.fooled[row] & ~held.fooled[0]).squeeze(1).tolist()
-        threat, size = (
-            Dodging(context.dataset, seed=context.seed),
-            {"linf": uap.abs().max().item(), "l2": uap.norm().item()},
-        )
+        threat = Dodging(context.dataset, seed=context.seed)
+        size = {norm: perturbation_size(uap, norm).item() for norm in ("linf", "l2")}
         for chunk in self._chunks(fooled):
             pairs = [probes[k] for k in chunk]
             images = (context.load([p.image for p in pairs]) + uap).clamp(0, 1)

@@ -83,6 +83,7 @@ class GraphBuilder:
         return self.layouts[name]
 
 
+Pair = tuple[int, int]
 OpRule = Callable[[GraphBuilder, GraphNode], CompiledOp]
 _OPS: RuleTable[OpRule] = RuleTable()
 register_op = _OPS.register
@@ -166,9 +167,15 @@ def _check_nhwc(node: GraphNode) -> None:
         raise UnsupportedModelError(f"{node.op} {node.name!r}: data_format {fmt}")
 
 
-def _pad_same(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int], value=0.0):
+def _same_pads(x: Tensor, kernel: Pair, stride: Pair, dilation: Pair) -> tuple[int, int, int, int]:
+    """TF's SAME padding of the NCHW map ``x`` for this window: ``(top, bottom, left, right)``."""
     top, bottom = same_padding(x.shape[2], kernel[0], stride[0], dilation[0])
     left, right = same_padding(x.shape[3], kernel[1], stride[1], dilation[1])
+    return top, bottom, left, right
+
+
+def _pad_same(x: Tensor, kernel: Pair, stride: Pair, dilation: Pair, value=0.0):
+    top, bottom, left, right = _same_pads(x, kernel, stride, dilation)
     if top == bottom == left == right == 0:
         return x
     return F.pad(x, (left, right, top, bottom), value=value)
@@ -200,14 +207,13 @@ def _conv_rule(builder: GraphBuilder, node: GraphNode, depthwise: bool) -> Compi
 
     def conv(x: Tensor) -> Tensor:
         x = to_nchw(x, in_layout)
-        top = bottom = left = right = 0
+        pads = (0, 0, 0, 0)
         if padding == "SAME":
-            top, bottom = same_padding(x.shape[2], kh, stride[0], dilation[0])
-            left, right = same_padding(x.shape[3], kw, stride[1], dilation[1])
+            pads = _same_pads(x, (kh, kw), stride, dilation)
         elif padding == "EXPLICIT":
-            top, bottom, left, right = explicit[2:6]
+            pads = tuple(explicit[2:6])  # NHWC (before, after) pairs: rows, then columns
         bias = weights[bias_key] if bias_key else None
-        return activation(conv2d(x, weights[key], bias, stride, (top, bottom, left, right), dilation, groups))
+        return activation(conv2d(x, weights[key], bias, stride, pads, dilation, groups))
 
     return CompiledOp(conv, [source], Layout.NCHW)
 

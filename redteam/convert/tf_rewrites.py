@@ -149,9 +149,8 @@ def fold_pads(nodes: list[GraphNode]) -> list[GraphNode]:
     a cropped copy of its gradient backward (mobileface: 13 sites). Exact: the same zeros in the same places."""
     uses = _Uses(nodes)
     folded: dict[str, GraphNode] = {}
-    for node in nodes:
-        paddings = uses.const(data_inputs(node)[1]) if node.op == "Pad" else None
-        conv = uses.sole_reader(node.name, *_CONVS)
+    for node in (n for n in nodes if n.op == "Pad"):
+        paddings, conv = uses.const(data_inputs(node)[1]), uses.sole_reader(node.name, *_CONVS)
         if paddings is None or conv is None or conv.attrs.get("padding", "VALID") != "VALID":
             continue
         (n_before, n_after), (top, bottom), (left, right), (c_before, c_after) = paddings.astype(int).tolist()
