@@ -47,8 +47,9 @@ def eight_bit(images: Tensor, origins: Tensor) -> Tensor:
     change = images.mul(255).sub_(origin)
     # The nearest level unless it lies further from the origin, then the one next to the origin's side: truncation
     # towards the origin after a nudge of 1e-3 of a level away from it (an image on the levels, read back as floats,
-    # is a hair off them). One pass each, in place: every query an attack sends goes through here.
-    level = change.add_(torch.sign(change), alpha=1e-3).trunc_()
+    # is a hair off them). One pass each, in place: every query an attack sends goes through here. Truncation is
+    # spelt floor(|c|) with c's sign, because torch's CPU trunc is not vectorised (9x slower than floor).
+    level = change.abs().add_(1e-3).floor_().copysign_(change)
     return level.add_(origin).clamp_(0, 255).div_(255)
 
 
@@ -57,10 +58,11 @@ def per_sample(value: float | Tensor, like: Tensor) -> float | Tensor:
     return value.view(-1, *([1] * (like.dim() - 1))) if isinstance(value, Tensor) else value
 
 
-def scaled_to(directions: Tensor, length: float | Tensor = 1.0) -> Tensor:
-    """Each sample of ``directions [B, ...]`` scaled to ℓ2 length ``length`` (a scalar or ``[B]``)."""
-    size = perturbation_size(directions, "l2").clamp_min(1e-12)
-    return directions * per_sample(length / size, directions)
+def scaled_to(directions: Tensor, length: float | Tensor = 1.0, in_place: bool = False) -> Tensor:
+    """Each sample of ``directions [B, ...]`` scaled to ℓ2 length ``length`` (a scalar or ``[B]``); ``in_place``
+    overwrites ``directions`` (a query attack's samples, where a copy per query costs)."""
+    factor = per_sample(length / perturbation_size(directions, "l2").clamp_min(1e-12), directions)
+    return directions.mul_(factor) if in_place else directions * factor
 
 
 @dataclass(frozen=True)

@@ -77,10 +77,10 @@ class Evolutionary(MinimalQueryAttack):
             offset = current[live] - images[live]
             distance = perturbation_size(offset, "l2")
             pulled = offset * per_sample(1 - pull[live], offset)  # from the original, pulled towards it
-            moved = pulled.add_(scaled_to(upsampled, self.sigma * distance))
+            moved = pulled.add_(scaled_to(upsampled, self.sigma * distance, in_place=True))
             # Back to the pulled distance from the original: the random part turns, the pull shrinks.
             radius = (1 - pull[live]).abs() * distance
-            candidate = scaled_to(moved, radius).add_(images[live]).clamp_(0, 1)
+            candidate = scaled_to(moved, radius, in_place=True).add_(images[live]).clamp_(0, 1)
             fooled = oracle(candidate, live).fooled
             closer = perturbation_size(candidate - images[live], "l2") < distance
             accepted = fooled & closer

@@ -89,11 +89,12 @@ class HopSkipJump(MinimalQueryAttack):
         probes = torch.repeat_interleave(torch.arange(len(points), device=points.device), counts)
         votes = torch.zeros(len(points), device=points.device)
         sent, weighted = torch.zeros_like(points), torch.zeros_like(points)
+        # In place where it can be, into one buffer: this is the attack's own work per query, over every sample.
+        buffer = points.new_empty((min(len(probes), SAMPLES_PER_CALL), *points.shape[1:]))
         for chunk in probes.split(SAMPLES_PER_CALL):
-            # In place where it can be: this is the attack's own work per query, over every sampled image.
-            noise = torch.randn((len(chunk), *points.shape[1:]), generator=generator, device=points.device)
+            noise = buffer[: len(chunk)].normal_(generator=generator)  # the draws torch.randn would give
             origins = points[chunk]
-            perturbed = scaled_to(noise, radius[chunk]).add_(origins).clamp_(0, 1)
+            perturbed = scaled_to(noise, radius[chunk], in_place=True).add_(origins).clamp_(0, 1)
             vote = oracle(perturbed, chunk).fooled.float() * 2 - 1
             # The unit sample actually sent (clipping to the image range may have shortened it).
             unit = perturbed.sub_(origins).div_(per_sample(radius[chunk].clamp_min(1e-12), origins))

@@ -53,7 +53,7 @@ class SignOPT(MinimalQueryAttack):
         while int(oracle.remaining()) > 2:
             count = min(self.samples, int(oracle.remaining()) - 2)
             noise = torch.randn((count, *image.shape[1:]), generator=generator, device=image.device)
-            nudged = scaled_to(noise.mul(beta).add_(theta), distance).add_(image).clamp_(0, 1)
+            nudged = scaled_to(noise.mul(beta).add_(theta), distance, in_place=True).add_(image).clamp_(0, 1)
             fooled = oracle(nudged, [0] * count).fooled
             signs = torch.where(fooled, -1.0, 1.0) / count
             gradient = (signs @ noise.flatten(1)).view_as(image)  # the mean of the signed samples
