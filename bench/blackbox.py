@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 
 from redteam.api import ATTACKS, Budget, Oracle
+from redteam.budgets import Norm
+from redteam.console import Bar, bars, progress
 from redteam.engine import EvaluationConfig, prepare
 from redteam.engine.execute import Executor
 from redteam.runtime import prepare_torch
@@ -44,10 +46,11 @@ class Spent(Exception):
 
 
 class TimedObjective:
-    """The verdict objective, timing every forward pass it makes (the oracle's own cost)."""
+    """The verdict objective, timing every forward pass it makes (the oracle's own cost) and advancing ``advance``
+    by the queries it answered."""
 
-    def __init__(self, objective: Objective):
-        self.objective, self.seconds = objective, 0.0
+    def __init__(self, objective: Objective, advance: Callable[[int], None]):
+        self.objective, self.advance, self.seconds = objective, advance, 0.0
 
     def select(self, index: Tensor) -> Callable[[Tensor], object]:
         chosen = self.objective.select(index)
@@ -56,6 +59,7 @@ class TimedObjective:
             started = time.perf_counter()
             verdict = chosen(images)
             self.seconds += time.perf_counter() - started
+            self.advance(len(images))
             return verdict
 
         return judge
@@ -164,59 +168,70 @@ def main() -> None:
     print(f"{args.target} · {args.threat} · {len(probes)} probes decided correctly · {limit} queries per probe")
     wanted = set(args.only.split(",")) if args.only else None
 
-    score = {
-        "ours square": lambda o: run_ours("square", o, images, budget, None),
-        "ours nes": lambda o: run_ours("nes", o, images, budget, None),
-        "ours random-search": lambda o: run_ours("random-search", o, images, budget, None),
-        "torchattacks Square": lambda o: run_torchattacks_square(o, images, budget, limit),
-        "ART SquareAttack": lambda o: run_art("square", o, images, budget, None, limit),
-    }
-    if args.surrogate:
-        transferred = executor.transfer_examples(crafting, images, budget, torch.Generator().manual_seed(0))
-        score["ours square from transfer"] = lambda o: run_ours("square", o, images, budget, transferred)
-    print(f"\nscores, ℓ∞ {args.eps:g}/255")
-    print("| contender | success | median queries to success | own time |\n|---|---|---|---|")
-    for name, work in score.items():
-        if wanted is None or name in wanted:
-            timed = TimedObjective(verdict)
-            oracle = Oracle(timed, images, "scores", limit, "linf")  # type: ignore[arg-type]
-            seconds = _timed(work, oracle)
-            firsts = [_first_success(oracle, k, float(budget.eps)) for k in range(len(images))]
-            found = [q for q in firsts if q is not None]
-            median = statistics.median(found) if found else float("nan")
-            print(f"| {name} | {len(found)}/{len(images)} | {median:g} | {1 - timed.seconds / seconds:.1%} |")
+    with progress() as tracker:  # on stderr: the tables on stdout stay as they are
+        bar = bars(tracker)
+        score = {
+            "ours square": lambda o: run_ours("square", o, images, budget, None),
+            "ours nes": lambda o: run_ours("nes", o, images, budget, None),
+            "ours random-search": lambda o: run_ours("random-search", o, images, budget, None),
+            "torchattacks Square": lambda o: run_torchattacks_square(o, images, budget, limit),
+            "ART SquareAttack": lambda o: run_art("square", o, images, budget, None, limit),
+        }
+        if args.surrogate:
+            transferred = executor.transfer_examples(crafting, images, budget, torch.Generator().manual_seed(0))
+            score["ours square from transfer"] = lambda o: run_ours("square", o, images, budget, transferred)
+        print(f"\nscores, ℓ∞ {args.eps:g}/255")
+        print("| contender | success | median queries to success | own time |\n|---|---|---|---|")
+        for name, work in score.items():
+            if wanted is None or name in wanted:
+                oracle, own = _contest(name, work, verdict, images, "scores", limit, "linf", bar)
+                firsts = [_first_success(oracle, k, float(budget.eps)) for k in range(len(images))]
+                found = [q for q in firsts if q is not None]
+                median = statistics.median(found) if found else float("nan")
+                print(f"| {name} | {len(found)}/{len(images)} | {median:g} | {own:.1%} |")
 
-    starter = Oracle(verdict, images, "decisions", 16, "l2")
-    starts = executor.starting_points(probes, starter, images)
-    decision = {
-        "ours hsj": lambda o: run_ours("hsj", o, images, None, starts),
-        "ours evolutionary": lambda o: run_ours("evolutionary", o, images, None, starts),
-        "ours sign-opt": lambda o: run_ours("sign-opt", o, images, None, starts),
-        "ART HopSkipJump": lambda o: run_art("hsj", o, images, None, starts, limit),
-    }
-    marks = sorted({max(1, limit // 10), limit // 2, limit})
-    heads = " | ".join(f"median ℓ2 @{q}" for q in marks)
-    source = f"transfer from {args.surrogate}, else " if args.surrogate else ""
-    spent = starter.spent.tolist()
-    print(f"\ndecisions, ℓ2 (starts: {source}{args.threat} starting images, found with {spent} queries)")
-    print(f"| contender | {heads} | ℓ2 ≤ 1 | ℓ2 ≤ 2 | own time |\n|---|{'---|' * len(marks)}---|---|---|")
-    for name, work in decision.items():
-        if wanted is None or name in wanted:
-            timed = TimedObjective(verdict)
-            oracle = Oracle(timed, images, "decisions", limit, "l2")  # type: ignore[arg-type]
-            seconds = _timed(work, oracle)
-            sizes = {q: [_size_at(oracle, k, q) for k in range(len(images))] for q in marks}
-            cells = " | ".join(f"{statistics.median(sizes[q]):.3g}" for q in marks)
-            final = sizes[limit]
-            within = [sum(s <= bound for s in final) for bound in (1.0, 2.0)]
-            print(f"| {name} | {cells} | {within[0]}/{len(images)} | {within[1]}/{len(images)} | "
-                  f"{1 - timed.seconds / seconds:.1%} |")  # fmt: skip
+        starter = Oracle(verdict, images, "decisions", 16, "l2")
+        starts = executor.starting_points(probes, starter, images)
+        decision = {
+            "ours hsj": lambda o: run_ours("hsj", o, images, None, starts),
+            "ours evolutionary": lambda o: run_ours("evolutionary", o, images, None, starts),
+            "ours sign-opt": lambda o: run_ours("sign-opt", o, images, None, starts),
+            "ART HopSkipJump": lambda o: run_art("hsj", o, images, None, starts, limit),
+        }
+        marks = sorted({max(1, limit // 10), limit // 2, limit})
+        heads = " | ".join(f"median ℓ2 @{q}" for q in marks)
+        source = f"transfer from {args.surrogate}, else " if args.surrogate else ""
+        spent = starter.spent.tolist()
+        print(f"\ndecisions, ℓ2 (starts: {source}{args.threat} starting images, found with {spent} queries)")
+        print(f"| contender | {heads} | ℓ2 ≤ 1 | ℓ2 ≤ 2 | own time |\n|---|{'---|' * len(marks)}---|---|---|")
+        for name, work in decision.items():
+            if wanted is None or name in wanted:
+                oracle, own = _contest(name, work, verdict, images, "decisions", limit, "l2", bar)
+                sizes = {q: [_size_at(oracle, k, q) for k in range(len(images))] for q in marks}
+                cells = " | ".join(f"{statistics.median(sizes[q]):.3g}" for q in marks)
+                final = sizes[limit]
+                within = [sum(s <= bound for s in final) for bound in (1.0, 2.0)]
+                print(f"| {name} | {cells} | {within[0]}/{len(images)} | {within[1]}/{len(images)} | "
+                      f"{own:.1%} |")  # fmt: skip
 
 
-def _timed(work: Callable[[Oracle], None], oracle: Oracle) -> float:
+def _contest(
+    name: str,
+    work: Callable[[Oracle], None],
+    verdict: Objective,
+    images: Tensor,
+    access: str,
+    limit: int,
+    norm: Norm,
+    bar: Bar,
+) -> tuple[Oracle, float]:
+    """Contender ``name``'s ``work`` run on a fresh oracle of ``verdict`` whose forward passes are timed and whose
+    queries are shown on a progress bar: the oracle, and the share of the time spent outside the forward passes."""
+    timed = TimedObjective(verdict, bar(f"{name}: queries", len(images) * limit))
+    oracle = Oracle(timed, images, access, limit, norm)  # type: ignore[arg-type]
     started = time.perf_counter()
     work(oracle)
-    return time.perf_counter() - started
+    return oracle, 1 - timed.seconds / (time.perf_counter() - started)
 
 
 def _first_success(oracle: Oracle, probe: int, eps: float) -> int | None:
