@@ -4,6 +4,7 @@ chance; the score-only variant raises the identifier's confidence; same seed, sa
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pandas as pd
@@ -84,6 +85,15 @@ def test_white_box_reconstructions_are_recognised_by_an_independent_model(data, 
     assert metrics["black_box_queries"] == 4 * 2 * 5
     identities = pd.read_csv(tmp_path / "identities.csv")
     assert identities["identity"].iloc[0] == PERSON and len(identities) == 4
+    # Each reconstruction dlib identifies as its person is in the evidence log, as a file that is identified so too.
+    entries = [json.loads(line) for line in (tmp_path / "evidence.jsonl").read_text().splitlines()]
+    recognised = identities[identities["evaluator_top1"] == identities["identity"]].set_index("identity")
+    assert [e["probe"] for e in entries] == recognised.index.tolist() != []
+    for entry in entries:
+        assert (entry["attack"], entry["evaluator"], entry["eps"]) == ("inversion", "dlib-resnet", 16)
+        assert entry["score"] == pytest.approx(recognised.loc[entry["probe"], "similarity"])
+        assert isinstance(entry["saved_fooled"], bool) and abs(entry["saved_score"] - entry["score"]) < 0.02
+        assert hashlib.sha256((tmp_path / entry["image"]).read_bytes()).hexdigest() == entry["sha256"]
     assert (tmp_path / "inversion-faces.png").stat().st_size > 50_000
     curve = pd.read_csv(tmp_path / "curve.csv")
     assert curve["norm"].unique().tolist() == ["steps"] and curve["eps"].tolist() == [0, 4, 8, 16]

@@ -44,6 +44,7 @@ from redteam.api import ATTACKS, TARGETS, Axis, Campaign, CampaignContext, Campa
 from redteam.attacks.priors import EigenfaceConfig, EigenfacePrior, load_eigenfaces
 from redteam.datasets import ImageFolderDataset
 from redteam.errors import DataError, RedteamError
+from redteam.evidence import as_saved
 from redteam.identification import (
     FitConfig,
     IdentificationModel,
@@ -228,6 +229,7 @@ class Inversion(Campaign):
         }
         if self.black_box:
             metrics.update(black_box_accuracy=summaries["black-box"]["attack_accuracy"], black_box_queries=queries)
+        self._record_evidence(context, referee, attacked, reconstructions["white-box"], final)
         mine = attacked.index(context.identity)
         lines = [
             f"{context.target_name} identifies {len(names)} people ({test_accuracy:.0%} of their held-out photos "
@@ -251,6 +253,23 @@ class Inversion(Campaign):
             images=[self._save_faces(context, referee, roster, attacked, reconstructions, judged)],
             lines=lines,
         )
+
+    def _record_evidence(
+        self, context: CampaignContext, referee: Referee, attacked: list[str], faces: Tensor, final: Judgement
+    ) -> None:
+        """The white-box reconstructions the independent evaluator identifies as their person, into the run's
+        evidence log: faces made from the model alone, each with the verdict on it as an 8-bit file holds it."""
+        recognised = torch.nonzero(final.predicted == final.labels).squeeze(1)
+        if len(recognised) == 0:
+            return
+        saved = referee(as_saved(faces[recognised]), final.labels[recognised])
+        entries = [
+            {"probe": attacked[k], "eps": self.steps, "identity": attacked[k], "evaluator": referee.evaluator.card.name,
+             "score": float(final.similarity[k]), "threshold": float(referee.evaluator.threshold),
+             "saved_fooled": bool(saved.predicted[i] == saved.labels[i]), "saved_score": float(saved.similarity[i])}
+            for i, k in enumerate(recognised.tolist())
+        ]  # fmt: skip
+        context.record_evidence(entries, list(faces[recognised]))
 
     def axis(self, norm: str) -> Axis:
         """The optimisation steps at which reconstructions are judged: ``--eps`` (default: 0, a quarter and half of
