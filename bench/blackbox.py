@@ -6,12 +6,13 @@ Every contender sees the face system through one of our counting oracles (per pr
 subsets of its batch is still counted per probe): ART and torchattacks get it as a two-class classifier whose
 classes are the verification decision ("correct", "fooled"; with scores, the threat's margin as the logit gap).
 A contender is stopped when a probe has spent ``--queries``; the oracle's record says what it had found by then.
-Score attacks (ℓ∞, ``--eps`` /255): success rate and median queries to the first fooling image. Decision attacks
-(ℓ2, from the same starting images: another person's photo for dodging, the victim's for impersonation): median ℓ2
-of the smallest fooling image after each share of the queries, and success within ℓ2 = 1 and 2. "own time" is the
-share of a contender's time spent outside the face system's forward passes. With ``--surrogate a,b,c`` every
-decision attack starts from the ensemble's transfer example where it fools the system (the same starts for all),
-and ``ours square from transfer`` joins the score attacks.
+Score attacks (ℓ∞, ``--eps`` /255): accuracy (probes not yet fooled) after 100, 1,000, 5,000 and 10,000 queries
+(those under ``--queries``) and at the budget, success rate and median queries to the first fooling image.
+Decision attacks (ℓ2, from the same starting images: another person's photo for dodging, the victim's for
+impersonation): median ℓ2 of the smallest fooling image after each share of the queries, and success within
+ℓ2 = 1 and 2. "own time" is the share of a contender's time spent outside the face system's forward passes. With
+``--surrogate a,b,c`` every decision attack starts from the ensemble's transfer example where it fools the system (the
+same starts for all), and ``ours square from transfer`` joins the score attacks.
 """
 
 from __future__ import annotations
@@ -180,15 +181,19 @@ def main() -> None:
         if args.surrogate:
             transferred = executor.transfer_examples(crafting, images, budget, torch.Generator().manual_seed(0))
             score["ours square from transfer"] = lambda o: run_ours("square", o, images, budget, transferred)
+        # Accuracy (probes not yet fooled within ε) after the issue's round numbers of queries below the budget.
+        checks = sorted({q for q in (100, 1_000, 5_000, 10_000) if q < limit} | {limit})
         print(f"\nscores, ℓ∞ {args.eps:g}/255")
-        print("| contender | success | median queries to success | own time |\n|---|---|---|---|")
+        print(f"| contender | {' | '.join(f'accuracy @{q}' for q in checks)} | success | median queries to success "
+              f"| own time |\n|---|{'---|' * len(checks)}---|---|---|")  # fmt: skip
         for name, work in score.items():
             if wanted is None or name in wanted:
                 oracle, own = _contest(name, work, verdict, images, "scores", limit, "linf", bar)
                 firsts = [_first_success(oracle, k, float(budget.eps)) for k in range(len(images))]
                 found = [q for q in firsts if q is not None]
                 median = statistics.median(found) if found else float("nan")
-                print(f"| {name} | {len(found)}/{len(images)} | {median:g} | {own:.1%} |")
+                accuracy = " | ".join(f"{1 - sum(q <= mark for q in found) / len(images):.0%}" for mark in checks)
+                print(f"| {name} | {accuracy} | {len(found)}/{len(images)} | {median:g} | {own:.1%} |")
 
         starter = Oracle(verdict, images, "decisions", 16, "l2")
         starts = executor.starting_points(probes, starter, images)
