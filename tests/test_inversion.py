@@ -85,7 +85,7 @@ def test_white_box_reconstructions_are_recognised_by_an_independent_model(data, 
     assert metrics["black_box_queries"] == 4 * 2 * 5
     identities = pd.read_csv(tmp_path / "identities.csv")
     assert identities["identity"].iloc[0] == PERSON and len(identities) == 4
-    # Each reconstruction dlib identifies as its person is in the evidence log, as a file that is identified so too.
+    # Each reconstruction dlib identifies as its person is in the evidence log, with the verdict on its saved file.
     entries = [json.loads(line) for line in (tmp_path / "evidence.jsonl").read_text().splitlines()]
     recognised = identities[identities["evaluator_top1"] == identities["identity"]].set_index("identity")
     assert [e["probe"] for e in entries] == recognised.index.tolist() != []
