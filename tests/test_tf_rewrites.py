@@ -44,7 +44,9 @@ def faces_at(faces, size: int, count: int = 2) -> Tensor:
 
 
 def test_relu_abs_prelu_of_mobilefacenet_is_one_op_with_identical_values(faces):
-    """arcface's TFLite file writes PReLU as relu(x) + c (x - |x|) at 33 sites: five steps each become one."""
+    """arcface's TFLite file writes PReLU as relu(x) + c (x - |x|) at 33 sites: five steps each become one. Its
+    slopes reach 9.4, where the fused backward's lerp rounds differently from ``2c * grad`` (``convert/prelu.py``):
+    the gradient agrees to float32 rounding, the values exactly."""
     from redteam.convert.tflite import nodes_from_tflite
     from redteam.targets.arcface import MOBILEFACENET_TFLITE
 
@@ -54,11 +56,12 @@ def test_relu_abs_prelu_of_mobilefacenet_is_one_op_with_identical_values(faces):
     )
     assert before - after == 4 * 33
     assert torch.equal(y, y_fused)
-    assert torch.equal(gradient, gradient_fused)
+    assert (gradient - gradient_fused).norm() < 1e-5 * gradient.norm()
 
 
 def test_max_min_prelu_of_mobileface_is_one_op_with_identical_values(faces):
-    """mobileface's TF.js graph writes PReLU as max(x, 0) + a min(x, 0) at 13 sites: four steps each become one."""
+    """mobileface's TF.js graph writes PReLU as max(x, 0) + a min(x, 0) at 13 sites: four steps each become one.
+    Values are identical; gradients agree to float32 rounding, as for arcface's slopes above 0.5."""
     from redteam.convert.tfjs import nodes_from_model_json
     from redteam.targets.arcface import MOBILEFACE
 
@@ -69,7 +72,7 @@ def test_max_min_prelu_of_mobileface_is_one_op_with_identical_values(faces):
     assert before - after == 3 * 13
     assert sum(n.op == "Prelu" for n in fuse_prelu(nodes)) == 13
     assert torch.equal(y, y_fused)
-    assert torch.equal(gradient, gradient_fused)
+    assert (gradient - gradient_fused).norm() < 1e-5 * gradient.norm()
 
 
 def test_max_against_a_constant_other_than_zero_is_not_a_prelu():
