@@ -57,3 +57,20 @@ def test_gradcheck_in_float64(slopes):
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     slope = torch.rand(slopes, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(prelu, (x, slope))
+
+
+def test_bfloat16_autocast_takes_the_float32_slope():
+    """Under bf16 autocast a convolution hands PReLU a bf16 map while the slope stays float32; the gradient must come
+    back (in the input's dtype) and agree with float32's to bf16 precision."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    weight, slope = torch.randn(4, 3, 3, 3, generator=generator), torch.rand(4, generator=generator) * 2
+    gradients = []
+    for precision in (None, torch.bfloat16):
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision is not None):
+            y = prelu(F.conv2d(leaf, weight, padding=1), slope)
+        gradients.append(torch.autograd.grad(y.float().square().sum(), leaf)[0])
+    full, mixed = gradients
+    assert mixed.dtype == torch.float32
+    assert (mixed - full).norm() < 2e-2 * full.norm()

@@ -30,8 +30,10 @@ class _PReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, slope = ctx.saved_tensors
-        # The slope runs along dim 1 (channels), as F.prelu reads it; one slope broadcasts to everything.
+        # The slope runs along dim 1 (channels), as F.prelu reads it; one slope broadcasts to everything. Under
+        # bf16 autocast the activation is bf16 and the slope float32: lerp takes one dtype.
         per_channel = slope.reshape(-1, *([1] * (x.dim() - 2))) if slope.numel() > 1 else slope.reshape(())
+        per_channel = per_channel.to(grad.dtype)
         kept = torch.ops.aten.threshold_backward(grad, x, 0)  # grad where x > 0, else 0
         grad_x = torch.lerp(kept, grad, per_channel) if ctx.needs_input_grad[0] else None
         grad_slope = None
