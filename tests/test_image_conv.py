@@ -99,3 +99,21 @@ def test_a_converted_targets_first_layer_takes_the_path_with_pytorchs_gradient(f
         gradients.append(torch.autograd.grad(score.sum(), leaf)[0])
     ours, theirs = gradients
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+def test_bfloat16_autocast_hands_the_backward_float32_arguments():
+    """Under bf16 autocast the forward runs in bf16 but keeps its float32 input and weight for the backward: the
+    gradients (input, and weight and bias for a layer being trained) must come back and match float32's to bf16
+    precision."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(2, 3, 20, 20, generator=generator)
+    weight, bias = torch.randn(8, 3, 3, 3, generator=generator), torch.randn(8, generator=generator)
+    gradients = []
+    for mixed in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            y = image_conv2d(*leaves, (1, 1), (1, 1), (1, 1))
+        gradients.append(torch.autograd.grad(y.float().square().sum(), leaves))
+    for full, half in zip(*gradients):
+        assert half.dtype == torch.float32
+        assert (half - full).norm() < 3e-2 * full.norm()

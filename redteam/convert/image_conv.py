@@ -43,13 +43,15 @@ class _ImageConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
+        # Under bf16 autocast the forward ran in bf16 but saved its float32 arguments: take the gradient's dtype.
+        weight = weight.to(grad.dtype)
         wants_x, wants_weight, wants_bias = ctx.needs_input_grad[:3]
         grad_x = _input_gradient(grad, weight, x.shape, ctx.stride, ctx.padding, ctx.dilation) if wants_x else None
         grad_weight = grad_bias = None
         if wants_weight or wants_bias:  # training a first layer: PyTorch's own kernels
             _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]], ctx.stride, ctx.padding, ctx.dilation, False, [0, 0], 1,
-                [False, wants_weight, wants_bias],
+                grad, x.to(grad.dtype), weight, [weight.shape[0]], ctx.stride, ctx.padding, ctx.dilation, False,
+                [0, 0], 1, [False, wants_weight, wants_bias],
             )  # fmt: skip
         return grad_x, grad_weight, grad_bias, None, None, None
 
