@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import shared_path
 
-from redteam.engine import Evaluation, EvaluationConfig
+from redteam.api import TARGETS
+from redteam.engine import Evaluation, EvaluationConfig, load_target
 from redteam.results import ResultStore
 from redteam.runtime import autocast
+
+#: Each task's differentiable score of an image, the quantity its attacks climb.
+SCORES = {"recognition": "embed", "detection": "face_score", "liveness": "live_score"}
+#: Zoo targets whose weights no registry package ships: the file each is tested with.
+WEIGHTS = {"scrfd": ("weights", "scrfd_500m.onnx")}
 
 
 def _curve(faces_root, tmp_path, **settings) -> tuple[str, list[float]]:
@@ -39,6 +46,29 @@ def test_autocast_runs_in_the_asked_precision(facenet, faces):
     # bfloat16 keeps 8 significant bits: the convolutions ran in it, and the embedding still points the same way
     assert (mixed - exact).abs().max() > 1e-3
     assert torch.nn.functional.cosine_similarity(mixed, exact).min() > 0.99
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_every_zoo_target_gives_gradients_under_bf16_autocast(name, faces):
+    """``--precision bf16`` runs an attack's passes under autocast: a custom backward then meets bf16 gradients and
+    the float32 tensors its forward saved. Four faces: enough pixels for the image-convolution path."""
+    weights = shared_path(*WEIGHTS[name]) if name in WEIGHTS else None
+    target = load_target(name, torch.device("cpu"), weights=weights)
+    score = getattr(target, SCORES[target.card.task])
+    images = faces.load([0, 1, 2, 3])
+    gradients = []
+    for precision in ("fp32", "bf16"):
+        leaf = images.clone().requires_grad_(True)
+        with autocast(images.device, precision):
+            output = score(leaf).float().reshape(len(leaf), -1)  # [B] scores or [B, D] embeddings
+        # a fixed direction through the output (the sum of a unit embedding's squares would be a constant)
+        direction = torch.randn(output.shape[1], generator=torch.Generator().manual_seed(0))
+        (gradient,) = torch.autograd.grad((output @ direction).sum(), leaf)
+        gradients.append(gradient)
+    exact, mixed = gradients
+    assert mixed.dtype == torch.float32 and mixed.isfinite().all() and mixed.abs().sum() > 0
+    if target.card.task == "recognition":  # a detector's best window may change when bf16 rounds its score to 1
+        assert torch.nn.functional.cosine_similarity(mixed.flatten(), exact.flatten(), dim=0) > 0.5
 
 
 @pytest.mark.parametrize(
