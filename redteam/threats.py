@@ -57,6 +57,11 @@ class Verdict:
     success: Tensor
     score: Tensor
 
+    def __post_init__(self) -> None:
+        # Under bf16 autocast a network's outputs are bf16; losses and scores are kept, compared and stored in float32
+        # (a no-op for float32 tensors, and the gradient passes the cast).
+        self.loss, self.score = self.loss.float(), self.score.float()
+
 
 class Objective(ABC):
     """A differentiable threat objective for a batch of probes; ``select`` narrows it to a subset of them."""

@@ -72,6 +72,16 @@ def test_every_zoo_target_gives_gradients_under_bf16_autocast(name, faces):
 
 
 @pytest.mark.parametrize(
+    "target,threat", [("blazeface", "evasion"), ("liveness", "auto"), ("arcface", "identification")]
+)
+def test_bf16_runs_every_kind_of_threat(cli, faces_root, tmp_path, target, threat):
+    """A detector's score, a liveness score and identification's logits come out of autocast in bf16: the attack's
+    bookkeeping (its best loss so far, in float32) must take them."""
+    args = ("--target", target, "--threat", threat, "--limit", 2, "--eps", "0,4", "--steps", 2, "--no-checks")
+    assert cli("run", *args, "--precision", "bf16", "--data", faces_root, "--out", tmp_path) == 0
+
+
+@pytest.mark.parametrize(
     "args,message", [(("--precision", "bf61"), "Did you mean 'bf16'"), (("--batch-size", "many"), "number or auto")]
 )
 def test_bad_precision_or_batch_size_is_one_line(cli, capsys, tmp_path, args, message):
