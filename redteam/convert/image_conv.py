@@ -89,8 +89,8 @@ def conv2d(
 ) -> Tensor:
     """``F.conv2d`` with ``padding`` as a graph gives it, ``(top, bottom, left, right)``; through
     :func:`image_conv2d` when the layer reads an image (at most :data:`IMAGE_CHANNELS` channels, no groups, stride 1,
-    a :data:`LARGE_MAP`) and something wants its input's gradient. (With a stride, the input gradient's strided adds
-    cost more than PyTorch's kernel: scrfd's and retinaface's first layers keep it.)
+    a :data:`LARGE_MAP`) on the CPU and something wants its input's gradient. (With a stride, the input gradient's
+    strided adds cost more than PyTorch's kernel: scrfd's and retinaface's first layers keep it.)
 
     Padding that differs between two sides (TF's SAME at stride 2 puts one more row and column after) is a padded
     copy of the input, forward and backward, except for a depthwise convolution: there it is even padding with the
@@ -105,6 +105,7 @@ def conv2d(
         else:
             x, top, left = F.pad(x, (left, right, top, bottom)), 0, 0
     image = groups == 1 and weight.shape[1] <= IMAGE_CHANNELS and tuple(stride) == (1, 1)
-    if x.requires_grad and image and x.shape[0] * x.shape[-2] * x.shape[-1] >= LARGE_MAP:
+    # oneDNN's slow kernel is the reason for the path: on CUDA, cuDNN's own backward stays one call
+    if x.requires_grad and image and x.device.type == "cpu" and x.shape[0] * x.shape[-2] * x.shape[-1] >= LARGE_MAP:
         return image_conv2d(x, weight, bias, stride, (top, left), dilation)
     return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
