@@ -57,15 +57,6 @@ def _parse_budgets(text: str) -> tuple[float, ...]:
         raise RedteamError(f"--eps wants comma-separated numbers, got {text!r}.") from None
 
 
-def _parse_batch_size(text: str) -> int | Literal["auto"]:
-    if text == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise RedteamError(f"--batch-size wants a number or auto, got {text!r}.") from None
-
-
 @app.command()
 def run(
     target: Annotated[str, typer.Option(help="Target name (see `redteam list`).")] = "facenet",
@@ -166,10 +157,9 @@ def run(
 ) -> None:
     """Attack a target over a ladder of budgets and write its accuracy-perturbation curve."""
     from redteam.engine import EvaluationConfig, parse_options
+    from redteam.runtime import choose_threads, parse_batch_size
 
     if threads is not None:
-        from redteam.runtime import choose_threads
-
         choose_threads(threads)
     if intruder:  # the system's own re-encoding comes before any defense it runs
         defense = intruder if defense == "none" else f"{intruder}+{defense}"
@@ -201,7 +191,7 @@ def run(
         access=access,
         queries=queries,
         forward=forward,
-        batch_size=_parse_batch_size(batch_size),
+        batch_size=parse_batch_size(batch_size),
         device=device,
         precision=precision,
         checks=checks,

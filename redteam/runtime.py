@@ -88,6 +88,16 @@ def frozen(module: M, device: torch.device) -> M:
     return module
 
 
+def parse_batch_size(text: str) -> int | Literal["auto"]:
+    """``--batch-size`` as typed: a number, or ``auto``."""
+    if text == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise RedteamError(f"--batch-size wants a number or auto, got {text!r}.") from None
+
+
 def fit_batch_size(
     forward: Callable[[Tensor], Tensor],
     images: Tensor,
