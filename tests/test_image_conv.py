@@ -87,18 +87,27 @@ def test_uneven_padding_is_a_grown_kernel_for_a_depthwise_convolution_and_a_padd
     assert torch.allclose(gradient, our_gradient, rtol=1e-12, atol=1e-12)
 
 
-def test_a_converted_targets_first_layer_takes_the_path_with_pytorchs_gradient(faces, monkeypatch):
-    check = load_target("antispoof", torch.device("cpu"))
-    x = check.preprocess(faces.load(range(4)))
+@pytest.mark.parametrize("name", ["antispoof", "mobileface"])  # stride 1 and 64 maps; stride 2 and 32 maps
+def test_a_converted_targets_first_layer_takes_the_path_with_pytorchs_gradient(name, faces, monkeypatch):
+    target = load_target(name, torch.device("cpu"))
+    x = target.preprocess(faces.load(range(4)))
     gradients = []
     for channels in (image_conv.IMAGE_CHANNELS, 0):  # ours, then PyTorch's kernel for every layer
         monkeypatch.setattr(image_conv, "IMAGE_CHANNELS", channels)
         leaf = x.clone().requires_grad_(True)
-        score = check.net(leaf)
-        assert _takes_the_path(score) == (channels > 0)
-        gradients.append(torch.autograd.grad(score.sum(), leaf)[0])
+        output = target.net(leaf)
+        assert _takes_the_path(output) == (channels > 0)
+        gradients.append(torch.autograd.grad(output.square().sum(), leaf)[0])
     ours, theirs = gradients
     assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max()
+
+
+@pytest.mark.parametrize(("maps", "path"), [(image_conv.MANY_MAPS, True), (image_conv.MANY_MAPS - 1, False)])
+def test_a_layer_with_few_maps_keeps_pytorchs_kernel(maps, path):
+    """With few output maps the shifted adds, not the matrix product, carry the path's work, and it loses."""
+    x = torch.rand(1, 3, 20, 20, requires_grad=True)
+    y = image_conv.conv2d(x, torch.randn(maps, 3, 3, 3), None, (2, 2), (1, 1, 1, 1), (1, 1), 1)
+    assert _takes_the_path(y) == path
 
 
 def test_bfloat16_autocast_hands_the_backward_float32_arguments():

@@ -1,11 +1,11 @@
-"""A convolution over an image (a few input channels) whose input gradient is computed as a forward convolution.
+"""A convolution over an image (a few input channels) whose input gradient is a matrix product and shifted adds.
 
 oneDNN's backward-data kernel writes one output channel per input channel of the layer: for a network's first
 convolution that is 3 (RGB), a shape it runs at a fraction of its forward's speed (antispoof at batch 16: 28 ms for the
 first layer's input gradient against 6 ms for its forward, a fifth of the whole forward+backward). The same gradient
-is ``kernel taps x channels`` maps, each the output gradient times one tap's weights (a 1x1 convolution, which oneDNN
-runs at full speed), added into the input at that tap's offset. Values agree with PyTorch's to float32 rounding
-(summed in another order; ``tests/test_image_conv.py``); the forward is ``F.conv2d`` itself.
+is ``kernel taps x channels`` maps, each the output gradient times one tap's weights (one matrix product for all of
+them), added into the input at that tap's offset and stride. Values agree with PyTorch's to float32 rounding (summed
+in another order; ``tests/test_image_conv.py``); the forward is ``F.conv2d`` itself.
 
 :func:`conv2d` is the converters' one convolution: it takes padding as a graph gives it and picks this path, a grown
 kernel for uneven padding, or ``F.conv2d``.
@@ -21,9 +21,10 @@ from torch import Tensor
 
 #: Convolutions with at most this many input channels (grey, RGB, RGBA) take this path ...
 IMAGE_CHANNELS = 4
-#: ... on at least this many pixels (batch x height x width): on fewer, its dozen small ops cost more than they
-#: save (liveness's 32 px crops; antispoof gained nothing at batch 1, and 2.84 -> 2.71x its forward at batch 16).
-LARGE_MAP = 1 << 16
+#: ... when they have at least this many output channels: then the matrix product carries the work, and it beats
+#: oneDNN's kernel at any batch and stride (first layers of 32 and 64 maps: 1.6-2.8x). With fewer, the shifted adds
+#: carry it and lose (retinaface's 8 maps and scrfd's 16 at stride 2: 1.4-1.7x slower; blazeface's 24: level).
+MANY_MAPS = 32
 
 Pair = tuple[int, int]
 #: Padding on each side of a map: (top, bottom, left, right).
@@ -64,18 +65,18 @@ def _input_gradient(
     batch, channels, height, width = shape
     out_channels, _, kh, kw = weight.shape
     rows, cols = grad.shape[-2:]
-    # One output map per (tap, channel), channels last: taps[b, y, x, i, j, c] = sum_o grad[b, o, y, x] w[o, c, i, j]
-    per_tap = weight.permute(2, 3, 1, 0).reshape(kh * kw * channels, out_channels, 1, 1)
-    taps = F.conv2d(grad.contiguous(memory_format=torch.channels_last), per_tap.contiguous())
-    taps = taps.permute(0, 2, 3, 1).reshape(batch, rows, cols, kh, kw, channels)
-    padded = grad.new_zeros(batch, height + 2 * padding[0], width + 2 * padding[1], channels)
+    # One map per (tap, channel), each a contiguous plane, so that every shifted add below reads only its own maps:
+    # taps[i, j, b, c, y, x] = sum_o w[o, c, i, j] grad[b, o, y, x], one matrix product over the channels-last gradient
+    per_tap = weight.permute(2, 3, 1, 0).reshape(kh * kw * channels, out_channels)
+    pixels = grad.permute(0, 2, 3, 1).reshape(-1, out_channels)
+    taps = torch.mm(per_tap, pixels.t()).view(kh, kw, channels, batch, rows, cols).transpose(2, 3)
+    padded = grad.new_zeros(batch, channels, height + 2 * padding[0], width + 2 * padding[1])
     span = (stride[0] * (rows - 1) + 1, stride[1] * (cols - 1) + 1)  # the input rows and columns one tap reads
     for i in range(kh):
         for j in range(kw):
             top, left = i * dilation[0], j * dilation[1]
-            padded[:, top : top + span[0] : stride[0], left : left + span[1] : stride[1]] += taps[:, :, :, i, j]
-    inside = padded[:, padding[0] : padding[0] + height, padding[1] : padding[1] + width]
-    return inside.permute(0, 3, 1, 2)
+            padded[:, :, top : top + span[0] : stride[0], left : left + span[1] : stride[1]] += taps[i, j]
+    return padded[:, :, padding[0] : padding[0] + height, padding[1] : padding[1] + width]
 
 
 def image_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
@@ -88,9 +89,8 @@ def conv2d(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride: Pair, padding: Pads, dilation: Pair, groups: int
 ) -> Tensor:
     """``F.conv2d`` with ``padding`` as a graph gives it, ``(top, bottom, left, right)``; through
-    :func:`image_conv2d` when the layer reads an image (at most :data:`IMAGE_CHANNELS` channels, no groups, stride 1,
-    a :data:`LARGE_MAP`) on the CPU and something wants its input's gradient. (With a stride, the input gradient's
-    strided adds cost more than PyTorch's kernel: scrfd's and retinaface's first layers keep it.)
+    :func:`image_conv2d` when the layer reads an image (at most :data:`IMAGE_CHANNELS` channels, no groups) into at
+    least :data:`MANY_MAPS` maps, on the CPU, and something wants its input's gradient.
 
     Padding that differs between two sides (TF's SAME at stride 2 puts one more row and column after) is a padded
     copy of the input, forward and backward, except for a depthwise convolution: there it is even padding with the
@@ -104,8 +104,8 @@ def conv2d(
             weight, top, left = F.pad(weight, grown), max(top, bottom), max(left, right)
         else:
             x, top, left = F.pad(x, (left, right, top, bottom)), 0, 0
-    image = groups == 1 and weight.shape[1] <= IMAGE_CHANNELS and tuple(stride) == (1, 1)
+    image = groups == 1 and weight.shape[1] <= IMAGE_CHANNELS and weight.shape[0] >= MANY_MAPS
     # oneDNN's slow kernel is the reason for the path: on CUDA, cuDNN's own backward stays one call
-    if x.requires_grad and image and x.device.type == "cpu" and x.shape[0] * x.shape[-2] * x.shape[-1] >= LARGE_MAP:
+    if x.requires_grad and image and x.device.type == "cpu":
         return image_conv2d(x, weight, bias, stride, (top, left), dilation)
     return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
