@@ -43,14 +43,24 @@ def eight_bit(images: Tensor, origins: Tensor) -> Tensor:
     against ``images``) than it already was; there it moves to the level next to the origin's side. So a
     perturbation never grows in any norm (for origins on the levels, as decoded photos are), and an image already on
     the levels is returned as it is (levels are ``k / 255``, computed as a decoder computes them)."""
-    origin = origins.mul(255).round_()
-    change = images.mul(255).sub_(origin)
+    return onto_levels(images, grey_levels(origins))
+
+
+def grey_levels(images: Tensor) -> Tensor:
+    """The grey level ``k`` (0-255, as floats) nearest each value of ``images`` in ``[0, 1]``."""
+    return images.mul(255).round_()
+
+
+def onto_levels(images: Tensor, origin_levels: Tensor) -> Tensor:
+    """:func:`eight_bit` with the origins' :func:`grey_levels` computed once (an oracle sends many images of a few
+    origins)."""
+    change = images.mul(255).sub_(origin_levels)
     # The nearest level unless it lies further from the origin, then the one next to the origin's side: truncation
     # towards the origin after a nudge of 1e-3 of a level away from it (an image on the levels, read back as floats,
     # is a hair off them). One pass each, in place: every query an attack sends goes through here. Truncation is
     # spelt floor(|c|) with c's sign, because torch's CPU trunc is not vectorised (9x slower than floor).
     level = change.abs().add_(1e-3).floor_().copysign_(change)
-    return level.add_(origin).clamp_(0, 255).div_(255)
+    return level.add_(origin_levels).clamp_(0, 255).div_(255)
 
 
 def per_sample(value: float | Tensor, like: Tensor) -> float | Tensor:

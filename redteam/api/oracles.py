@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from redteam.budgets import QUERY_CHECKPOINTS, Norm, eight_bit, perturbation_size
+from redteam.budgets import QUERY_CHECKPOINTS, Norm, grey_levels, onto_levels, perturbation_size
 from redteam.threats import Objective
 
 #: Images the model sees at once when an attack sends more (memory, not meaning).
@@ -47,6 +47,7 @@ class _Ledger:
     """What every view of one oracle shares, per probe of the batch: queries spent and the best fooling image."""
 
     origins: Tensor
+    origin_levels: Tensor  # the origins' grey levels, for the 8-bit rounding of every query
     spent: Tensor
     best: Tensor
     best_size: Tensor
@@ -66,6 +67,7 @@ class Oracle:
         count = len(origins)
         self._ledger = _Ledger(
             origins=origins,
+            origin_levels=grey_levels(origins),
             spent=torch.zeros(count, dtype=torch.long, device=origins.device),
             best=origins.clone(),
             best_size=torch.full((count,), float("inf"), device=origins.device),
@@ -106,7 +108,7 @@ class Oracle:
         with torch.no_grad():  # in slices: an attack may send thousands of images at once, too many to copy whole
             for start in range(0, len(images), CALL_SIZE):
                 part = slice(start, start + CALL_SIZE)
-                received = eight_bit(images[part].detach(), self._ledger.origins[index[part]])
+                received = onto_levels(images[part].detach(), self._ledger.origin_levels[index[part]])
                 verdict = self._objective.select(index[part])(received)
                 self._record(received, index[part], verdict.success)
                 fooled.append(verdict.success)
@@ -126,13 +128,13 @@ class Oracle:
         fooling = torch.nonzero(fooled).squeeze(1)
         if len(fooling):  # sizes of the fooling images only: most of what a boundary attack sends does not fool
             delta = images[fooling] - ledger.origins[index[fooling]]
-            linf, l2 = perturbation_size(delta, "linf").tolist(), perturbation_size(delta, "l2").tolist()
-            sizes = linf if self.norm == "linf" else l2
+            sizes = perturbation_size(delta, self.norm).tolist()
             for j, k in enumerate(fooling.tolist()):
                 probe = probes[k]
                 if sizes[j] < float(ledger.best_size[probe]):
                     ledger.best_size[probe], ledger.best[probe] = sizes[j], images[k]
-                    ledger.improved[probe].append((order[k], linf[j], l2[j]))
+                    linf, l2 = (float(perturbation_size(delta[j : j + 1], norm)) for norm in ("linf", "l2"))
+                    ledger.improved[probe].append((order[k], linf, l2))
         ledger.spent += torch.bincount(index, minlength=len(ledger.spent))
 
     def best_so_far(self) -> tuple[Tensor, Tensor]:

@@ -74,15 +74,16 @@ class Evolutionary(MinimalQueryAttack):
             step = noise * covariance[live].sqrt() * keep
             grid = step.view(-1, channels, self.side, self.side)
             upsampled = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-            offset = current[live] - images[live]
+            originals = images[live]  # gathered once a step: every full-size copy adds to the own time per query
+            offset = current[live] - originals
             distance = perturbation_size(offset, "l2")
             pulled = offset * per_sample(1 - pull[live], offset)  # from the original, pulled towards it
             moved = pulled.add_(scaled_to(upsampled, self.sigma * distance, in_place=True))
             # Back to the pulled distance from the original: the random part turns, the pull shrinks.
             radius = (1 - pull[live]).abs() * distance
-            candidate = scaled_to(moved, radius, in_place=True).add_(images[live]).clamp_(0, 1)
+            candidate = scaled_to(moved, radius, in_place=True).add_(originals).clamp_(0, 1)
             fooled = oracle(candidate, live).fooled
-            closer = perturbation_size(candidate - images[live], "l2") < distance
+            closer = perturbation_size(candidate - originals, "l2") < distance
             accepted = fooled & closer
             won = live[accepted]
             current[won] = candidate[accepted]
