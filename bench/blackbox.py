@@ -1,6 +1,6 @@
 """Query attacks side by side: ours against ART's and torchattacks' on the same oracle, probes, budgets and queries.
 
-    python bench/blackbox.py [--target facenet] [--threat dodging] [--probes 8] [--queries 1000] [--eps 8]
+    python bench/blackbox.py [--target facenet] [--threat dodging] [--probes 8] [--skip 0] [--queries 1000] [--eps 8]
 
 Every contender sees the face system through one of our counting oracles (per probe, so a library that queries
 subsets of its batch is still counted per probe): ART and torchattacks get it as a two-class classifier whose
@@ -148,6 +148,7 @@ def main() -> None:
     parser.add_argument("--threat", default="dodging", choices=["dodging", "impersonation"])
     parser.add_argument("--data", default=str(SHARED_FACES))
     parser.add_argument("--probes", type=int, default=8)
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first SKIP probes (to extend a run)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--eps", type=float, default=8.0, help="ℓ∞ budget of the score attacks, /255")
     parser.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
@@ -158,15 +159,17 @@ def main() -> None:
     cell = prepare(EvaluationConfig(target=args.target, attack="pgd", threat=args.threat, data=args.data,
                                     limit=args.probes, checks=False, surrogate=args.surrogate))  # fmt: skip
     executor = Executor(cell)
-    images = cell.dataset.load([p.image for p in cell.probes])
-    crafting, verdict = executor.objectives(cell.probes)
+    chosen = cell.probes[args.skip :]
+    images = cell.dataset.load([p.image for p in chosen])
+    crafting, verdict = executor.objectives(chosen)
     with torch.no_grad():
         standing = ~verdict(images).success
-    probes = [p for p, keep in zip(cell.probes, standing.tolist()) if keep]
+    probes = [p for p, keep in zip(chosen, standing.tolist()) if keep]
     kept = torch.nonzero(standing).squeeze(1)
     images, verdict, crafting = images[standing], verdict.select(kept), crafting.select(kept)
     budget, limit = Budget("linf", args.eps / 255), args.queries
-    print(f"{args.target} · {args.threat} · {len(probes)} probes decided correctly · {limit} queries per probe")
+    print(f"{args.target} · {args.threat} · probes {args.skip + 1}-{len(cell.probes)}: {len(probes)} decided "
+          f"correctly · {limit} queries per probe")  # fmt: skip
     wanted = set(args.only.split(",")) if args.only else None
 
     with progress() as tracker:  # on stderr: the tables on stdout stay as they are
