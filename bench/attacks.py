@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -31,6 +32,7 @@ from redteam.attacks.external import ArtPGD, TorchattacksPGD
 from redteam.attacks.pgd import PGD
 from redteam.datasets import open_dataset
 from redteam.engine import Evaluation, EvaluationConfig, load_target
+from redteam.errors import RedteamError
 from redteam.results import ResultStore
 from redteam.runtime import autocast, parse_batch_size, prepare_torch, resolve_device
 from redteam.threats import Dodging
@@ -66,6 +68,14 @@ def alternate(contenders: dict[str, Callable[[], object]], reps: int, device: to
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def curve_batch(text: str) -> int | Literal["auto"]:
+    """``--curve-batch`` as typed; a bad value is argparse's one-line usage error, not a traceback."""
+    try:
+        return parse_batch_size(text)
+    except RedteamError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("--batch-size", "--curve-batch")) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="facenet")
@@ -75,7 +85,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1.0, help="ℓ∞ budget in /255")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--curve-probes", type=int, default=32)
-    parser.add_argument("--curve-batch", type=parse_batch_size, default=16, help="whole curves' batch size, or auto")
+    parser.add_argument("--curve-batch", type=curve_batch, default=16, help="whole curves' batch size, or auto")
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--bf16", action="store_true", help="also time our PGD under bfloat16 autocast")
