@@ -22,8 +22,8 @@ from torch import Tensor
 #: Convolutions with at most this many input channels (grey, RGB, RGBA) take this path ...
 IMAGE_CHANNELS = 4
 #: ... when they have at least this many output channels: then the matrix product carries the work, and it beats
-#: oneDNN's kernel at any batch and stride (first layers of 32 and 64 maps: 1.6-2.8x). With fewer, the shifted adds
-#: carry it and lose (retinaface's 8 maps and scrfd's 16 at stride 2: 1.4-1.7x slower; blazeface's 24: level).
+#: oneDNN's kernel at any batch and stride (first layers of 32 and 64 maps: 1.4-2.8x). With fewer, the shifted adds
+#: carry it and lose (retinaface's 8 maps and scrfd's 16 at stride 2: 1.4-2.2x slower; blazeface's 24: level).
 MANY_MAPS = 32
 
 Pair = tuple[int, int]
