@@ -71,9 +71,9 @@ def alternate(contenders: dict[str, Callable[[], object]], reps: int, device: to
 def curve_batch(text: str) -> int | Literal["auto"]:
     """``--curve-batch`` as typed; a bad value is argparse's one-line usage error, not a traceback."""
     try:
-        return parse_batch_size(text)
+        return parse_batch_size(text, "--curve-batch")
     except RedteamError as error:
-        raise argparse.ArgumentTypeError(str(error).replace("--batch-size", "--curve-batch")) from None
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main() -> None:

@@ -88,14 +88,14 @@ def frozen(module: M, device: torch.device) -> M:
     return module
 
 
-def parse_batch_size(text: str) -> int | Literal["auto"]:
-    """``--batch-size`` as typed: a number, or ``auto``."""
+def parse_batch_size(text: str, option: str = "--batch-size") -> int | Literal["auto"]:
+    """A batch size as typed for ``option``: a number, or ``auto``."""
     if text == "auto":
         return "auto"
     try:
         return int(text)
     except ValueError:
-        raise RedteamError(f"--batch-size wants a number or auto, got {text!r}.") from None
+        raise RedteamError(f"{option} wants a number or auto, got {text!r}.") from None
 
 
 def fit_batch_size(
